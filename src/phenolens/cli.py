@@ -1,0 +1,261 @@
+"""The `phenolens` command: simulate, train, translate, demo.
+
+Every subcommand takes `--config FILE` (a JSON file of option values, as written by
+`--save-config FILE`), so a run can be saved and replayed; options given on the command line win
+over the file. User mistakes (`PhenolensError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+from phenolens import __version__
+from phenolens.errors import PhenolensError
+
+INVERSION_CHOICES = ("fixed-point", "ddim")
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="read option values from a JSON file (written by --save-config); command-line options win")
+    p.add_argument("--save-config", type=Path, metavar="FILE",
+                   help="write this command's options to a JSON file, to replay it later with --config")
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate fluorescence images of cells with planted phenotypes",
+                       description="Write OUT/<condition>/*.tif (16-bit, 4 channels: DNA, tubulin, actin, Golgi), "
+                                   "a manifest and the ground truth (planted parameters, label masks) under OUT/_groundtruth/. "
+                                   "Condition i plants every phenotype at strength i/(n-1).")
+    p.add_argument("out", type=Path, help="output folder (a dataset that `phenolens train OUT` reads as it is)")
+    p.add_argument("--conditions", type=_csv_list, default=None,
+                   help="comma-separated condition names, weakest first; the first is the untreated control "
+                        "(default: control,low,mid,high)")
+    p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a simulated dataset already in OUT")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a class-conditional diffusion model (PhenDiff) on your images",
+                       description="Train one class-conditional UNet on all conditions of DATA. Runs on CPU, one GPU, "
+                                   "or several under `accelerate launch -m phenolens train ...`.")
+    p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
+    p.add_argument("model_dir", type=Path, help="where the model, its checkpoints and train_log.csv go")
+    p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
+                   help="network size: tiny (1M parameters, CPU), small (27M), paper (65M, PhenDiff's U-Net) (default tiny)")
+    p.add_argument("--size", type=int, default=64, help="training crop side in pixels; larger images are cropped, smaller resized (default 64)")
+    p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
+    p.add_argument("--conditions", type=_csv_list, default=None,
+                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: as found)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up (default 2e-4)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    p.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
+    p.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="probability of dropping the condition (classifier-free guidance training) (default 0)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the network predicts (default epsilon)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale betas to zero terminal SNR (as the PhenDiff code); implies --timestep-spacing trailing")
+    p.add_argument("--timestep-spacing", choices=("leading", "trailing"), default="leading",
+                   help="how DDIM picks its timesteps (default leading)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="auto = bf16 on a GPU that supports it, else no (default auto)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in MODEL_DIR")
+    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of an earlier run in MODEL_DIR")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser("translate", help="invert real images and regenerate them under other conditions",
+                       description="For every source image: invert it under its own condition, render it under each target, "
+                                   "and write the reconstruction, the translations and OUT/index.csv "
+                                   "(one row per source x target, with the manifest's columns).")
+    p.add_argument("model_dir", type=Path, help="a model written by `phenolens train`")
+    p.add_argument("input", type=Path,
+                   help="a folder of one condition (its name is the source condition), a dataset root with a folder "
+                        "per condition, or a manifest CSV")
+    p.add_argument("out", type=Path, help="run folder for the outputs and index.csv")
+    p.add_argument("--to", nargs="+", default=None, metavar="COND",
+                   help="target condition(s) (default: every condition of the model)")
+    p.add_argument("--from", dest="source", default=None, metavar="COND",
+                   help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and for generation (default 50)")
+    p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
+                   help="fixed-point: each inversion step solved implicitly, exact; ddim: plain DDIM inversion (default fixed-point)")
+    p.add_argument("--inversion-iters", type=int, default=3, help="fixed-point iterations per step (default 3)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in OUT/skipped.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_translate)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="simulate -> model -> translate -> grids and a summary, in minutes on a CPU",
+                       description="Simulate a dose series, load the demo model shipped with phenolens (or train one "
+                                   "with --train), translate held-out control images to every condition, and write "
+                                   "PNG grids and summary.txt with the measured figures.")
+    p.add_argument("out", type=Path, nargs="?", default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--train", action="store_true", help="train the model here instead of loading the shipped one")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--n-images", type=int, default=24, help="held-out control images to translate (default 24)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phenolens",
+        description="Reveal subtle phenotypes in microscopy images: see the same cells under another condition.",
+    )
+    parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_simulate, _add_train, _add_translate, _add_demo):
+        add(sub)
+    return parser
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Fill options from --config FILE unless given on the command line."""
+    if getattr(args, "config", None) is None:
+        return args
+    path: Path = args.config
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PhenolensError(f"--config {path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise PhenolensError(f"--config {path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise PhenolensError(f"--config {path}: expected a JSON object of option values")
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    known = vars(args)
+    for key, value in values.items():
+        if key not in known or key in ("func", "config", "save_config", "command"):
+            raise PhenolensError(f"--config {path}: unknown option {key!r} for `phenolens {args.command}`")
+        if key in given:
+            continue
+        if isinstance(known[key], Path) or key in ("data", "model_dir", "out", "input"):
+            value = Path(value) if value is not None else None
+        setattr(args, key, value)
+    return args
+
+
+def save_config(args: argparse.Namespace) -> None:
+    if getattr(args, "save_config", None) is None:
+        return
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("func", "config", "save_config", "command")}
+    from phenolens.models.store import write_json_atomic
+
+    write_json_atomic(args.save_config, values)
+
+
+# ------------------------------------------------------------------------------- commands
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from phenolens.data.simulate import DEFAULT_CONDITIONS, simulate
+
+    out = simulate(args.out, conditions=args.conditions or DEFAULT_CONDITIONS, per_condition=args.per_condition,
+                   size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"simulated dataset in {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from phenolens.data.io import parse_channels
+    from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff
+    from phenolens.train.trainer import TrainConfig
+
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        import torch
+
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
+    settings = PhenDiffTrainSettings(
+        preset=args.preset, size=args.size, channels=parse_channels(args.channels), conditions=args.conditions,
+        prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
+        timestep_spacing="trailing" if args.zero_terminal_snr else args.timestep_spacing, skip_bad=args.skip_bad,
+    )
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
+        checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
+    )
+    command = "phenolens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
+                   command=command)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model saved in {args.model_dir}")
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from phenolens.run.translate import TranslateSettings, run_translate
+
+    if args.inversion_iters < 0:
+        raise PhenolensError("--inversion-iters must be 0 or more")
+    if args.batch_size < 1:
+        raise PhenolensError("--batch-size must be at least 1")
+    settings = TranslateSettings(
+        model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()), targets=args.to,
+        source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
+        inversion_iters=args.inversion_iters, batch_size=args.batch_size,
+    )
+    index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device)
+    print(f"wrote {index}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from phenolens.demo import run_demo
+
+    summary = run_demo(args.out, train=args.train, steps=args.steps, n_images=args.n_images, overwrite=args.overwrite)
+    print(summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args = apply_config(parser, args, argv)
+        save_config(args)
+        func: Callable[[argparse.Namespace], None] = args.func
+        func(args)
+    except PhenolensError as err:
+        print(f"phenolens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"phenolens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
