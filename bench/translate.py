@@ -1,0 +1,110 @@
+"""Images/s of `phenolens translate` against a plain per-image loop with diffusers' schedulers.
+
+    python bench/translate.py [--model DIR] [--n 16] [--steps 50] [--targets 3]
+
+The baseline is what one writes by hand with diffusers: for each image, DDIMInverseScheduler.step
+to invert under the source label, then DDIMScheduler.step to render under each target (one image
+at a time). phenolens batches images and targets; its default inversion is fixed-point
+(3 extra network evaluations per inversion step), so it is also timed with plain DDIM inversion,
+which does the baseline's exact amount of network work. Same model, same images, one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from phenolens.data.io import read_image
+from phenolens.run.translate import TranslateSettings, run_translate
+
+
+@torch.no_grad()
+def baseline_loop(model_dir: Path, paths: list[Path], source: str, targets: list[str], steps: int) -> None:
+    from phenolens.methods.phendiff import PhenDiff
+
+    model = PhenDiff.from_pretrained(model_dir, device="cpu")
+    unet = model.unet
+    inverse = DDIMInverseScheduler.from_config(model.scheduler.config)
+    forward = DDIMScheduler.from_config(model.scheduler.config)
+    for path in paths:
+        x = torch.from_numpy(model.normalizer.to_model(read_image(path, channels=model.info.channels)[0]))[None]
+        label = model.labels([source])
+        inverse.set_timesteps(steps)
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x, t, class_labels=label).sample, t, x).prev_sample
+        for target in targets:
+            y = x.clone()
+            label = model.labels([target])
+            forward.set_timesteps(steps)
+            for t in forward.timesteps:
+                y = forward.step(unet(y, t, class_labels=label).sample, t, y).prev_sample
+
+
+def demo_like_model(tmp: Path) -> Path:
+    """The shipped demo model, or a random-weight tiny model of the same shape."""
+    from phenolens.demo import DEMO_CONDITIONS, DEMO_MODEL, DEMO_SIZE
+    from phenolens.diffusion.ddim import make_scheduler
+    from phenolens.models.store import ModelInfo, save_model
+    from phenolens.models.unet import build_unet
+
+    if (DEMO_MODEL / "phenolens.json").is_file():
+        return DEMO_MODEL
+    torch.manual_seed(0)
+    unet = build_unet("tiny", channels=4, size=DEMO_SIZE, num_conditions=len(DEMO_CONDITIONS))
+    info = ModelInfo(conditions=DEMO_CONDITIONS, n_channels=4, image_size=DEMO_SIZE,
+                     normalization={"low": [100.0] * 4, "high": [4000.0] * 4})
+    save_model(tmp / "model", unet, make_scheduler(), info)
+    return tmp / "model"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="model dir (default: the demo model)")
+    ap.add_argument("--n", type=int, default=16, help="source images (default 16)")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    ap.add_argument("--targets", type=int, default=3, help="target conditions per image (default 3)")
+    args = ap.parse_args()
+
+    from phenolens.data.simulate import simulate
+    from phenolens.methods.phendiff import PhenDiff
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        model_dir = args.model or demo_like_model(tmp)
+        info = PhenDiff.from_pretrained(model_dir).info
+        source, targets = info.conditions[0], info.conditions[1:1 + args.targets]
+        data = simulate(tmp / "data", conditions=[source], per_condition=args.n, size=info.image_size, seed=7,
+                        progress=False)
+        paths = sorted((data / source).glob("*.tif"))
+        results = {}
+        t0 = time.perf_counter()
+        baseline_loop(model_dir, paths, source, targets, args.steps)
+        results["baseline: per-image diffusers loop (plain DDIM inversion)"] = time.perf_counter() - t0
+        for inversion, iters in (("ddim", 0), ("fixed-point", 3)):
+            settings = TranslateSettings(model_dir=str(model_dir), input=str(data / source), targets=targets,
+                                         steps=args.steps, inversion=inversion, inversion_iters=iters,
+                                         batch_size=args.n)
+            t0 = time.perf_counter()
+            run_translate(settings, tmp / f"run-{inversion}", progress=False)
+            results[f"phenolens translate --inversion {inversion}" + (f" --inversion-iters {iters}" if iters else "")] = (
+                time.perf_counter() - t0)
+
+    base = results["baseline: per-image diffusers loop (plain DDIM inversion)"]
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+          f"python {sys.version.split()[0]}, torch {torch.__version__}")
+    print(f"model: {model_dir}; {args.n} images of {info.image_size} px, {len(targets)} targets, {args.steps} steps")
+    print("| method | seconds | images/s | speed vs baseline |")
+    print("|---|---|---|---|")
+    for name, sec in results.items():
+        print(f"| {name} | {sec:.1f} | {args.n / sec:.2f} | {base / sec:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

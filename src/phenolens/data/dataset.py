@@ -1,0 +1,113 @@
+"""Training images in memory, normalised, served as random crops with flips and 90° rotations.
+
+Cell-crop datasets are small (thousands of ~100 px images), so everything is read once. All
+randomness comes from the `torch.Generator` passed to `batch`, never from a global RNG, so the
+same generator state gives the same batch bit for bit and the trainer can resume exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from phenolens.data.io import read_image
+from phenolens.data.normalize import Normalizer
+from phenolens.data.records import ImageRecord
+from phenolens.errors import PhenolensError
+
+
+class ImageSet:
+    """All training images in memory, normalised to [-1, 1]."""
+
+    def __init__(self, records: Sequence[ImageRecord], size: int, conditions: list[str],
+                 normalizer: Normalizer | None = None, channels: Sequence[int] | None = None,
+                 skip_bad: bool = False, augment: bool = True, progress: bool = True) -> None:
+        if int(size) < 1:
+            raise PhenolensError(f"--size {size}: must be a positive number of pixels")
+        self.size = int(size)
+        self.conditions = list(conditions)
+        self.augment = augment
+        self.bad: list[tuple[Path, str]] = []
+        self.records: list[ImageRecord] = []
+        raws: list[np.ndarray] = []
+        labels: list[int] = []
+        first: Path | None = None
+        # disable=None: no bar when stderr is not a terminal (logs, captured output)
+        for rec in tqdm(records, desc="read images", unit="img", disable=None if progress else True):
+            if rec.condition not in self.conditions:
+                raise PhenolensError(f"{rec.path}: condition '{rec.condition}' is not one of the model's "
+                                     f"conditions ({', '.join(self.conditions)})")
+            try:
+                raw, _ = read_image(rec.path, channels=channels)
+            except PhenolensError as err:
+                if not skip_bad:
+                    raise
+                self.bad.append((Path(rec.path), str(err)))
+                continue
+            if raws and raw.shape[0] != raws[0].shape[0]:
+                # a dataset inconsistency, not a damaged file: always an error
+                raise PhenolensError(f"{rec.path}: has {raw.shape[0]} channel(s), but {first} has "
+                                     f"{raws[0].shape[0]}; all training images need the same channels "
+                                     f"(pick them with --channels)")
+            first = first or Path(rec.path)
+            raws.append(raw)
+            labels.append(self.conditions.index(rec.condition))
+            self.records.append(rec)
+        if not raws:
+            raise PhenolensError("no readable training images"
+                                 + (f" ({len(self.bad)} unreadable, first: {self.bad[0][0]})" if self.bad else ""))
+        self.n_channels = int(raws[0].shape[0])
+        if normalizer is not None and normalizer.n_channels != self.n_channels:
+            raise PhenolensError(f"{first}: image has {self.n_channels} channel(s), the model expects "
+                                 f"{normalizer.n_channels}")
+        self.normalizer = normalizer if normalizer is not None else Normalizer.fit(raws)
+        self.images: list[torch.Tensor] = [self._prepare(self.normalizer.to_model(r)) for r in raws]
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def _prepare(self, x: np.ndarray) -> torch.Tensor:
+        """Resize up (bilinear) so the short side is at least `size`; larger images are cropped later."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        h, w = t.shape[-2:]
+        if min(h, w) < self.size:
+            scale = self.size / min(h, w)
+            new = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
+            t = F.interpolate(t[None], size=new, mode="bilinear", align_corners=False)[0].clamp_(-1, 1)
+        return t.contiguous()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, size, size) float32 crops in [-1, 1] and (B,) long labels, random only via GENERATOR.
+
+        The same number of random draws is made whatever the images' shapes, so the generator's
+        state after a batch depends only on the batch size.
+        """
+        indices = [int(i) for i in indices]
+        n = len(indices)
+        dev = generator.device
+        pos = torch.rand((n, 2), generator=generator, device=dev, dtype=torch.float64).cpu().tolist()
+        aug = torch.randint(0, 4, (n, 3), generator=generator, device=dev).cpu().tolist()
+        s = self.size
+        out = torch.empty((n, self.n_channels, s, s), dtype=torch.float32)
+        for b, i in enumerate(indices):
+            img = self.images[i]
+            h, w = img.shape[-2:]
+            top = min(int(pos[b][0] * (h - s + 1)), h - s)
+            left = min(int(pos[b][1] * (w - s + 1)), w - s)
+            crop = img[:, top:top + s, left:left + s]
+            if self.augment:
+                flip_h, flip_v, k = aug[b][0] % 2, aug[b][1] % 2, aug[b][2]
+                if flip_h:
+                    crop = crop.flip(-1)
+                if flip_v:
+                    crop = crop.flip(-2)
+                if k:
+                    crop = torch.rot90(crop, k, dims=(-2, -1))
+            out[b] = crop
+        return out, self.labels[indices].clone()

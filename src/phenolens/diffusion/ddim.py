@@ -1,0 +1,313 @@
+"""Deterministic DDIM sampling and inversion on top of diffusers' `DDIMScheduler` (PhenDiff §2.2–2.3).
+
+PhenDiff inverts a real image x_0 under its own condition y to a code x_T (eq. 6) and regenerates it
+under another condition (eq. 5). Eq. 6 evaluates ε at the *old* point x_s, so it only inverts eq. 5
+"in the limit of small steps"; at 25–100 steps the reconstruction error is the floor under which no
+phenotypic change can be believed. `invert(method="fixed-point")` solves every inversion step
+implicitly so that it is the exact inverse of the sampling step (fixed-point inversion as in AIDI,
+Pan et al. 2023, and ReNoise, Garibi et al. 2024), up to the convergence of a few iterations.
+
+Notation: ᾱ_t = `scheduler.alphas_cumprod[t]` (PhenDiff's α_t). One sampling step goes from t (more
+noise) to s = t - T_train // steps (less noise; ᾱ_s = `final_alpha_cumprod` below 0), exactly as
+`DDIMScheduler.step` does. With η = 0 (DDIM eq. 12, PhenDiff eq. 5):
+
+    x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t          x_s = √ᾱ_s x̂_0 + √(1-ᾱ_s) ε          ε = ε_θ(x_t, t, y)
+
+For every prediction type the step is affine in (x_t, model output o):  x_s = A x_t + B o  (see
+`_step_coefficients`); inverting it is solving x_t = (x_s - B o(x_t)) / A for x_t.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(x, t, labels) -> raw model output (ε, v or x_0, following `scheduler.config.prediction_type`).
+`t` is a long tensor of shape (B,) (the same value for every image); `labels` is long (B,)."""
+
+INVERSION_METHODS = ("ddim", "fixed-point")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing")
+
+
+def make_scheduler(
+    prediction_type: str = "epsilon",
+    beta_schedule: str = "linear",
+    zero_terminal_snr: bool = False,
+    timestep_spacing: str = "leading",
+    num_train_timesteps: int = 1000,
+) -> DDIMScheduler:
+    """The DDIM scheduler every phenolens pixel model is trained and sampled with.
+
+    Choices that keep sampling invertible and deterministic:
+    - `clip_sample=False`, `thresholding=False`: clipping x̂_0 is not invertible.
+    - `set_alpha_to_one=True`: the last sampling step lands on the clean image (ᾱ = 1), so the first
+      inversion step starts from x_0 itself.
+    - `steps_offset=0`: the DDIM paper's grid (…, 2r, r, 0) for "leading"; any offset would be exact too.
+    - zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules are flawed") rescales the
+      betas so that ᾱ_{T-1} = 0: sampling then really starts from pure noise. It needs "trailing"
+      spacing (otherwise the first timestep never reaches T-1) and a v- (or x_0-) model, since an
+      ε-model cannot give x̂_0 = (x_T - ε)/√ᾱ_T at ᾱ_T = 0.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing {timestep_spacing!r} must be one of {', '.join(TIMESTEP_SPACINGS)}")
+    if zero_terminal_snr:
+        if timestep_spacing != "trailing":
+            raise ValueError("zero_terminal_snr needs timestep_spacing='trailing' (Lin et al. 2024, §3.3)")
+        if prediction_type == "epsilon":
+            raise ValueError(
+                "zero_terminal_snr needs prediction_type='v_prediction': at ᾱ_T = 0 an ε-model cannot predict x_0"
+            )
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        thresholding=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing=timestep_spacing,
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
+
+
+def unet_fn(unet) -> ModelFn:
+    """Wrap a class-conditional `UNet2DModel` as a `ModelFn` (labels are its `class_labels`)."""
+
+    def fn(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return unet(x, t, class_labels=labels).sample
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameterisations
+# --------------------------------------------------------------------------------------------------
+
+
+def _decompose(alpha_bar: float, prediction_type: str) -> tuple[float, float, float, float]:
+    """(a, b, c, d) with x̂_0 = a·x_t + b·o and ε̂ = c·x_t + d·o for a model output o at ᾱ_t.
+
+    epsilon:      ε̂ = o,                   x̂_0 = (x_t - √(1-ᾱ) o) / √ᾱ
+    v_prediction: ε̂ = √ᾱ o + √(1-ᾱ) x_t,   x̂_0 = √ᾱ x_t - √(1-ᾱ) o     (Salimans & Ho 2022, v = √ᾱ ε - √(1-ᾱ) x_0)
+    sample:       x̂_0 = o,                 ε̂ = (x_t - √ᾱ o) / √(1-ᾱ)
+    Undefined entries (ε-model at ᾱ = 0, x_0-model at ᾱ = 1) are NaN; callers check before use.
+    """
+    sa, sb = math.sqrt(alpha_bar), math.sqrt(max(1.0 - alpha_bar, 0.0))
+    if prediction_type == "epsilon":
+        return (1 / sa if sa > 0 else math.nan), (-sb / sa if sa > 0 else math.nan), 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return sa, -sb, sb, sa
+    if prediction_type == "sample":
+        return 0.0, 1.0, (1 / sb if sb > 0 else math.nan), (-sa / sb if sb > 0 else math.nan)
+    raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+
+
+def to_epsilon(output: Tensor, x_t: Tensor, alpha_bar_t: float, prediction_type: str) -> Tensor:
+    """The noise estimate ε̂ implied by a raw model output at x_t (see `_decompose`).
+
+    For a v-model at ᾱ_t = 0, ε̂ = x_t whatever the network says: pure noise *is* the noise.
+    """
+    _, _, c, d = _decompose(float(alpha_bar_t), prediction_type)
+    if math.isnan(c) or math.isnan(d):
+        raise ValueError(f"ε is undefined for a {prediction_type!r} model at ᾱ = {float(alpha_bar_t)}")
+    return c * x_t + d * output
+
+
+def to_x0(output: Tensor, x_t: Tensor, alpha_bar_t: float, prediction_type: str) -> Tensor:
+    """The clean-image estimate x̂_0 implied by a raw model output at x_t (DDIM eq. 12's "predicted x_0")."""
+    a, b, _, _ = _decompose(float(alpha_bar_t), prediction_type)
+    if math.isnan(a) or math.isnan(b):
+        raise ValueError(f"x_0 is undefined for a {prediction_type!r} model at ᾱ = {float(alpha_bar_t)}")
+    return a * x_t + b * output
+
+
+def _step_coefficients(alpha_bar_t: float, alpha_bar_s: float, prediction_type: str) -> tuple[float, float]:
+    """(A, B) such that one η=0 DDIM step from t to s is x_s = A·x_t + B·o(x_t).
+
+    x_s = √ᾱ_s x̂_0 + √(1-ᾱ_s) ε̂ with the affine x̂_0, ε̂ of `_decompose`. For an ε-model this is
+    A = √(ᾱ_s/ᾱ_t), B = √(1-ᾱ_s) - √(ᾱ_s/ᾱ_t)·√(1-ᾱ_t) (PhenDiff eq. 5: B = √ᾱ_s·γ_t up to sign);
+    for a v-model, with ᾱ = cos²φ, A = cos(φ_t - φ_s) and B = -sin(φ_t - φ_s): finite even at ᾱ_t = 0.
+    """
+    a, b, c, d = _decompose(alpha_bar_t, prediction_type)
+    ss, sn = math.sqrt(alpha_bar_s), math.sqrt(max(1.0 - alpha_bar_s, 0.0))
+    return ss * a + sn * c, ss * b + sn * d
+
+
+# --------------------------------------------------------------------------------------------------
+# Timesteps
+# --------------------------------------------------------------------------------------------------
+
+
+def _working_scheduler(scheduler, steps: int) -> DDIMScheduler:
+    """A private DDIMScheduler with the caller's noise schedule, its timesteps set for `steps`.
+
+    A copy, so that the caller's scheduler is never mutated (it may be shared between threads or
+    methods). x̂_0 clipping/thresholding is switched off: it would make the sampler non-invertible.
+    """
+    work = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
+    work.set_timesteps(steps)
+    return work
+
+
+def _previous_timestep(work: DDIMScheduler, t: int) -> int:
+    # exactly DDIMScheduler.step's choice (diffusers 0.42, step 1): s = t - T_train // steps; s < 0 means
+    # "final_alpha_cumprod". With "trailing" and a step count that does not divide T_train, this is NOT
+    # the next entry of `timesteps` (diffusers' own inconsistency); mirroring step() keeps the inverse exact.
+    return t - work.config.num_train_timesteps // work.num_inference_steps
+
+
+def _alpha_bar(work: DDIMScheduler, t: int) -> float:
+    return float(work.alphas_cumprod[t]) if t >= 0 else float(work.final_alpha_cumprod)
+
+
+def sampling_schedule(scheduler, steps: int) -> list[tuple[int, float, float]]:
+    """[(t, ᾱ_t, ᾱ_s)] for each sampling step, high noise first, as `DDIMScheduler.step` takes them."""
+    work = _working_scheduler(scheduler, steps)
+    return [(t, _alpha_bar(work, t), _alpha_bar(work, _previous_timestep(work, t))) for t in map(int, work.timesteps)]
+
+
+def inversion_schedule(scheduler, steps: int) -> list[tuple[int, float, float]]:
+    """The sampling steps in reverse order: inversion step k undoes sampling step steps-1-k.
+
+    Why not `DDIMInverseScheduler`: in diffusers 0.42 its `set_timesteps` ("leading"/"trailing") and
+    `step` do give the reversed trajectory when `steps` divides T_train, and `invert(method="ddim")`
+    is tested to match it; but fixed-point inversion needs ᾱ at both ends of each step, and deriving
+    both directions from one `DDIMScheduler` guarantees the same grid even where the two classes
+    would differ (e.g. "linspace" spacing, which DDIMInverseScheduler does not implement).
+    """
+    return sampling_schedule(scheduler, steps)[::-1]
+
+
+def _check(schedule: list[tuple[int, float, float]], prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+    if prediction_type == "epsilon" and any(a_t <= 0.0 for _, a_t, _ in schedule):
+        raise ValueError(
+            "this schedule reaches ᾱ_t = 0 (zero terminal SNR): an ε-model cannot predict x_0 there; "
+            "use prediction_type='v_prediction'"
+        )
+
+
+def _progress(it, progress: bool, desc: str, total: int):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, leave=False)
+
+
+def _timestep(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inversion and sampling
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def invert(
+    model: ModelFn,
+    x0: Tensor,
+    labels: Tensor,
+    scheduler,
+    steps: int = 50,
+    method: str = "fixed-point",
+    iters: int = 3,
+    progress: bool = False,
+) -> Tensor:
+    """x_T such that `sample(model, x_T, labels, scheduler, steps)` regenerates x0 (PhenDiff §2.3).
+
+    method="ddim": PhenDiff eq. 6 (= `DDIMInverseScheduler` for ε-models): the step s -> t uses
+        ε = ε_θ(x_s, t) at the old point:  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε.
+        One network call per step; exact only in the limit of small steps.
+    method="fixed-point": start from that estimate, then `iters` times
+        o = model(x_t, t);  x_t = (x_s - B·o) / A            (x_s = A x_t + B o is the sampling step)
+        For an ε-model this is exactly  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε  with ε = ε_θ(x_t, t)
+        (AIDI / ReNoise). Solving for x_t through the affine step, instead of converting o to ε first,
+        matters for v-models: there ε̂ = √ᾱ_t v + √(1-ᾱ_t) x_t contains x_t itself, so the ε-form
+        iteration carries an identity term of weight sin φ_t·sin(φ_t-φ_s)/cos φ_s (ᾱ = cos²φ), which
+        slows it down and makes it the identity map at ᾱ_t = 0 (zero terminal SNR: every x_T would be
+        a "fixed point"); this form contracts by tan(φ_t-φ_s)·Lip(v) and is well defined there.
+        1 + iters network calls per step.
+    Inversion is always unguided (scale 1), under each image's own label. Every image in the batch may
+    have its own label; all share the timestep. Deterministic: no noise is drawn.
+    """
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"inversion method {method!r} must be one of {', '.join(INVERSION_METHODS)}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    prediction_type = scheduler.config.prediction_type
+    schedule = inversion_schedule(scheduler, steps)
+    _check(schedule, prediction_type)
+    if prediction_type == "sample":
+        # its ε̂ = (x - √ᾱ o)/√(1-ᾱ) is undefined at the clean image, where inversion starts
+        raise ValueError("DDIM inversion needs an 'epsilon' or 'v_prediction' model, not 'sample'")
+    if any(a_s <= 0.0 for _, _, a_s in schedule):
+        raise ValueError("cannot invert a step that starts from ᾱ = 0")
+
+    x = x0
+    for t, a_t, a_s in _progress(schedule, progress, f"invert ({method})", len(schedule)):
+        tt = _timestep(t, x)
+        x_s = x
+        # plain DDIM inversion (PhenDiff eq. 6): ε = ε_θ(x_s, t, y), the model at the *old* point but
+        # told the *new* timestep, read as an output at noise level t; then
+        #   x_t = √ᾱ_t · (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε
+        # For ε-models this is DDIMInverseScheduler.step. For v-models diffusers converts v to ε at ᾱ_s
+        # instead; reading it at ᾱ_t (the level the network was told) keeps the step exact for any
+        # model whose ε does not depend on x, as eq. 6 intends (see the tests).
+        eps = to_epsilon(model(x_s, tt, labels), x_s, a_t, prediction_type)
+        x = math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
+        if method == "fixed-point":
+            A, B = _step_coefficients(a_t, a_s, prediction_type)
+            if not abs(A) > 1e-12:
+                raise ValueError(f"the DDIM step {t} -> s is not invertible for a {prediction_type!r} model (A = 0)")
+            for _ in range(iters):
+                # solve x_s = A·x_t + B·o(x_t) for x_t: one fixed-point iteration
+                x = (x_s - B * model(x, tt, labels)) / A
+    return x
+
+
+@torch.no_grad()
+def sample(
+    model: ModelFn,
+    xT: Tensor,
+    labels: Tensor,
+    scheduler,
+    steps: int = 50,
+    progress: bool = False,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+) -> Tensor:
+    """x_0 from x_T by deterministic DDIM (η = 0, PhenDiff eq. 5) with `DDIMScheduler.step`.
+
+    guidance_scale != 1: classifier-free guidance, o = o_u + s·(o_c - o_u) with o_u under `null_label`.
+    Mixing raw outputs is the same as mixing ε (ε̂ is affine in o at a fixed x_t), for any prediction type.
+    """
+    if guidance_scale != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs null_label")
+    work = _working_scheduler(scheduler, steps)
+    _check(sampling_schedule(scheduler, steps), work.config.prediction_type)
+    x = xT
+    guided = guidance_scale != 1.0
+    if guided:
+        null = torch.full_like(labels, int(null_label))
+    for t in _progress(work.timesteps, progress, "sample", len(work.timesteps)):
+        t = int(t)
+        if guided:
+            out = model(torch.cat([x, x]), _timestep(t, torch.cat([x, x])), torch.cat([labels, null]))
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = model(x, _timestep(t, x), labels)
+        x = work.step(out, t, x, eta=0.0).prev_sample
+    return x
+

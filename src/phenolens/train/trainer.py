@@ -1,0 +1,488 @@
+"""One Accelerate training loop shared by every method (EMA, checkpoints, exact resume).
+
+Why it looks the way it does:
+- **Exact resume.** There is no DataLoader (its sampler and worker RNG are hidden state). At global
+  optimiser step k every random draw — batch indices, augmentation, condition dropout, timesteps,
+  noise — comes from a CPU `torch.Generator` seeded by a hash of (seed, k, process, micro-step), so a
+  run killed at any point and resumed from its last checkpoint replays the identical sequence.
+- **Data parallel.** Under `accelerate launch --num_processes N` the global batch of `batch_size`
+  indices is drawn once per micro-step (same on every process) and each process takes its own slice of
+  `batch_size // N`; augmentation and noise use a per-process generator.
+- **Atomic checkpoints.** `accelerator.save_state` writes into `checkpoints/.tmp-step-XXXXXXX/`, then
+  `state.json` (written last) marks it complete and `os.replace` gives it its final name, so a kill
+  mid-save never leaves a folder that looks complete.
+- **No unpickling of the EMA.** The EMA shadow weights are saved as `ema.safetensors` (+ scalars in
+  `state.json`) instead of accelerate's pickled custom-object file, which it loads with
+  `weights_only=False` (DESIGN.md: loading never unpickles).
+- **Pluggable loss.** `loss_fn(unet, noise_scheduler, x0, labels, generator)`; the default is the
+  DDPM loss of PhenDiff eq. 4. A latent method passes its own (e.g. encode with a VAE first).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from phenolens.errors import PhenolensError
+
+CHECKPOINTS = "checkpoints"
+LOG_NAME = "train_log.csv"
+LOG_FIELDS = ["step", "loss", "lr", "seconds"]
+STATE_NAME = "state.json"
+EMA_NAME = "ema.safetensors"
+_CKPT_RE = re.compile(r"^step-(\d{7,})$")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser-loop settings shared by every method (method-specific ones live with the method)."""
+
+    steps: int = 2000
+    batch_size: int = 16  # global batch per micro-step, split over processes
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    grad_accum: int = 1
+    ema: bool = True
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.0  # probability a label is replaced by the null label (classifier-free)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"; the caller picks "bf16" when a GPU is present
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "constant"  # "constant" | "cosine", both after a linear warm-up
+
+
+class TrainDataset(Protocol):
+    """What `train` needs from a dataset (see `phenolens.data.dataset.ImageSet`)."""
+
+    n_channels: int
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+LossFn = Callable[[Any, Any, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+ModelHook = Callable[[Any, int], None]
+
+
+# ------------------------------------------------------------------------------------------ loss
+def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """DDPM training loss, PhenDiff eq. 4: E_{x0,t,eps} ||eps - eps_theta(x_t, t, y)||^2.
+
+    t ~ U{0..T-1} and eps ~ N(0, I) come from `generator` (CPU) so the draw is replayable. The target
+    follows `noise_scheduler.config.prediction_type`: eps (eq. 4), v = sqrt(abar) eps - sqrt(1-abar) x0
+    (`get_velocity`), or x0 ("sample").
+    """
+    b = x0.shape[0]
+    num_t = int(noise_scheduler.config.num_train_timesteps)
+    t = torch.randint(0, num_t, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    # forward process q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise PhenolensError(f"prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
+    pred = unet(x_t, t, class_labels=labels).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------- seeding
+def step_seed(*parts: Any) -> int:
+    """A 63-bit seed from a tuple, stable across processes, machines and Python runs (no `hash()`)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(step_seed(*parts))
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (final name and a `state.json`), oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so tuples/lists and FrozenDicts compare equal to what was saved."""
+    return json.loads(json.dumps(obj, default=str, sort_keys=True))
+
+
+def _model_config(model) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {"parameters": sum(p.numel() for p in model.parameters())}
+    return _jsonable({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
+
+
+def fingerprint(unet, noise_scheduler, dataset, config: TrainConfig, null_label: int,
+                num_processes: int) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resumption for the replay to be exact."""
+    sched_cfg = getattr(noise_scheduler, "config", {})
+    return _jsonable(dict(
+        model=_model_config(unet),
+        n_channels=getattr(dataset, "n_channels", None),
+        num_conditions=null_label,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        num_processes=num_processes,
+        seed=config.seed,
+        ema=config.ema,
+        prediction_type=sched_cfg.get("prediction_type") if hasattr(sched_cfg, "get") else None,
+        num_train_timesteps=sched_cfg.get("num_train_timesteps") if hasattr(sched_cfg, "get") else None,
+    ))
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out.append(", ".join(f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sub[:4]))
+        else:
+            out.append(f"{key} {a!r} -> {b!r}")
+    return out
+
+
+def _save_ema(ema, folder: Path) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i}": p.detach().to("cpu").contiguous() for i, p in enumerate(shadow)},
+              str(folder / EMA_NAME))
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, bool)) or v is None}
+
+
+def _load_ema(ema, folder: Path, scalars: dict[str, Any], device) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / EMA_NAME))
+    shadow = [tensors[f"shadow.{i}"] for i in range(len(tensors))]
+    if len(shadow) != len(ema.shadow_params):
+        raise PhenolensError(f"{folder}: {EMA_NAME} holds {len(shadow)} tensors, the model has "
+                             f"{len(ema.shadow_params)}")
+    ema.load_state_dict({**scalars, "shadow_params": shadow})
+    ema.to(device=device)
+
+
+# ----------------------------------------------------------------------------------------- log
+class _Log:
+    """`train_log.csv` on the main process: appended and flushed each row, truncated on resume."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, path)
+        self.file = path.open("a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self.writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{seconds:.2f}"])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _tensorboard(out_dir: Path):
+    """A SummaryWriter when `tensorboard` is installed; None otherwise (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # ImportError, or tensorboard present but broken
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------------------- train
+def _fresh_copy(model):
+    """An unwrapped copy of `model` (for EMA weights) that does not share the training parameters."""
+    if hasattr(model, "from_config") and hasattr(model, "config"):
+        copy = type(model).from_config(model.config)
+        copy.load_state_dict(model.state_dict())
+        return copy.to(next(model.parameters()).device)
+    import copy as _copy
+
+    return _copy.deepcopy(model)
+
+
+def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: TrainConfig, *,
+          null_label: int, resume: bool = False, overwrite: bool = False, loss_fn: LossFn = diffusion_loss,
+          on_save: ModelHook | None = None, sample_fn: ModelHook | None = None, progress: bool = True):
+    """Train `unet` on `dataset` into `out_dir` (checkpoints, train_log.csv); returns the trained model.
+
+    `null_label` is the label that condition dropout substitutes. `on_save(model, step)` is called once
+    at the end, on the main process, with an unwrapped copy holding the EMA weights (raw weights when
+    `config.ema` is off); `sample_fn(model, step)` likewise every `config.sample_every` steps. The
+    returned model (every process) is the unwrapped model with its raw, non-EMA final weights.
+    """
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    _check_config(config)
+    if resume and overwrite:
+        raise PhenolensError("pass either --resume or --overwrite, not both")
+    if len(dataset) == 0:
+        raise PhenolensError("the training set is empty: no images to train on")
+
+    accelerator = _new_accelerator(config)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % n_proc:
+        raise PhenolensError(f"--batch-size {config.batch_size} must be divisible by the number of processes "
+                             f"({n_proc})")
+    per_proc = config.batch_size // n_proc
+    main = accelerator.is_main_process
+    ckpt_root = out_dir / CHECKPOINTS
+
+    # ---- what to start from (every process reads the same files, so all raise alike)
+    existing = list_checkpoints(out_dir)
+    fp = fingerprint(unet, noise_scheduler, dataset, config, null_label, n_proc)
+    resume_from: tuple[int, Path, dict[str, Any]] | None = None
+    if resume:
+        if not existing:
+            raise PhenolensError(f"nothing to resume in {out_dir}: no complete checkpoint under {ckpt_root}")
+        step0, folder = existing[-1]
+        state = json.loads((folder / STATE_NAME).read_text())
+        diffs = _differences(state.get("fingerprint", {}), fp)
+        if diffs:
+            raise PhenolensError(f"checkpoint {folder} does not match this run ({'; '.join(diffs)}); "
+                                 "resume with the same settings or pass --overwrite")
+        resume_from = (step0, folder, state)
+    elif existing and not overwrite:
+        raise PhenolensError(f"{ckpt_root} already holds checkpoints ({existing[-1][1].name}); pass --resume to "
+                             "continue them or --overwrite to start again")
+    accelerator.wait_for_everyone()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for p in ckpt_root.glob(".tmp-*"):  # left by a kill mid-save or mid-prune: never complete
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # ---- optimiser, schedule, EMA
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # the prepared scheduler steps once per process per optimiser step (accelerate convention)
+    lr_scheduler = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule,
+                                 optimizer=optimizer, num_warmup_steps=config.warmup_steps * n_proc,
+                                 num_training_steps=config.steps * n_proc)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    base = accelerator.unwrap_model(unet)
+    ema = None
+    if config.ema:
+        ema = EMAModel(base.parameters(), decay=config.ema_decay)
+        ema.to(device=accelerator.device)
+
+    start, seconds0 = 0, 0.0
+    if resume_from is not None:
+        start, folder, state = resume_from
+        accelerator.load_state(str(folder))
+        if ema is not None:
+            _load_ema(ema, folder, state.get("ema", {}), accelerator.device)
+        seconds0 = float(state.get("seconds", 0.0))
+        if start != int(state["step"]):
+            raise PhenolensError(f"{folder}: {STATE_NAME} says step {state['step']}, the folder name {start}")
+
+    log = _Log(out_dir / LOG_NAME, start if resume_from else None) if main else None
+    tb = _tensorboard(out_dir) if main else None
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    last_saved = start if resume_from else -1
+
+    def save(step: int) -> None:
+        _save_checkpoint(accelerator, ema, ckpt_root, step, fp, config,
+                         seconds0 + time.perf_counter() - t0)
+
+    for k in range(start, config.steps):
+        unet.train()
+        losses = []
+        for m in range(config.grad_accum):
+            # one global index draw per micro-step, identical on every process; this process's slice
+            idx = torch.randint(len(dataset), (config.batch_size,), generator=_generator(config.seed, k, "idx", m))
+            idx = idx[rank * per_proc:(rank + 1) * per_proc].tolist()
+            g = _generator(config.seed, k, rank, m)  # augmentation, dropout, t, noise
+            x0, labels = dataset.batch(idx, g)
+            x0 = x0.to(accelerator.device, torch.float32)
+            labels = labels.to(torch.long)
+            # classifier-free condition dropout: a label becomes the null label with p = cond_dropout
+            drop = torch.rand(labels.shape[0], generator=g) < config.cond_dropout
+            labels = torch.where(drop, torch.full_like(labels, null_label), labels).to(accelerator.device)
+            with accelerator.accumulate(unet):
+                loss = loss_fn(unet, noise_scheduler, x0, labels, g)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        if ema is not None:
+            ema.step(base.parameters())
+        step = k + 1
+        local = torch.stack(losses).mean()
+        bar.update(1)
+        if not math.isfinite(local.item()):
+            raise PhenolensError(f"the loss became {local.item()} at step {step}; lower --lr or use "
+                                 "--mixed-precision no")
+        bar.set_postfix(loss=f"{local.item():.4f}", refresh=False)
+        if config.log_every > 0 and (step % config.log_every == 0 or step == config.steps):
+            mean = accelerator.gather(local.reshape(1)).mean().item()  # every process joins
+            if main:
+                lr = float(lr_scheduler.get_last_lr()[0])
+                secs = seconds0 + time.perf_counter() - t0
+                log.write(step, mean, lr, secs)
+                if tb is not None:
+                    tb.add_scalar("train/loss", mean, step)
+                    tb.add_scalar("train/lr", lr, step)
+        if sample_fn is not None and config.sample_every > 0 and step % config.sample_every == 0:
+            if main:
+                sample_fn(_ema_copy(base, ema), step)
+            accelerator.wait_for_everyone()
+        if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
+            save(step)
+            last_saved = step
+    bar.close()
+    final = max(start, config.steps)
+    if last_saved != final:
+        save(final)
+    if main:
+        log.close()
+        if tb is not None:
+            tb.close()
+        if on_save is not None:
+            on_save(_ema_copy(base, ema), final)
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+
+
+def _new_accelerator(config: TrainConfig):
+    """An Accelerator for this run, even when an earlier `train` in this process used other settings."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # accelerate keeps process-wide singletons and refuses a second Accelerator with another
+        # mixed_precision; in a single process (CLI, notebook, tests) nothing else depends on them
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                       cpu=_launched_without_device())
+
+
+def _launched_without_device() -> bool:
+    """Several processes on a machine with no accelerator: force accelerate's multi-CPU (gloo) mode.
+
+    `accelerate launch --cpu --num_processes N` starts one process unless it is given an MPI hostfile;
+    `accelerate launch --multi_gpu --num_processes N` (torchrun) starts N, but accelerate only treats
+    them as data parallel on CPU when told `cpu=True`.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has = getattr(torch, "accelerator", None)
+    if has is not None and hasattr(has, "is_available"):
+        return not has.is_available()
+    return not torch.cuda.is_available()
+
+
+def _ema_copy(base, ema):
+    model = _fresh_copy(base)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    model.eval()
+    return model
+
+
+def _check_config(config: TrainConfig) -> None:
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise PhenolensError(f"--mixed-precision {config.mixed_precision!r}: choose no, bf16 or fp16")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PhenolensError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise PhenolensError(f"--lr-schedule {config.lr_schedule!r}: choose constant or cosine")
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(config, name) < 1:
+            raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.keep_checkpoints < 1:
+        raise PhenolensError("--keep-checkpoints must be at least 1 (resume needs one)")
+    if not 0.0 <= config.cond_dropout < 1.0:
+        raise PhenolensError(f"--cond-dropout {config.cond_dropout} must be in [0, 1)")
+
+
+def _save_checkpoint(accelerator, ema, root: Path, step: int, fp: dict[str, Any], config: TrainConfig,
+                     seconds: float) -> None:
+    """accelerate state + EMA into a temporary folder, `state.json` last, then an atomic rename."""
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    final = root / checkpoint_name(step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model (safetensors), optimiser, LR scheduler, RNG states, step
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = dict(step=step, seconds=seconds, fingerprint=fp, config=asdict(config))
+        if ema is not None:
+            state["ema"] = _save_ema(ema, tmp)
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, default=str))
+        if final.exists():  # only an older, overwritten run could have left it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(root.parent)[:-config.keep_checkpoints]:
+            doomed = root / f".tmp-del-{old.name}"  # rename first: a kill mid-delete leaves no half checkpoint
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny dataset on disk and a tiny random-weight model built from a config.
+
+No weights are downloaded: models come from `build_unet` with random weights, so tests check the
+machinery (exactness, files, errors), and the demo / slow tests check what a trained model shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+SHARED_DATA = Path(os.environ.get("PHENOLENS_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+BBBC021 = SHARED_DATA / "bbbc021-cycloheximide"
+
+CONDITIONS = ["ctrl", "dose1", "dose2"]
+
+
+def write_blob_images(root: Path, conditions=CONDITIONS, per_condition: int = 4, size: int = 24,
+                      channels: int = 2, seed: int = 0) -> Path:
+    """uint16 channel-first TIFFs: a bright blob whose size grows with the condition index."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for ci, cond in enumerate(conditions):
+        (root / cond).mkdir(parents=True, exist_ok=True)
+        for i in range(per_condition):
+            cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+            r = size * (0.15 + 0.08 * ci)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            img = np.stack([200 + 3000 * blob * (1 + 0.3 * c) + rng.normal(0, 20, blob.shape) for c in range(channels)])
+            tifffile.imwrite(root / cond / f"img{i}.tif", np.clip(img, 0, 65535).astype(np.uint16))
+    return root
+
+
+@pytest.fixture(scope="session")
+def blob_data(tmp_path_factory) -> Path:
+    return write_blob_images(tmp_path_factory.mktemp("blobs"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, blob_data) -> Path:
+    """A PhenDiff model with random weights, saved the way `phenolens train` saves one."""
+    from phenolens.data.io import read_image
+    from phenolens.data.normalize import Normalizer
+    from phenolens.diffusion.ddim import make_scheduler
+    from phenolens.models.store import ModelInfo, save_model
+    from phenolens.models.unet import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", channels=2, size=16, num_conditions=len(CONDITIONS))
+    images = [read_image(p)[0] for p in sorted(blob_data.glob("*/*.tif"))]
+    info = ModelInfo(conditions=list(CONDITIONS), n_channels=2, image_size=16,
+                     normalization=Normalizer.fit(images).to_dict())
+    model_dir = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(model_dir, unet, make_scheduler(), info)
+    return model_dir
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """Run `phenolens ARGV` in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from phenolens.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()

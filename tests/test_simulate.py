@@ -1,0 +1,231 @@
+"""The simulator: files, determinism, ground truth, and every planted phenotype measured from pixels.
+
+The phenotype checks read only the images and the label masks (as a user's pipeline would), so
+they check what a model can actually learn, not just what the CSV claims.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from phenolens.data.simulate import CHANNEL_NAMES, DEFAULT_CONDITIONS, simulate
+from phenolens.errors import PhenolensError
+
+DNA, TUB, ACT, GOLGI = range(4)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _masks(root: Path, rel: str) -> tuple[np.ndarray, np.ndarray]:
+    cond, name = rel.split("/")
+    stem = name[: -len(".tif")]
+    mdir = root / "_groundtruth" / "masks" / cond
+    return tifffile.imread(mdir / f"{stem}_nuclei.tif"), tifffile.imread(mdir / f"{stem}_cells.tif")
+
+
+def _dist_to_outline(labels: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest label change (the image border is not an outline)."""
+    pad = np.pad(labels, 1, mode="edge")
+    b = np.zeros(labels.shape, bool)
+    for sl in ((slice(0, -2), slice(1, -1)), (slice(2, None), slice(1, -1)),
+               (slice(1, -1), slice(0, -2)), (slice(1, -1), slice(2, None))):
+        b |= pad[sl] != labels
+    return ndimage.distance_transform_edt(~b)
+
+
+def _measure(root: Path) -> dict[str, dict[str, list[float]]]:
+    """Per condition: per-image and per-cell measurements from images + masks only."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in _read_csv(root / "manifest.csv"):
+        m = out.setdefault(row["condition"], {k: [] for k in (
+            "n_cells", "nuc_area", "golgi_objects", "golgi_spread", "golgi_total", "actin_nc", "tub_cyto")})
+        img = tifffile.imread(root / row["path"]).astype(np.float64)
+        nuc, cell = _masks(root, row["path"])
+        far = ~ndimage.binary_dilation(cell > 0, iterations=4)
+        bg = np.median(img[:, far], axis=1) if far.sum() > 30 else np.percentile(img.reshape(4, -1), 2, axis=1)
+        sig = img - bg[:, None, None]
+        ids = np.unique(cell[cell > 0])
+        m["n_cells"].append(len(ids))
+        d_cell = _dist_to_outline(cell)
+        near_nuc = ndimage.binary_dilation(nuc > 0, iterations=2)
+        nuc_in = (_dist_to_outline(nuc) >= 1.5) & (nuc > 0)
+        g = sig[GOLGI]
+        above = g > 150.0
+        puncta = above & (g == ndimage.maximum_filter(g, 3))  # resolvable Golgi puncta
+        yy, xx = np.mgrid[: cell.shape[0], : cell.shape[1]]
+        m["golgi_total"].append(float(g[cell > 0].sum()) / max(len(ids), 1))
+        for i in ids:
+            cm = cell == i
+            m["nuc_area"].append(float((nuc == i).sum()))
+            sel = cm & above
+            m["golgi_objects"].append(int((puncta & cm).sum()))
+            if sel.sum() >= 3:
+                w = g[sel]
+                cy, cx = np.average(yy[sel], weights=w), np.average(xx[sel], weights=w)
+                m["golgi_spread"].append(float(np.sqrt(np.average((yy[sel] - cy) ** 2 + (xx[sel] - cx) ** 2, weights=w))))
+            cyto = cm & ~near_nuc & (d_cell >= 3)
+            nin = nuc_in & (nuc == i)
+            if cyto.sum() >= 10 and nin.sum() >= 5:
+                m["actin_nc"].append(float(sig[ACT][nin].mean() / sig[ACT][cyto].mean()))
+                m["tub_cyto"].append(float(sig[TUB][cyto].mean()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Path:
+    """Control vs the strongest condition, enough cells for stable comparisons (~3 s)."""
+    return simulate(tmp_path_factory.mktemp("sim") / "pair", conditions=["control", "high"], per_condition=50,
+                    size=64, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def measured(pair) -> dict[str, dict[str, np.ndarray]]:
+    return {c: {k: np.asarray(v) for k, v in m.items()} for c, m in _measure(pair).items()}
+
+
+# ------------------------------------------------------------------------------ files
+def test_layout_and_manifest(tmp_path):
+    out = simulate(tmp_path / "d", per_condition=3, size=40, seed=0, progress=False)
+    assert out == tmp_path / "d"
+    manifest = _read_csv(out / "manifest.csv")
+    assert list(manifest[0]) == ["path", "condition", "strength"]
+    assert [r["condition"] for r in manifest] == [c for c in DEFAULT_CONDITIONS for _ in range(3)]
+    assert [float(r["strength"]) for r in manifest[::3]] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert manifest[0]["path"] == "control/control_00000.tif"
+    for r in manifest:
+        img = tifffile.imread(out / r["path"])
+        assert img.dtype == np.uint16 and img.shape == (len(CHANNEL_NAMES), 40, 40)
+        nuc, cell = _masks(out, r["path"])
+        assert nuc.dtype == np.uint16 and cell.dtype == np.uint16 and nuc.shape == (40, 40)
+    # only conditions (and the ground truth, which starts with "_") are folders
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(DEFAULT_CONDITIONS + ["_groundtruth"])
+    assert not list(out.rglob("*.tmp"))
+    img = tifffile.imread(out / manifest[0]["path"])
+    bg = np.percentile(img, 5, axis=(1, 2))
+    assert np.all((bg > 90) & (bg < 300)), bg  # camera offset + autofluorescence, not zero
+
+
+def test_deterministic_and_independent_of_workers(tmp_path):
+    kw = dict(conditions=["a", "b"], per_condition=8, size=32, progress=False)  # 16 jobs: the pool runs
+    a = _files(simulate(tmp_path / "a", seed=5, workers=1, **kw))
+    b = _files(simulate(tmp_path / "b", seed=5, workers=2, **kw))
+    assert a == b
+    c = _files(simulate(tmp_path / "c", seed=6, workers=1, **kw))
+    assert a.keys() == c.keys() and a["a/a_00000.tif"] != c["a/a_00000.tif"]
+    # an image does not depend on how many others were drawn
+    d = _files(simulate(tmp_path / "d", seed=5, workers=1, **{**kw, "per_condition": 2}))
+    assert d["b/b_00001.tif"] == a["b/b_00001.tif"]
+
+
+def test_ground_truth_matches_masks(pair):
+    planted = _read_csv(pair / "_groundtruth" / "planted.csv")
+    cells = _read_csv(pair / "_groundtruth" / "cells.csv")
+    by_path: dict[str, list[dict]] = {}
+    for c in cells:
+        by_path.setdefault(c["path"], []).append(c)
+    ratios = []
+    for p in planted:
+        nuc, cell = _masks(pair, p["path"])
+        n = int(p["n_cells"])
+        assert sorted(np.unique(cell[cell > 0])) == list(range(1, n + 1))
+        assert sorted(np.unique(nuc[nuc > 0])) == list(range(1, n + 1))
+        assert np.all(cell[nuc > 0] == nuc[nuc > 0])  # every nucleus inside its own cell
+        rows = by_path[p["path"]]
+        assert [int(r["cell_id"]) for r in rows] == list(range(1, n + 1))
+        for r in rows:
+            i = int(r["cell_id"])
+            assert int(r["nucleus_area"]) == int((nuc == i).sum())
+            assert int(r["cell_area"]) == int((cell == i).sum())
+            ys, xs = np.nonzero(cell == i)
+            assert float(r["centroid_y"]) == pytest.approx(ys.mean(), abs=1e-2)
+            assert float(r["centroid_x"]) == pytest.approx(xs.mean(), abs=1e-2)
+            ratios.append(int(r["nucleus_area"]) / float(r["nucleus_area_planted"]))
+        assert float(p["nucleus_area_mean"]) == pytest.approx(
+            np.mean([float(r["nucleus_area_planted"]) for r in rows]), rel=1e-3)
+    assert 0.93 < np.mean(ratios) < 1.07 and np.percentile(np.abs(np.log(ratios)), 95) < 0.2
+
+
+# ------------------------------------------------------------------------------ phenotypes
+def test_nucleus_grows(measured):
+    r = measured["high"]["nuc_area"].mean() / measured["control"]["nuc_area"].mean()
+    assert 1.25 < r < 1.55, r
+
+
+def test_cells_are_lost(measured):
+    r = measured["high"]["n_cells"].mean() / measured["control"]["n_cells"].mean()
+    assert 0.45 < r < 0.8, r
+    assert 3 <= measured["control"]["n_cells"].mean() <= 6
+
+
+def test_golgi_fragments_and_scatters_with_total_conserved(measured):
+    ctl, high = measured["control"], measured["high"]
+    assert ctl["golgi_objects"].mean() < 1.3  # one compact blob per cell
+    assert high["golgi_objects"].mean() > 3 * ctl["golgi_objects"].mean()  # many puncta (some merge in the PSF)
+    assert np.median(high["golgi_spread"]) > 1.8 * np.median(ctl["golgi_spread"])
+    r = high["golgi_total"].mean() / ctl["golgi_total"].mean()
+    assert 0.85 < r < 1.15, r
+
+
+def test_actin_translocates_into_the_nucleus(measured):
+    ctl, high = np.median(measured["control"]["actin_nc"]), np.median(measured["high"]["actin_nc"])
+    assert ctl < 0.6 and high > 1.3 and high > 3 * ctl, (ctl, high)
+
+
+def test_tubulin_cytoplasm_is_ten_percent_brighter(measured):
+    r = measured["high"]["tub_cyto"].mean() / measured["control"]["tub_cyto"].mean()
+    assert 1.04 < r < 1.17, r
+
+
+def test_cell_count_scales_with_area(tmp_path):
+    small = simulate(tmp_path / "s", conditions=["c"], per_condition=8, size=32, progress=False)
+    large = simulate(tmp_path / "l", conditions=["c"], per_condition=6, size=96, progress=False)
+    n = {k: np.mean([int(r["n_cells"]) for r in _read_csv(p / "_groundtruth" / "planted.csv")])
+         for k, p in (("s", small), ("l", large))}
+    assert n["l"] > 4 * n["s"]
+
+
+# ------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(size=16), "--size"),
+    (dict(per_condition=0), "--per-condition"),
+    (dict(conditions=["a", "a"]), "--conditions"),
+    (dict(conditions=["a", ""]), "--conditions"),
+    (dict(conditions=[]), "--conditions"),
+    (dict(conditions=["_hidden"]), "--conditions"),
+    (dict(conditions=["a", "b"], strengths=[0.0]), "strengths"),
+    (dict(seed=-1), "--seed"),
+])
+def test_bad_options(tmp_path, kwargs, option):
+    with pytest.raises(PhenolensError, match=option):
+        simulate(tmp_path / "x", progress=False, **{"per_condition": 1, **kwargs})
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_dataset_needs_overwrite(tmp_path):
+    out = simulate(tmp_path / "d", conditions=["a", "b"], per_condition=2, size=32, progress=False)
+    with pytest.raises(PhenolensError, match="exists already"):
+        simulate(out, conditions=["a", "b"], per_condition=2, size=32, progress=False)
+    simulate(out, conditions=["x"], per_condition=1, size=32, seed=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["_groundtruth", "manifest.csv", "x"]
+    assert len(_read_csv(out / "_groundtruth" / "planted.csv")) == 1
+
+
+def test_refuses_foreign_files(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "mine.tif").write_bytes(b"x")
+    with pytest.raises(PhenolensError, match="not a simulated dataset"):
+        simulate(tmp_path / "d", conditions=["a"], per_condition=1, size=32, progress=False, overwrite=True)
+    assert (tmp_path / "d" / "a" / "mine.tif").exists()
