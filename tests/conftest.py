@@ -32,7 +32,8 @@ def write_blob_images(root: Path, conditions=CONDITIONS, per_condition: int = 4,
             r = size * (0.15 + 0.08 * ci)
             blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
             img = np.stack([200 + 3000 * blob * (1 + 0.3 * c) + rng.normal(0, 20, blob.shape) for c in range(channels)])
-            tifffile.imwrite(root / cond / f"img{i}.tif", np.clip(img, 0, 65535).astype(np.uint16))
+            tifffile.imwrite(root / cond / f"img{i}.tif", np.clip(img, 0, 65535).astype(np.uint16),
+                             photometric="minisblack")
     return root
 
 
@@ -74,3 +75,22 @@ def run_cli(*argv) -> tuple[int, str, str]:
         except SystemExit as exc:  # argparse errors
             code = exc.code if isinstance(exc.code, int) else 1
     return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, blob_data) -> Path:
+    """A tiny PhenDiff model trained for a few hundred steps: a random network is no denoiser, so
+    inversion exactness is only meaningful on a trained one."""
+    from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff
+    from phenolens.train.trainer import TrainConfig
+
+    model_dir = tmp_path_factory.mktemp("trained") / "model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_phendiff(blob_data, model_dir, PhenDiffTrainSettings(preset="tiny", size=16),
+                       TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, checkpoint_every=10**6),
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model_dir

@@ -19,6 +19,8 @@ from phenolens import __version__
 from phenolens.errors import PhenolensError
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
+POSITIONALS = {"data", "model_dir", "out", "input"}
+NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -70,8 +72,8 @@ def _add_train(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
     p.add_argument("--cond-dropout", type=float, default=0.0,
                    help="probability of dropping the condition (classifier-free guidance training) (default 0)")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
-                   help="what the network predicts (default epsilon)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
+                   help="what the network predicts; v inverts more exactly, see bench/schedules.py (default v_prediction)")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale betas to zero terminal SNR (as the PhenDiff code); implies --timestep-spacing trailing")
     p.add_argument("--timestep-spacing", choices=("leading", "trailing"), default="leading",
@@ -155,14 +157,13 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     if not isinstance(values, dict):
         raise PhenolensError(f"--config {path}: expected a JSON object of option values")
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    given |= POSITIONALS  # paths named on the command line always win over the file
     known = vars(args)
     for key, value in values.items():
-        if key not in known or key in ("func", "config", "save_config", "command"):
+        if key not in known or key in NOT_OPTIONS:
             raise PhenolensError(f"--config {path}: unknown option {key!r} for `phenolens {args.command}`")
         if key in given:
             continue
-        if isinstance(known[key], Path) or key in ("data", "model_dir", "out", "input"):
-            value = Path(value) if value is not None else None
         setattr(args, key, value)
     return args
 
@@ -171,7 +172,7 @@ def save_config(args: argparse.Namespace) -> None:
     if getattr(args, "save_config", None) is None:
         return
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("func", "config", "save_config", "command")}
+              if k not in NOT_OPTIONS}
     from phenolens.models.store import write_json_atomic
 
     write_json_atomic(args.save_config, values)
@@ -209,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
         checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
     )
-    command = "phenolens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.invocation = argv
     try:
         args = apply_config(parser, args, argv)
         save_config(args)

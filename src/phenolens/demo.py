@@ -21,10 +21,11 @@ DEMO_CONDITIONS = ["control", "low", "mid", "high"]
 DEMO_SIZE = 48
 DEMO_PER_CONDITION = 200
 DEMO_TRAIN_STEPS = 3000
+DEMO_LR = 5e-4
 DEMO_TRAIN_COMMANDS = (
     f"phenolens simulate data/demo --size {DEMO_SIZE} --per-condition {DEMO_PER_CONDITION} --seed 0",
     f"phenolens train data/demo src/phenolens/assets/demo_model --size {DEMO_SIZE} --steps {DEMO_TRAIN_STEPS} "
-    "--batch-size 16 --preset tiny",
+    f"--batch-size 16 --lr {DEMO_LR} --preset tiny",
 )
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 
@@ -66,7 +67,7 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     if train or not (DEMO_MODEL / "phenolens.json").is_file():
         model_dir = out / "model"
         train_phendiff(data, model_dir, PhenDiffTrainSettings(preset="tiny", size=DEMO_SIZE),
-                       TrainConfig(steps=train_steps, batch_size=16), command=DEMO_TRAIN_COMMANDS[1],
+                       TrainConfig(steps=train_steps, batch_size=16, lr=DEMO_LR), command=DEMO_TRAIN_COMMANDS[1],
                        progress=progress)
     else:
         model_dir = DEMO_MODEL

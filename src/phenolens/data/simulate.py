@@ -567,7 +567,7 @@ def _map(jobs: list[_Job], workers: int, progress: bool) -> Iterable[tuple[dict,
     """Run jobs in order, in a process pool when it pays off; order (and output) never changes."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs), desc="simulate", unit="img", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="simulate", unit="img", disable=None if progress else True)
     try:
         if workers <= 1 or len(jobs) < 16:
             for j in jobs:

@@ -153,6 +153,11 @@ def _working_scheduler(scheduler, steps: int) -> DDIMScheduler:
     methods). x̂_0 clipping/thresholding is switched off: it would make the sampler non-invertible.
     """
     work = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
+    # ᾱ in float64 (same values as trained with): step()'s √ᾱ coefficients are then computed in double,
+    # like the inverse's, instead of in float32 where the 1/√ᾱ_T ≈ 150 of the top step turns their
+    # rounding into ~1e-5 errors. Images stay in their own dtype (0-dim tensors do not promote).
+    work.alphas_cumprod = work.alphas_cumprod.double()
+    work.final_alpha_cumprod = work.final_alpha_cumprod.double()
     work.set_timesteps(steps)
     return work
 
@@ -230,13 +235,11 @@ def invert(
         ε = ε_θ(x_s, t) at the old point:  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε.
         One network call per step; exact only in the limit of small steps.
     method="fixed-point": start from that estimate, then `iters` times
-        o = model(x_t, t);  x_t = (x_s - B·o) / A            (x_s = A x_t + B o is the sampling step)
-        For an ε-model this is exactly  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε  with ε = ε_θ(x_t, t)
-        (AIDI / ReNoise). Solving for x_t through the affine step, instead of converting o to ε first,
-        matters for v-models: there ε̂ = √ᾱ_t v + √(1-ᾱ_t) x_t contains x_t itself, so the ε-form
-        iteration carries an identity term of weight sin φ_t·sin(φ_t-φ_s)/cos φ_s (ᾱ = cos²φ), which
-        slows it down and makes it the identity map at ᾱ_t = 0 (zero terminal SNR: every x_T would be
-        a "fixed point"); this form contracts by tan(φ_t-φ_s)·Lip(v) and is well defined there.
+        ε = ε_θ(x_t, t, y) at the current x_t;  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε
+        whose fixed point is the exact inverse of the sampling step (AIDI / ReNoise). At ᾱ_t = 0 (zero
+        terminal SNR, v-model) ε̂ = x_t whatever the network says, so that map is the identity; that
+        one step solves the affine sampling step x_s = A x_t + B v(x_t) for x_t instead
+        (`_step_coefficients`), which is well defined and contracts by √ᾱ_s/√(1-ᾱ_s)·Lip(x̂_0).
         1 + iters network calls per step.
     Inversion is always unguided (scale 1), under each image's own label. Every image in the batch may
     have its own label; all share the timestep. Deterministic: no noise is drawn.
@@ -271,8 +274,15 @@ def invert(
             if not abs(A) > 1e-12:
                 raise ValueError(f"the DDIM step {t} -> s is not invertible for a {prediction_type!r} model (A = 0)")
             for _ in range(iters):
-                # solve x_s = A·x_t + B·o(x_t) for x_t: one fixed-point iteration
-                x = (x_s - B * model(x, tt, labels)) / A
+                if a_t > 0.0:
+                    # AIDI / ReNoise: ε = ε_θ(x_t, t, y) at the current guess, then the same x_t formula
+                    eps = to_epsilon(model(x, tt, labels), x, a_t, prediction_type)
+                    x = math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
+                else:
+                    # ᾱ_t = 0 (zero terminal SNR, v-model): ε = x_t identically, the ε-form is the identity
+                    # map. Solve the affine step x_s = A·x_t + B·v(x_t) for x_t instead
+                    # (A = √(1-ᾱ_s), B = -√ᾱ_s: x_s = √ᾱ_s·x̂_0 + √(1-ᾱ_s)·x_T with x̂_0 = -v).
+                    x = (x_s - B * model(x, tt, labels)) / A
     return x
 
 

@@ -15,6 +15,7 @@ Method, as in the paper's §2:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -177,7 +178,7 @@ class PhenDiffTrainSettings:
     size: int = 64
     channels: list[int] | None = None
     conditions: list[str] | None = None  # order to keep (a dose series); default: as found
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"
     beta_schedule: str = "linear"
     zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"
@@ -215,6 +216,7 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         model_dir.mkdir(parents=True, exist_ok=True)
         write_skipped(report, images.bad)
         print(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
+    torch.manual_seed(config.seed)  # the initial weights depend on --seed only
     unet = build_unet(settings.preset, channels=images.n_channels, size=settings.size,
                       num_conditions=len(conditions))
     scheduler = make_scheduler(prediction_type=settings.prediction_type, beta_schedule=settings.beta_schedule,
@@ -225,7 +227,7 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         normalization=images.normalizer.to_dict(), method="phendiff", channels=settings.channels,
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
-                      config=asdict(config)),
+                      config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
         version=__version__,
     )
 

@@ -31,7 +31,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+    for _ in tqdm(range(steps), desc="classifier", disable=None if progress else True):
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = images[idx]
         if torch.rand(1, generator=gen) < 0.5:

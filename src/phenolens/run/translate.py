@@ -138,7 +138,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     skipped: list[tuple[Path, str]] = []
 
     torch.manual_seed(settings.seed)
-    bar = tqdm(total=len(todo), desc="translate", unit="img", disable=not progress)
+    bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
     for batch in batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
                                   skip_bad, skipped):
         recs = [rec for rec, _, _ in batch]

@@ -338,7 +338,7 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
 
     log = _Log(out_dir / LOG_NAME, start if resume_from else None) if main else None
     tb = _tensorboard(out_dir) if main else None
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train",
+    bar = tqdm(total=config.steps, initial=start, disable=None if (progress and main) else True, desc="train",
                dynamic_ncols=True)
     t0 = time.perf_counter()
     last_saved = start if resume_from else -1
