@@ -3,7 +3,7 @@
     python bench/inversion.py MODEL_DIR DATA_DIR [--n 16] [--steps 25,50,100]
                               [--methods ddim,fp1,fp2,fp3,fp5] [--out table.csv] [--threads N]
 
-Takes the first `n` images of the model's first condition (DATA_DIR/<condition>/*.tif), inverts each
+Takes the first `n` images of the model's first condition in DATA_DIR (a dataset root or manifest), inverts each
 under its own condition and regenerates it under the same one. The reconstruction error is the floor
 under which no counterfactual "change" can be believed, so it decides the default inversion method
 and step count. Prints a markdown table: steps x method -> mean PSNR (dB, data range 2 for [-1, 1]
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from phenolens.data.io import read_image
+from phenolens.data.records import discover
 from phenolens.diffusion.ddim import invert, sample, unet_fn
-from phenolens.models.store import load_model
+from phenolens.methods.phendiff import PhenDiff
 
 
 def parse_method(name: str) -> tuple[str, int]:
@@ -35,44 +36,13 @@ def parse_method(name: str) -> tuple[str, int]:
     raise SystemExit(f"--methods: {name!r} is not 'ddim' or 'fpK' (fixed-point with K iterations)")
 
 
-def to_model_space(raw: np.ndarray, normalization: dict) -> torch.Tensor:
-    """raw CHW -> [-1, 1] with the model's saved normalisation (phenolens' Normalizer when available)."""
-    try:
-        from phenolens.data.normalize import Normalizer
-
-        return torch.as_tensor(np.asarray(Normalizer.from_dict(normalization).to_model(raw)), dtype=torch.float32)
-    except ImportError:
-        low = np.asarray(normalization["low"], dtype=np.float32).reshape(-1, 1, 1)
-        high = np.asarray(normalization["high"], dtype=np.float32).reshape(-1, 1, 1)
-        x = (raw - low) / np.maximum(high - low, 1e-8) * 2 - 1
-        return torch.from_numpy(np.clip(x, -1, 1).astype(np.float32))
-
-
-def load_images(data_dir: Path, info, n: int) -> torch.Tensor:
-    import tifffile
-
-    cond = info.conditions[0]
-    files = sorted((data_dir / cond).glob("*.tif")) + sorted((data_dir / cond).glob("*.tiff"))
-    if not files:
-        raise SystemExit(f"{data_dir / cond}: no .tif images of condition {cond!r}")
-    out = []
-    for path in files[:n]:
-        raw = np.asarray(tifffile.imread(path), dtype=np.float32)
-        if raw.ndim == 2:
-            raw = raw[None]
-        elif raw.ndim == 3 and raw.shape[-1] == info.n_channels and raw.shape[0] != info.n_channels:
-            raw = np.moveaxis(raw, -1, 0)  # YXC -> CYX
-        if info.channels:
-            raw = raw[info.channels]
-        x = to_model_space(raw, info.normalization)
-        # centre crop to a square, then resize to the model's size
-        h, w = x.shape[-2:]
-        m = min(h, w)
-        x = x[:, (h - m) // 2 : (h - m) // 2 + m, (w - m) // 2 : (w - m) // 2 + m]
-        if m != info.image_size:
-            x = F.interpolate(x[None], size=(info.image_size,) * 2, mode="bilinear", align_corners=False)[0]
-        out.append(x)
-    return torch.stack(out)
+def load_images(data_dir: Path, model: PhenDiff, n: int) -> torch.Tensor:
+    """The first n images of the model's first condition, in [-1, 1], as `phenolens translate` sees them."""
+    cond = model.conditions[0]
+    records = discover(data_dir, condition=cond)[:n]
+    raws = [read_image(r.path, channels=model.info.channels)[0] for r in records]
+    shape = raws[0].shape
+    return model.to_model_space([r for r in raws if r.shape == shape])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    unet, scheduler, info = load_model(args.model_dir)
+    phendiff = PhenDiff.from_pretrained(args.model_dir, device="cpu")
+    unet, scheduler, info = phendiff.unet, phendiff.scheduler, phendiff.info
     model = unet_fn(unet)
-    x0 = load_images(args.data_dir, info, args.n)
+    x0 = load_images(args.data_dir, phendiff, args.n)
     labels = torch.full((len(x0),), info.condition_index(info.conditions[0]), dtype=torch.long)
     steps_list = [int(s) for s in args.steps.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]

@@ -9,10 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One thread per process: the tiny networks gain little from two, and two threads on a busy 2-core
+# machine are many times slower (OpenMP workers wait for each other). Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import tifffile
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = Path(os.environ.get("PHENOLENS_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 BBBC021 = SHARED_DATA / "bbbc021-cycloheximide"

@@ -73,11 +73,13 @@ def _add_train(sub) -> None:
     p.add_argument("--cond-dropout", type=float, default=0.0,
                    help="probability of dropping the condition (classifier-free guidance training) (default 0)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
-                   help="what the network predicts; v inverts more exactly, see bench/schedules.py (default v_prediction)")
+                   help="what the network predicts; ε and v invert equally exactly in bench/schedules.py, v was the "
+                        "PhenDiff code's choice (default v_prediction)")
     p.add_argument("--zero-terminal-snr", action="store_true",
-                   help="rescale betas to zero terminal SNR (as the PhenDiff code); implies --timestep-spacing trailing")
+                   help="rescale betas to zero terminal SNR (as the PhenDiff code; slightly less exact inversion in "
+                        "bench/schedules.py); implies --timestep-spacing trailing")
     p.add_argument("--timestep-spacing", choices=("leading", "trailing"), default="leading",
-                   help="how DDIM picks its timesteps (default leading)")
+                   help="how DDIM picks its timesteps; leading inverts 2-5 dB more exactly in bench/schedules.py (default leading)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto = bf16 on a GPU that supports it, else no (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
@@ -200,6 +202,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
         if getattr(args, name) < 1:
             raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.zero_terminal_snr and args.prediction_type == "epsilon":
+        raise PhenolensError("--zero-terminal-snr needs --prediction-type v_prediction (an ε-model cannot predict "
+                             "the image from pure noise)")
     settings = PhenDiffTrainSettings(
         preset=args.preset, size=args.size, channels=parse_channels(args.channels), conditions=args.conditions,
         prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
