@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
-import numpy as np
-import pytest
-import tifffile
 
 from conftest import run_cli, write_blob_images
 

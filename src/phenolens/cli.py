@@ -175,7 +175,7 @@ def save_config(args: argparse.Namespace) -> None:
         return
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in NOT_OPTIONS}
-    from phenolens.models.store import write_json_atomic
+    from phenolens.atomic import write_json_atomic
 
     write_json_atomic(args.save_config, values)
 

@@ -242,14 +242,6 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
 
 def write_skipped(path: Path, bad: Sequence[tuple[Path, str]]) -> None:
     """The --skip-bad report: one row per file that could not be used, and why."""
-    import csv
-    import io
-    import os
+    from phenolens.atomic import write_csv_atomic
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "reason"])
-    writer.writerows([(str(p), reason) for p, reason in bad])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_csv_atomic(path, [dict(path=str(p), reason=reason) for p, reason in bad], ["path", "reason"])

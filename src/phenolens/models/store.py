@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phenolens.atomic import write_json_atomic
 from phenolens.errors import PhenolensError
 
 INFO_FILE = "phenolens.json"
@@ -45,14 +46,6 @@ class ModelInfo:
                 f"{option} {name!r} is not a condition of this model; it knows: {', '.join(self.conditions)}"
             )
         return self.conditions.index(name)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def save_info(model_dir: Path, info: ModelInfo) -> None:

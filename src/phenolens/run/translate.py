@@ -16,9 +16,7 @@ resumes where it stopped; a re-run with the same settings skips what is done. La
 from __future__ import annotations
 
 import csv
-import io
 import json
-import os
 import re
 import shutil
 from collections import defaultdict
@@ -26,10 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.data.io import ImageLayout, read_image, write_image
 from phenolens.data.records import ImageRecord, discover
 from phenolens.errors import PhenolensError
@@ -75,16 +73,6 @@ def plan_outputs(records: Sequence[ImageRecord]) -> dict[Path, Path]:
     return folders
 
 
-def write_csv_atomic(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def read_index(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -107,9 +95,7 @@ def prepare_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) 
             diff = ", ".join(k for k in wanted if previous.get(k) != wanted[k])
             raise PhenolensError(f"{out}: holds a run with other settings ({diff}); pass --overwrite to replace it or choose another OUT")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = run_json.with_name(".run.json.tmp")
-    tmp.write_text(json.dumps(wanted, indent=2))
-    os.replace(tmp, run_json)
+    write_json_atomic(run_json, wanted)
 
 
 def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bool = False,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from phenolens.atomic import write_csv_atomic
 from phenolens.errors import PhenolensError
 
 CHECKPOINTS = "checkpoints"
@@ -216,13 +216,7 @@ class _Log:
         if resume_step is not None and path.is_file():
             with path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
+        write_csv_atomic(path, rows, LOG_FIELDS)
         self.file = path.open("a", newline="")
         self.writer = csv.writer(self.file)
 
