@@ -125,6 +125,8 @@ def _add_demo(sub) -> None:
                                    "PNG grids and summary.txt with the measured figures.")
     p.add_argument("out", type=Path, nargs="?", default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--train", action="store_true", help="train the model here instead of loading the shipped one")
+    p.add_argument("--model", type=Path, default=None,
+                   help="use this model (trained on `phenolens simulate --size 48` data) instead of the shipped one")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--n-images", type=int, default=24, help="held-out control images to translate (default 24)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
@@ -241,7 +243,8 @@ def cmd_translate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from phenolens.demo import run_demo
 
-    summary = run_demo(args.out, train=args.train, steps=args.steps, n_images=args.n_images, overwrite=args.overwrite)
+    summary = run_demo(args.out, train=args.train, steps=args.steps, n_images=args.n_images, overwrite=args.overwrite,
+                       model=args.model)
     print(summary)
 
 

@@ -39,7 +39,8 @@ def load_images(paths, normalizer, channels=None) -> torch.Tensor:
 
 
 def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images: int = 24,
-             overwrite: bool = False, train_steps: int = DEMO_TRAIN_STEPS, progress: bool = True) -> str:
+             overwrite: bool = False, train_steps: int = DEMO_TRAIN_STEPS, model: str | Path | None = None,
+             progress: bool = True) -> str:
     from phenolens.data.records import discover
     from phenolens.data.simulate import simulate
     from phenolens.methods.phendiff import PhenDiff, PhenDiffTrainSettings, train_phendiff
@@ -64,7 +65,9 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     timings["simulate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if train or not (DEMO_MODEL / "phenolens.json").is_file():
+    if model is not None:
+        model_dir = Path(model)
+    elif train or not (DEMO_MODEL / "phenolens.json").is_file():
         model_dir = out / "model"
         train_phendiff(data, model_dir, PhenDiffTrainSettings(preset="tiny", size=DEMO_SIZE),
                        TrainConfig(steps=train_steps, batch_size=16, lr=DEMO_LR), command=DEMO_TRAIN_COMMANDS[1],
@@ -80,8 +83,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     timings["translate"] = time.perf_counter() - t0
     rows = read_index(index)
 
-    model = PhenDiff.from_pretrained(model_dir, device="cpu")
-    norm, channels = model.normalizer, model.info.channels
+    phendiff = PhenDiff.from_pretrained(model_dir, device="cpu")
+    norm, channels = phendiff.normalizer, phendiff.info.channels
     strongest = DEMO_CONDITIONS[-1]
     sources = sorted({r["source_path"] for r in rows})
     by = {(r["source_path"], r["target_condition"]): r for r in rows}

@@ -55,13 +55,15 @@ def translation_grid(rows: Sequence[dict], path: str | Path, columns: Sequence[s
     scale = float(np.percentile(np.abs(np.stack(diffs)), 99.5)) or 1.0
     tiles_per_row = 2 + len(columns) + n_ch
     h, w = first.shape[1] * zoom, first.shape[2] * zoom
-    pad, header = 4, 28
-    canvas = Image.new("RGB", (tiles_per_row * (w + pad) + pad, header + len(rows) * (h + pad) + pad), "white")
+    pad, header, footer = 4, 16, 16
+    canvas = Image.new("RGB", (tiles_per_row * (w + pad) + pad, header + len(rows) * (h + pad) + pad + footer),
+                       "white")
     draw = ImageDraw.Draw(canvas)
     titles = ["source", "reconstruction", *[f"-> {c}" for c in columns], *[f"diff {n}" for n in names]]
     for j, title in enumerate(titles):
         draw.text((pad + j * (w + pad), 2), title[: max(4, w // 6)], fill="black")
-    draw.text((pad, 14), f"diff = translation to {diff_target} - source, ±{scale:.2f} (blue = less)", fill="black")
+    draw.text((pad, header + len(rows) * (h + pad) + pad), f"diff = translation to {diff_target} - source, "
+              f"colour scale ±{scale:.2f} in [-1, 1] units (red = more signal, blue = less)", fill="black")
     for i, row in enumerate(rows):
         tiles = [composite(row["source"]), composite(row["reconstruction"])]
         tiles += [composite(row[c]) for c in columns]
