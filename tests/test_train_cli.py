@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
 from conftest import run_cli, write_blob_images
 
@@ -17,7 +19,8 @@ TRAIN = ["--steps", "3", "--size", "16", "--batch-size", "2", "--checkpoint-ever
 def test_train_saves_a_diffusers_model_with_metadata(tmp_path):
     data = write_blob_images(tmp_path / "d", conditions=["DMSO", "low", "high"], per_condition=3)
     model = tmp_path / "model"
-    code, _, err = run_cli("train", data, model, *TRAIN, "--conditions", "DMSO,low,high", "--channels", "1,0")
+    code, _, err = run_cli("train", data, model, *TRAIN, "--conditions", "DMSO,low,high", "--channels", "1,0",
+                           "--sample-every", "3")
     assert code == 0, err
     info = json.loads((model / "phenolens.json").read_text())
     assert info["conditions"] == ["DMSO", "low", "high"]
@@ -28,6 +31,8 @@ def test_train_saves_a_diffusers_model_with_metadata(tmp_path):
     # the model is safetensors only (checkpoints hold optimiser state, loaded with weights_only=True)
     assert not [p for p in model.rglob("*") if p.suffix in (".bin", ".pt", ".pkl") and "checkpoints" not in p.parts]
     assert (model / "train_log.csv").read_text().count("\n") >= 2
+    samples = np.asarray(Image.open(model / "samples" / "step-0000003.png"))
+    assert samples.shape == (3 * 16, 4 * 16, 3)  # a row of 4 samples per condition
 
     from phenolens.methods.phendiff import PhenDiff
 

@@ -83,6 +83,9 @@ def _add_train(sub) -> None:
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto = bf16 on a GPU that supports it, else no (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
+    p.add_argument("--sample-every", type=int, default=0,
+                   help="every N steps write MODEL_DIR/samples/step-N.png (a row of samples per condition, same "
+                        "noise) and add it to TensorBoard when installed; 0 = never (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in MODEL_DIR")
     p.add_argument("--overwrite", action="store_true", help="discard checkpoints of an earlier run in MODEL_DIR")
@@ -216,6 +219,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
         checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
+        sample_every=max(args.sample_every, 0),
     )
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,

@@ -235,9 +235,47 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         info.training["steps_done"] = step
         save_model(model_dir, trained_unet, scheduler, info)
 
+    def on_sample(trained_unet, step: int) -> None:
+        write_sample_grid(trained_unet, scheduler, info, model_dir / "samples" / f"step-{step:07d}.png", step)
+
     train(unet, scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
-          overwrite=overwrite, on_save=on_save, progress=progress)
+          overwrite=overwrite, on_save=on_save, sample_fn=on_sample, progress=progress)
     return info
+
+
+@torch.no_grad()
+def write_sample_grid(unet, scheduler, info: ModelInfo, path: Path, step: int, per_condition: int = 4,
+                      steps: int = 50) -> None:
+    """Samples from the same noise under every condition (a row each): how training is going.
+
+    Written as PNG beside the model, and to TensorBoard when it is installed.
+    """
+    from phenolens.report.grids import composite
+
+    device = next(unet.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    n, size = len(info.conditions), info.image_size
+    noise = torch.randn(per_condition, info.n_channels, size, size, generator=gen).repeat(n, 1, 1, 1)
+    labels = torch.arange(n).repeat_interleave(per_condition)
+    was_training = unet.training
+    unet.eval()
+    x = sample(unet_fn(unet), noise.to(device), labels.to(device), scheduler, steps=steps).clamp(-1, 1).cpu()
+    unet.train(was_training)
+    tiles = [composite(img.numpy()) for img in x]
+    rows = [np.concatenate(tiles[i * per_condition:(i + 1) * per_condition], axis=1) for i in range(n)]
+    grid = np.concatenate(rows, axis=0)
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return
+    with SummaryWriter(log_dir=str(path.parent.parent / "tensorboard")) as tb:
+        tb.add_image("samples", grid, step, dataformats="HWC")
 
 
 def write_skipped(path: Path, bad: Sequence[tuple[Path, str]]) -> None:
