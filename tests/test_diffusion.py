@@ -242,3 +242,16 @@ def test_to_epsilon():
     torch.testing.assert_close(to_epsilon(o, x, a, "sample"), (x - math.sqrt(a) * o) / math.sqrt(1 - a))
     with pytest.raises(ValueError):
         to_epsilon(o, x, 1.0, "sample")
+
+
+
+def test_fixed_point_iteration_is_safeguarded_per_image():
+    """Where the update map expands (the network is too steep for the iteration) an image keeps its
+    best guess instead of running away; where it contracts, the last iterate is returned."""
+    from phenolens.diffusion.ddim import _fixed_point
+
+    x = torch.tensor([0.5, 0.5]).view(2, 1)
+    slope = torch.tensor([0.5, -2.0]).view(2, 1)  # image 0 contracts to 2/3, image 1 expands from 1/3
+    out = _fixed_point(lambda g: slope * g + torch.tensor([1 / 3, 1.0]).view(2, 1), x, iters=6)
+    assert abs(out[0].item() - 2 / 3) < 0.01            # converged towards its fixed point
+    assert abs(out[1].item() - 1 / 3) <= abs(0.5 - 1 / 3)  # no worse than the starting guess

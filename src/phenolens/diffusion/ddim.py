@@ -273,17 +273,42 @@ def invert(
             A, B = _step_coefficients(a_t, a_s, prediction_type)
             if not abs(A) > 1e-12:
                 raise ValueError(f"the DDIM step {t} -> s is not invertible for a {prediction_type!r} model (A = 0)")
-            for _ in range(iters):
-                if a_t > 0.0:
-                    # AIDI / ReNoise: ε = ε_θ(x_t, t, y) at the current guess, then the same x_t formula
-                    eps = to_epsilon(model(x, tt, labels), x, a_t, prediction_type)
-                    x = math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
-                else:
-                    # ᾱ_t = 0 (zero terminal SNR, v-model): ε = x_t identically, the ε-form is the identity
-                    # map. Solve the affine step x_s = A·x_t + B·v(x_t) for x_t instead
-                    # (A = √(1-ᾱ_s), B = -√ᾱ_s: x_s = √ᾱ_s·x̂_0 + √(1-ᾱ_s)·x_T with x̂_0 = -v).
-                    x = (x_s - B * model(x, tt, labels)) / A
+            x = _fixed_point(lambda g: _implicit_step(model, g, x_s, tt, labels, a_t, a_s, A, B, prediction_type),
+                             x, iters)
     return x
+
+
+def _implicit_step(model: ModelFn, x: Tensor, x_s: Tensor, tt: Tensor, labels: Tensor, a_t: float, a_s: float,
+                   A: float, B: float, prediction_type: str) -> Tensor:
+    """One fixed-point update of the inversion step s -> t, from the current guess x of x_t."""
+    if a_t > 0.0:
+        # AIDI / ReNoise: ε = ε_θ(x_t, t, y) at the current guess, then the same x_t formula
+        eps = to_epsilon(model(x, tt, labels), x, a_t, prediction_type)
+        return math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
+    # ᾱ_t = 0 (zero terminal SNR, v-model): ε = x_t identically, the ε-form is the identity map. Solve
+    # the affine step x_s = A·x_t + B·v(x_t) for x_t instead (A = √(1-ᾱ_s), B = -√ᾱ_s).
+    return (x_s - B * model(x, tt, labels)) / A
+
+
+def _fixed_point(update: Callable[[Tensor], Tensor], x: Tensor, iters: int) -> Tensor:
+    """Iterate x <- update(x) `iters` times, safeguarded per image.
+
+    The residual r_k = |update(g_k) - g_k| measures how far guess g_k is from the fixed point. Where
+    the map contracts (the usual case) the last iterate is returned. Where it stops contracting for
+    an image (the residual grows: the network is too steep there for the iteration), that image keeps
+    the guess with the smallest residual instead, so an iteration can never make an inversion worse
+    than plain DDIM's starting guess.
+    """
+    best_x, best_r = x, torch.full((x.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
+    improved = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(iters):
+        x_new = update(x)
+        r = (x_new - x).double().flatten(1).norm(dim=1)
+        improved = r < best_r
+        best_r = torch.where(improved, r, best_r)
+        best_x = torch.where(improved.view(-1, *[1] * (x.dim() - 1)), x, best_x)
+        x = x_new
+    return torch.where(improved.view(-1, *[1] * (x.dim() - 1)), x, best_x)
 
 
 @torch.no_grad()
