@@ -13,7 +13,6 @@ images), mean MSE, seconds per image. `fpK` = fixed-point inversion with K itera
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from phenolens.atomic import write_csv_atomic
 
 from phenolens.data.io import read_image
 from phenolens.data.records import discover
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['steps']} | {r['method']} | {r['psnr_db']:.2f} | {r['mse']:.3g} | {r['sec_per_image']:.3f} |")
     if args.out:
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv_atomic(args.out, rows, list(rows[0]))
     return 0
 
 

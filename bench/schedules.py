@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from phenolens.atomic import write_csv_atomic
+
 from phenolens.data.dataset import ImageSet
 from phenolens.data.records import discover
 from phenolens.data.simulate import simulate
@@ -187,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} thread(s); "
           f"total {total:.0f} s ({total / 60:.1f} min)")
     if args.out:
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv_atomic(args.out, rows, list(rows[0]))
     return 0
 
 
