@@ -120,7 +120,7 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         "phenolens demo: PhenDiff on simulated cells (4 channels: DNA, tubulin, actin, Golgi)",
         f"model: {model_dir}  (conditions {', '.join(DEMO_CONDITIONS)}; {DEMO_SIZE} px)",
         f"translated {len(sources)} held-out {DEMO_CONDITIONS[0]} images to every condition, {steps} DDIM steps, "
-        "fixed-point inversion (3 iterations)",
+        "fixed-point inversion (5 iterations)",
         "",
         f"reconstruction PSNR: mean {recon_psnr.mean():.1f} dB (min {recon_psnr.min():.1f})",
         f"reconstruction MSE: mean {recon_mse.mean():.3g}; change MSE to {strongest}: mean {change_mse.mean():.3g}; "

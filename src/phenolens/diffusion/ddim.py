@@ -226,7 +226,7 @@ def invert(
     scheduler,
     steps: int = 50,
     method: str = "fixed-point",
-    iters: int = 3,
+    iters: int = 5,
     progress: bool = False,
 ) -> Tensor:
     """x_T such that `sample(model, x_T, labels, scheduler, steps)` regenerates x0 (PhenDiff §2.3).

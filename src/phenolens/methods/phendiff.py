@@ -91,7 +91,7 @@ class PhenDiff:
         return torch.tensor([self.info.condition_index(c, option) for c in conditions], device=self.device)
 
     def invert(self, x0: torch.Tensor, source: Sequence[str], steps: int = 50,
-               inversion: str = "fixed-point", iters: int = 3, progress: bool = False) -> torch.Tensor:
+               inversion: str = "fixed-point", iters: int = 5, progress: bool = False) -> torch.Tensor:
         """Step 2: the latent code x_T that regenerates x0 under its own condition."""
         return invert(unet_fn(self.unet), x0.to(self.device), self.labels(source, "--from"), self.scheduler,
                       steps=steps, method=inversion, iters=iters, progress=progress)
@@ -130,7 +130,7 @@ class PhenDiff:
     @torch.no_grad()
     def translate(self, images: Sequence[np.ndarray], source: str | Sequence[str],
                   targets: Sequence[str] | None = None, steps: int = 50, inversion: str = "fixed-point",
-                  iters: int = 3, progress: bool = False) -> Translation:
+                  iters: int = 5, progress: bool = False) -> Translation:
         """Translate raw CHW images (one shape) from their source condition(s) to each target.
 
         `source` is one condition for all images or one per image; `targets` defaults to every

@@ -48,7 +48,7 @@ class TranslateSettings:
     steps: int = 50
     seed: int = 0
     inversion: str = "fixed-point"
-    inversion_iters: int = 3
+    inversion_iters: int = 5
     batch_size: int = 16
 
 
