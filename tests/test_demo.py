@@ -23,6 +23,17 @@ def test_demo_meets_the_inversion_and_translation_targets(tmp_path):
     assert figures["change_mse_strongest_mean"] >= 50 * figures["recon_mse_mean"]
     assert figures["rate_translated_to_strongest"] >= 0.7
     assert figures["rate_translated_to_strongest"] > figures["rate_sources_as_strongest"]
+    # issue 3: every planted phenotype moves the same way in translations as in real images, with a
+    # comparable effect at the strongest dose and real/translated means correlated over the doses
+    for row in figures["planted"]:
+        assert row["same_direction_all_doses"], row
+        assert abs(row["ratio"] - 1) <= 0.5, row
+        assert row["dose_correlation"] >= 0.8, row
+    assert len(figures["planted"]) == 5
+    assert figures["identity"]["control"]["fraction"] >= 0.8  # reconstruction keeps its nuclei
+    assert figures["segmentation"]["nuclei_mean_iou"] > 0.8
+    assert (figures["judges"]["success_ratio_translations"] > figures["judges"]["success_ratio_untranslated_sources"])
+    assert "<img" in (tmp_path / "demo" / "report.html").read_text()
     grid = Image.open(tmp_path / "demo" / "grids.png")
     assert grid.size[0] > 48 * 2 * 9 and grid.size[1] > 48 * 2 * 8
 

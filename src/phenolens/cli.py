@@ -1,4 +1,4 @@
-"""The `phenolens` command: simulate, train, translate, demo.
+"""The `phenolens` command: simulate, train, translate, measure, report, memorization, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -19,7 +19,7 @@ from phenolens import __version__
 from phenolens.errors import PhenolensError
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
-POSITIONALS = {"data", "model_dir", "out", "input"}
+POSITIONALS = {"data", "model_dir", "out", "input", "run_dir"}
 NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
 
 
@@ -138,6 +138,91 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_measure(sub) -> None:
+    p = sub.add_parser("measure", help="CellProfiler features, statistics and image metrics of a translate run",
+                       description="Segment nuclei and cells in the sources, reconstructions, translations and real "
+                                   "reference images of every condition, measure CellProfiler features (cp_measure), "
+                                   "compare real and translated effects, and write RUN_DIR/measure/ (features.csv, "
+                                   "stats.csv, ranked.csv, dose_correlation.csv, metrics.json).")
+    p.add_argument("run_dir", type=Path, help="the OUT folder of `phenolens translate` (holds index.csv)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="real images of every condition (folder per condition or manifest CSV); default: the data "
+                        "the model was trained on, as its phenolens.json records")
+    p.add_argument("--channel-names", type=_csv_list, default=None,
+                   help="comma-separated channel names for feature columns, e.g. DNA,tubulin,actin (default ch0,ch1,...)")
+    p.add_argument("--nuclei-channel", type=int, default=0, help="channel index with the nuclear stain (default 0)")
+    p.add_argument("--cell-channel", type=int, default=1,
+                   help="channel index used to find cell bodies around the nuclei (default 1)")
+    p.add_argument("--nucleus-diameter", type=float, default=None,
+                   help="typical nucleus diameter in px (default: estimated from the reference images)")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="folder of your own label masks for the real images: <stem>_nuclei.tif and optionally "
+                        "<stem>_cells.tif, flat or in a sub-folder per condition")
+    p.add_argument("--profile", choices=("standard", "full"), default="standard",
+                   help="feature set: standard (size/shape, intensity, granularity, radial distribution, "
+                        "correlation) or full (adds texture, Zernike, Costes; ~10x slower)")
+    p.add_argument("--max-reference", type=int, default=200, help="real images per condition to measure (default 200)")
+    p.add_argument("--no-judges", dest="judges", action="store_false",
+                   help="skip the oracle classifiers (success ratio, classifier-feature FID/KID)")
+    p.add_argument("--judge-steps", type=int, default=300,
+                   help="training steps for each oracle classifier (default 300)")
+    p.add_argument("--workers", type=int, default=None, help="processes for measuring (default: CPU count, at most 8)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_measure)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page of a translate run (and its measurements)",
+                       description="Write one HTML file with every image embedded: the run's settings, galleries "
+                                   "(source | reconstruction | translation | signed difference), flicker GIFs and a "
+                                   "click-to-toggle view, a dose-series strip per image and, when `phenolens measure` "
+                                   "has been run, feature box plots and the ranked-feature, dose-correlation and "
+                                   "metric tables. Opens from disk in a browser; nothing is fetched from the network.")
+    p.add_argument("run_dir", type=Path, help="the OUT folder of `phenolens translate` (holds index.csv)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="where to write the page (default RUN_DIR/report.html)")
+    p.add_argument("--max-images", type=int, default=12, metavar="N",
+                   help="source images shown in the galleries, flicker and dose views (default 12)")
+    p.add_argument("--top-features", type=int, default=6, metavar="K",
+                   help="features from measure/ranked.csv to box-plot for the strongest target (default 6)")
+    p.add_argument("--order", type=_csv_list, default=None, metavar="A,B,C",
+                   help="condition order for the dose strip, weakest first, e.g. DMSO,low,high; the last is the "
+                        "strongest target (default: the model's condition order)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_report)
+
+
+def _add_memorization(sub) -> None:
+    p = sub.add_parser("memorization", help="does a model copy its training images? (Phen-LDiff Fig. 4)",
+                       description="Split DATA into two disjoint halves (same size per condition), train one model "
+                                   "per half with the same settings (or take --model-a/--model-b), generate from both "
+                                   "with the same noises, and score generalisation (cosine between the two models' "
+                                   "images) against memorisation (cosine to the nearest image of the model's own "
+                                   "training half). Writes memorization.csv/.json, histograms.png and pairs.png. "
+                                   "Rerunning with the same OUT reuses or resumes the models trained there.")
+    p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
+    p.add_argument("out", type=Path, help="output folder: half_a.csv, half_b.csv, model_a/, model_b/ and the results")
+    p.add_argument("--model-a", type=Path, default=None,
+                   help="an already-trained model for half A (with --model-b); its training data as recorded in its "
+                        "phenolens.json is the memorisation reference, else OUT/half_a.csv")
+    p.add_argument("--model-b", type=Path, default=None, help="an already-trained model for half B (with --model-a)")
+    p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
+                   help="network size of the models trained here (default tiny)")
+    p.add_argument("--size", type=int, default=32, help="training crop side in pixels of the models trained here (default 32)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps per model trained here (default 2000)")
+    p.add_argument("--batch-size", type=int, default=16, help="training images per step (default 16)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up (default 2e-4)")
+    p.add_argument("--n-per-condition", type=int, default=16,
+                   help="generations per condition and per model, each pair from the same noise (default 16)")
+    p.add_argument("--sample-steps", type=int, default=50, help="deterministic DDIM steps per generation (default 50)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="a generation whose nearest-training cosine exceeds this counts as memorised (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the noises (default 0)")
+    p.add_argument("--device", default=None, help="torch device for generation, e.g. cpu or cuda:1 (default: cuda if available)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_memorization)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenolens",
@@ -146,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_simulate, _add_train, _add_translate, _add_demo):
+    for add in (_add_simulate, _add_train, _add_translate, _add_measure, _add_report, _add_memorization, _add_demo):
         add(sub)
     return parser
 
@@ -243,6 +328,41 @@ def cmd_translate(args: argparse.Namespace) -> None:
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device)
     print(f"wrote {index}")
+
+
+def cmd_measure(args: argparse.Namespace) -> None:
+    from phenolens.run.measure import MeasureSettings, run_measure
+
+    settings = MeasureSettings(reference=str(args.reference) if args.reference else None,
+                               channel_names=args.channel_names, nuclei_channel=args.nuclei_channel,
+                               cell_channel=args.cell_channel, nucleus_diameter=args.nucleus_diameter,
+                               masks=str(args.masks) if args.masks else None, profile=args.profile,
+                               max_reference=args.max_reference, judges=args.judges, judge_steps=args.judge_steps,
+                               workers=args.workers)
+    out = run_measure(args.run_dir, settings)
+    print(f"wrote {out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from phenolens.report.html import write_report
+
+    path = write_report(args.run_dir, args.out, max_images=args.max_images, top_features=args.top_features,
+                        order=args.order)
+    print(f"wrote {path}")
+
+
+def cmd_memorization(args: argparse.Namespace) -> None:
+    from phenolens.measure.memorization import memorization_check
+
+    summary = memorization_check(args.data, args.out, preset=args.preset, size=args.size, steps=args.steps,
+                                 batch_size=args.batch_size, lr=args.lr, n_per_condition=args.n_per_condition,
+                                 sample_steps=args.sample_steps, seed=args.seed, threshold=args.threshold,
+                                 model_a=args.model_a, model_b=args.model_b, device=args.device)
+    g, m = summary["generalization"], summary["memorization"]
+    print(f"generalisation cosine: mean {g['mean']:.3f}, median {g['median']:.3f} ({summary['n_pairs']} pairs)")
+    print(f"memorisation cosine:   mean {m['mean']:.3f}, median {m['median']:.3f}; "
+          f"{100 * m['fraction_memorized']:.0f}% of {summary['n_generations']} generations > {m['threshold']:g}")
+    print(f"wrote {Path(args.out) / 'memorization.json'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""`phenolens demo`: simulate -> model -> translate held-out control cells -> grids + figures.
+"""`phenolens demo`: simulate -> model -> translate held-out control cells -> measure -> report.
 
 The demo model shipped in `phenolens/assets/demo_model` was made by the documented commands in
 `DEMO_TRAIN_COMMANDS` (see README); `--train` re-runs them here instead of loading it.
@@ -7,6 +7,7 @@ Every figure in `summary.txt` is measured in this run.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ DEMO_TRAIN_COMMANDS = (
     f"--batch-size 16 --lr {DEMO_LR} --preset tiny",
 )
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
+DEMO_MEASURE_REFERENCE = 100  # real images per condition measured as the reference
 
 
 def load_images(paths, normalizer, channels=None) -> torch.Tensor:
@@ -46,7 +48,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     from phenolens.methods.phendiff import PhenDiff, PhenDiffTrainSettings, train_phendiff
     from phenolens.models.classifier import predict, train_classifier
     from phenolens.report.grids import translation_grid
-    from phenolens.run.translate import TranslateSettings, read_index, run_translate
+    from phenolens.run.index import read_index
+    from phenolens.run.translate import TranslateSettings, run_translate
     from phenolens.train.trainer import TrainConfig
 
     out = Path(out)
@@ -116,6 +119,24 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     rate_sources = float((predict(clf, src_imgs) == k).mean())
     timings["classifier"] = time.perf_counter() - t0
 
+    # --- evidence: CellProfiler features of real and translated cells, judges, report
+    t0 = time.perf_counter()
+    from phenolens.measure.planted import format_planted_table, planted_table
+    from phenolens.report.html import write_report
+    from phenolens.run.measure import MeasureSettings, run_measure
+
+    measure_dir = run_measure(tr, MeasureSettings(reference=str(data), channel_names=CHANNEL_NAMES,
+                                                  max_reference=DEMO_MEASURE_REFERENCE), progress=progress)
+    metrics = json.loads((measure_dir / "metrics.json").read_text())
+    planted = planted_table(measure_dir, DEMO_CONDITIONS)
+    timings["measure"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = write_report(tr, out / "report.html", progress=progress)
+    timings["report"] = time.perf_counter() - t0
+    judged = metrics.get("judges", {}).get("targets", {}).get(f"{DEMO_CONDITIONS[0]} -> {strongest}", {})
+    identity = metrics.get("identity_nuclei_within_3px", {})
+    seg = metrics.get("segmentation_vs_ground_truth", {})
+
     lines = [
         "phenolens demo: PhenDiff on simulated cells (4 channels: DNA, tubulin, actin, Golgi)",
         f"model: {model_dir}  (conditions {', '.join(DEMO_CONDITIONS)}; {DEMO_SIZE} px)",
@@ -127,9 +148,23 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         f"ratio {change_mse.mean() / max(recon_mse.mean(), 1e-20):.0f}x",
         f"classifier (ResNet from a config, trained on the real images): held-out accuracy {held_acc:.0%}",
         f"  assigned to {strongest}: translations {rate_translated:.0%}, their untranslated sources {rate_sources:.0%}",
+        f"oracle ensemble ({', '.join(metrics.get('judges', {}).get('members', []))}): success ratio to {strongest} "
+        f"{judged.get('success_ratio_translations', float('nan')):.0%}, untranslated sources "
+        f"{judged.get('success_ratio_untranslated_sources', float('nan')):.0%}",
+        "",
+        f"planted phenotypes, real ({DEMO_CONDITIONS[0]} vs {strongest}, {DEMO_MEASURE_REFERENCE} real images each) "
+        f"vs translated ({len(sources)} sources vs their translations); r: real vs translated means over the doses",
+        format_planted_table(planted),
+        "",
+        "source nuclei found again (within 3 px) in the translation: "
+        + ", ".join(f"{c} {v['fraction']:.0%}" for c, v in identity.items()),
+        f"segmentation vs the simulator's masks: mean IoU nuclei {seg.get('nuclei_mean_iou', float('nan')):.2f}, "
+        f"cells {seg.get('cells_mean_iou', float('nan')):.2f} ({seg.get('nuclei', 0)} nuclei)",
         "",
         "time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         f"grids: {grid}",
+        f"report: {report}",
+        f"features and statistics: {measure_dir}",
         f"index: {index}",
     ]
     summary = "\n".join(lines)
@@ -137,8 +172,6 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     figures = dict(recon_psnr_mean=float(recon_psnr.mean()), recon_mse_mean=float(recon_mse.mean()),
                    change_mse_strongest_mean=float(change_mse.mean()), classifier_heldout_accuracy=held_acc,
                    rate_translated_to_strongest=rate_translated, rate_sources_as_strongest=rate_sources,
-                   timings=timings)
-    import json
-
+                   planted=planted, identity=identity, segmentation=seg, judges=judged, timings=timings)
     (out / "summary.json").write_text(json.dumps(figures, indent=2))
     return summary

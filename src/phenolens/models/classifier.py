@@ -23,11 +23,20 @@ def build_classifier(n_channels: int, n_classes: int, width: int = 16):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 400,
-                     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True):
-    """Train on images in [-1, 1] (BCHW) with flips / 90° rotations; returns the model in eval mode."""
+                     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True,
+                     model=None, build=None):
+    """Train on images in [-1, 1] (BCHW) with flips / 90° rotations; returns the model in eval mode.
+
+    By default a fresh `build_classifier` ResNet is trained. `model` trains a given (random-weight)
+    transformers image classifier instead, and `build(n_channels, n_classes)` builds one after the
+    seed is set, so that its random initialisation is reproducible too (the oracle ensemble uses it).
+    """
+    if model is not None and build is not None:
+        raise ValueError("give either model= or build=, not both")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build_classifier(images.shape[1], n_classes)
+    if model is None:
+        model = (build or build_classifier)(images.shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
@@ -50,3 +59,39 @@ def predict(model, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Predicted class per image (images in [-1, 1], BCHW)."""
     out = [model(pixel_values=images[i:i + batch_size]).logits.argmax(1) for i in range(0, len(images), batch_size)]
     return torch.cat(out).cpu().numpy()
+
+
+@torch.no_grad()
+def predict_proba(model, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Softmax class probabilities per image, (B, n_classes): ensembles average these."""
+    out = [model(pixel_values=images[i:i + batch_size]).logits.float().softmax(1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).cpu().numpy()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, images: torch.Tensor, batch_size: int = 64, seed: int = 0):
+    """Re-estimate BatchNorm running statistics on `images` with the final weights; returns the
+    model in eval mode.
+
+    After a short training the running averages (momentum 0.1) still mix statistics of earlier,
+    quite different weights; deep narrow nets (MobileNetV2, EfficientNet) then collapse in eval
+    mode to one output for every image. A forward pass in train mode with a cumulative average
+    (momentum None) gives the population statistics, as SWA's `update_bn` does. The images are
+    shuffled: batches of one condition (files are listed by condition) would leave the
+    between-condition spread out of the variances.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, len(images), batch_size):
+        model(pixel_values=images[order[i:i + batch_size].to(images.device)])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()

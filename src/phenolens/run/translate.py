@@ -15,7 +15,6 @@ resumes where it stopped; a re-run with the same settings skips what is done. La
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -32,9 +31,8 @@ from phenolens.data.io import ImageLayout, read_image, write_image
 from phenolens.data.records import ImageRecord, discover
 from phenolens.errors import PhenolensError
 from phenolens.methods.phendiff import PhenDiff, psnr_from_mse, write_skipped
+from phenolens.run.index import INDEX_COLUMNS, read_index
 
-INDEX_COLUMNS = ["source_path", "source_condition", "target_condition", "output_path", "recon_mse",
-                 "recon_psnr", "change_mse", "kind", "reconstruction_path"]
 
 
 @dataclass
@@ -71,13 +69,6 @@ def plan_outputs(records: Sequence[ImageRecord]) -> dict[Path, Path]:
             key = f"{key}_{seen[key]}"
         folders[rec.path] = Path(key)
     return folders
-
-
-def read_index(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def prepare_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) -> None:

@@ -1,0 +1,53 @@
+"""Reading a translate run folder without loading any model: index.csv, sources, the model's description.
+
+`measure` and `report` consume runs whatever method made them, and must start fast, so this module
+imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+INDEX_COLUMNS = ["source_path", "source_condition", "target_condition", "output_path", "recon_mse",
+                 "recon_psnr", "change_mse", "kind", "reconstruction_path"]
+
+
+def read_index(path: Path) -> list[dict]:
+    """index.csv rows as dicts; no file gives no rows."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def resolve_source(text: str, run_dir: Path) -> Path | None:
+    """The source as given (absolute or relative to the current folder), then under RUN, then beside RUN."""
+    p = Path(text)
+    for candidate in (p, run_dir / p, run_dir.parent / p):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_model_info(settings: dict | None, run_dir: Path, warnings: list[str]) -> tuple[dict | None, Path | None]:
+    """The model's phenolens.json (conditions, normalisation); a moved run may find it beside itself."""
+    model_dir = (settings or {}).get("model_dir")
+    if not model_dir:
+        return None, None
+    for base in (Path(model_dir), run_dir / model_dir, run_dir.parent / model_dir):
+        path = base / "phenolens.json"
+        if path.is_file():
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                warnings.append(f"{path}: cannot read the model description ({err}); images are scaled per image set")
+                return None, path
+            if isinstance(info, dict):
+                return info, path
+            warnings.append(f"{path}: not a JSON object; images are scaled per image set")
+            return None, path
+    warnings.append(f"model {model_dir}: no phenolens.json found; images are scaled by each source's "
+                    "0.1/99.9 percentiles instead of the model's normalisation")
+    return None, None

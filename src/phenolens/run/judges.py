@@ -1,0 +1,82 @@
+"""Judges trained on the real images: success ratio and classifier-feature FID/KID of a run.
+
+The oracle ensemble (`phenolens.measure.oracles`) is trained on the real reference images of every
+condition (a fifth held out to report its accuracy), then asked which condition each translation,
+and each untranslated source, shows. A translation that worked is assigned to its target; its
+source should not be. FID/KID use the ResNet member's pooled features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from phenolens.run.measure import MeasureSettings, RunData
+
+
+def _load(paths, normalizer, channels, size: tuple[int, int]) -> torch.Tensor:
+    """Files -> BCHW in [-1, 1] with one normalisation, resized to SIZE where they differ."""
+    from skimage.transform import resize
+
+    from phenolens.data.io import read_image
+
+    out = []
+    for p in paths:
+        x = normalizer.to_model(read_image(p, channels=channels)[0]).astype(np.float32)
+        if x.shape[1:] != size:
+            x = resize(x, (x.shape[0], *size), order=1, preserve_range=True, anti_aliasing=True).astype(np.float32)
+        out.append(x)
+    return torch.from_numpy(np.stack(out))
+
+
+def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
+                  conditions: list[str], settings: "MeasureSettings", progress: bool = True) -> dict:
+    from phenolens.data.io import read_image
+    from phenolens.data.normalize import Normalizer
+    from phenolens.measure.image_metrics import distribution_metrics
+    from phenolens.measure.oracles import OracleEnsemble
+    from phenolens.run.measure import _pick_evenly
+
+    channels = run.info.get("channels")
+    first = read_image(next(iter(sources.values())), channels=channels)[0]
+    size = tuple(first.shape[1:])
+    ref_paths, labels = [], []
+    for ci, c in enumerate(conditions):
+        picked = _pick_evenly(by_condition[c], settings.max_reference)
+        ref_paths += [r.path for r in picked]
+        labels += [ci] * len(picked)
+    normalizer = (Normalizer.from_dict(run.info["normalization"]) if run.info.get("normalization")
+                  else Normalizer.fit(read_image(p, channels=channels)[0] for p in ref_paths))
+    x = _load(ref_paths, normalizer, channels, size)
+    y = np.array(labels)
+    rng = np.random.default_rng(0)
+    held = rng.random(len(y)) < 0.2
+    steps = settings.judge_steps
+    oracles = OracleEnsemble.train(x[~held], y[~held], len(conditions), steps=steps, seed=0, progress=progress)
+    out: dict = dict(members=list(oracles.members), steps_per_member=steps, trained_on=int((~held).sum()),
+                     heldout_accuracy=oracles.accuracy(x[held], y[held]) if held.any() else {})
+    per_target: dict = {}
+    for source_condition in dict.fromkeys(r["source_condition"] for r in run.rows):
+        src_keys = list(dict.fromkeys(r["source_path"] for r in run.rows if r["source_condition"] == source_condition))
+        src = _load([sources[k] for k in src_keys], normalizer, channels, size)
+        src_feats = oracles.features(src)
+        for ti, tc in enumerate(conditions):
+            rows = {r["source_path"]: r for r in run.rows
+                    if r["source_condition"] == source_condition and r["target_condition"] == tc}
+            if tc == source_condition or not rows:
+                continue
+            gen = _load([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer, channels, size)
+            real = x[y == ti]
+            per_target[f"{source_condition} -> {tc}"] = dict(
+                n=len(gen),
+                success_ratio_translations=oracles.success_ratio(gen, ti),
+                success_ratio_untranslated_sources=oracles.success_ratio(src, ti),
+                classifier_fid_kid_translations=distribution_metrics(oracles.features(real), oracles.features(gen)),
+                classifier_fid_kid_sources=distribution_metrics(oracles.features(real), src_feats),
+            )
+    out["targets"] = per_target
+    return out

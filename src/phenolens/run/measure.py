@@ -1,0 +1,454 @@
+"""`phenolens measure RUN_DIR`: features of real and generated images, statistics, image metrics.
+
+It consumes what `phenolens translate` wrote (index.csv; source, reconstruction and translation
+files), whatever method made them, plus real images of every condition (REFERENCE, by default the
+data the model was trained on), and writes into RUN_DIR/measure/:
+
+  features.csv          one row per image: image, condition, kind (real | reconstruction | translation),
+                        role (source | reference | generated), source_image, target_condition, features
+  stats.csv             per (feature, target): real and translated effect sizes and tests (measure/stats.py)
+  ranked.csv            per target, the features the translation changes most
+  dose_correlation.csv  per feature, real vs translated condition means across the dose series
+  metrics.json          reconstruction MSE/PSNR/SSIM, identity, segmentation IoU, FID/KID, success ratio
+  measure.json          the settings, so a re-run with the same settings reuses measured images
+
+Images are measured in their own intensity scale (raw counts / dtype maximum), real and generated
+alike, so a feature means the same thing on both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from phenolens.atomic import write_csv_atomic, write_json_atomic
+from phenolens.errors import PhenolensError
+from phenolens.run.index import find_model_info, read_index, resolve_source
+from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
+from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
+                                       matched_iou, read_user_masks, segment)
+
+ID_COLUMNS = ["image", "condition", "kind", "role", "source_image", "target_condition"]
+IDENTITY_DISTANCE = 3.0  # px: a source nucleus is "found again" if a translated one lies this close
+
+
+@dataclass
+class MeasureSettings:
+    reference: str | None = None  # real images of every condition; default: the model's training data
+    channel_names: list[str] | None = None
+    nuclei_channel: int = 0
+    cell_channel: int = 1
+    nucleus_diameter: float | None = None  # px; estimated from the reference images when not given
+    masks: str | None = None  # user label masks for real images
+    profile: str = "standard"
+    max_reference: int = 200  # real images per condition
+    judges: bool = True  # train the oracle classifiers for success ratio and classifier FID/KID
+    judge_steps: int = 300  # training steps per oracle; 94 % held-out accuracy on the demo simulation
+    workers: int | None = None
+
+    def cache_key(self) -> dict:
+        """Settings that change a measured row (others only change the statistics)."""
+        d = asdict(self)
+        key = {k: d[k] for k in ("channel_names", "nuclei_channel", "cell_channel", "nucleus_diameter",
+                                 "masks", "profile")}
+        return dict(key, features_version=FEATURES_VERSION)
+
+
+@dataclass
+class _Job:
+    image: str
+    condition: str
+    kind: str
+    role: str
+    source_image: str
+    target_condition: str
+    channels: list[int] | None
+    features: FeatureSettings
+    segmentation: SegmentationSettings
+    masks: str | None
+    truth: tuple[str, str] | None  # ground-truth (nuclei, cells) masks, when the data is simulated
+
+
+def to_unit(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw counts to [0, 1] by the file's dtype maximum, as CellProfiler reads images."""
+    kind = np.dtype(dtype)
+    if kind.kind in "ui":
+        return raw.astype(np.float64) / float(np.iinfo(kind).max)
+    return np.clip(raw.astype(np.float64), 0.0, None)
+
+
+def _ground_truth(image: Path, condition: str) -> tuple[str, str] | None:
+    """The simulator's masks (`<root>/_groundtruth/masks/<condition>/<stem>_nuclei.tif`) if present."""
+    for root in (image.parent.parent, image.parent):
+        folder = root / "_groundtruth" / "masks" / condition
+        n, c = folder / f"{image.stem}_nuclei.tif", folder / f"{image.stem}_cells.tif"
+        if n.is_file() and c.is_file():
+            return str(n), str(c)
+    return None
+
+
+def _measure_job(job: _Job) -> tuple[dict, np.ndarray, dict]:
+    """Read, segment and measure one image; returns (row, nucleus centroids, segmentation scores)."""
+    import tifffile
+
+    from phenolens.data.io import read_image
+
+    raw, layout = read_image(job.image, channels=job.channels)
+    image = to_unit(raw, layout.dtype)
+    if job.masks and job.kind == "real":
+        nuclei, cells = read_user_masks(Path(job.masks), Path(job.image), job.condition, image, job.segmentation)
+    else:
+        nuclei, cells = segment(image, job.segmentation)
+    row = {k: getattr(job, k) for k in ID_COLUMNS}
+    row.update(measure_image(image, nuclei, cells, job.features))
+    centers = label_centroids(nuclei)
+    scores: dict = {}
+    if job.truth is not None:
+        scores = dict(nuclei=matched_iou(nuclei, np.asarray(tifffile.imread(job.truth[0]))).tolist(),
+                      cells=matched_iou(cells, np.asarray(tifffile.imread(job.truth[1]))).tolist())
+    return row, centers, scores
+
+
+def estimate_nucleus_diameter(paths: Sequence[Path], channels: list[int] | None, nuclei_channel: int) -> float:
+    """Median equivalent diameter of the Otsu foreground's components in a few DNA channels."""
+    from skimage import filters, measure
+
+    from phenolens.data.io import read_image
+
+    diameters: list[float] = []
+    for p in paths[:16]:
+        dna = read_image(p, channels=channels)[0][nuclei_channel].astype(np.float64)
+        smooth = filters.gaussian(dna, sigma=1.0, preserve_range=True)
+        if np.ptp(smooth) == 0:
+            continue
+        labels = measure.label(smooth > filters.threshold_otsu(smooth))
+        diameters += [r.equivalent_diameter_area for r in measure.regionprops(labels) if r.area >= 9]
+    return float(np.median(diameters)) if diameters else SegmentationSettings().nucleus_diameter
+
+
+def _pick_evenly(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+class RunData:
+    """index.csv, run.json and the model's phenolens.json of one translate run."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        index = run_dir / "index.csv"
+        if not index.is_file():
+            raise PhenolensError(f"{run_dir}: no index.csv; RUN_DIR must be the OUT folder of `phenolens translate`")
+        self.rows = read_index(index)
+        if not self.rows:
+            raise PhenolensError(f"{index}: has no rows; the translate run wrote nothing yet")
+        settings_path = run_dir / "run.json"
+        self.settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        self.warnings: list[str] = []
+        self.info: dict = find_model_info(self.settings, run_dir, self.warnings)[0] or {}
+
+    @property
+    def conditions(self) -> list[str]:
+        """The model's condition order (a dose series stays in order), else order of appearance."""
+        seen = list(dict.fromkeys([r["source_condition"] for r in self.rows] + [r["target_condition"] for r in self.rows]))
+        order = list(self.info.get("conditions") or [])
+        return [c for c in order if c in seen] + [c for c in seen if c not in order]
+
+
+def dose_order(conditions: Sequence[str], reference: Path | None) -> list[str]:
+    """Order conditions as the reference manifest lists them (simulated dose series: weakest first)."""
+    if reference is None:
+        return list(conditions)
+    manifest = reference if reference.suffix.lower() == ".csv" else reference / "manifest.csv"
+    if not manifest.is_file():
+        return list(conditions)
+    from phenolens.data.records import conditions_in_order, discover
+
+    try:
+        listed = conditions_in_order(discover(manifest))
+    except PhenolensError:
+        return list(conditions)
+    return [c for c in listed if c in conditions] + [c for c in conditions if c not in listed]
+
+
+def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings(), *, progress: bool = True) -> Path:
+    """Measure a translate run; returns RUN_DIR/measure."""
+    from phenolens.data.records import discover
+
+    run_dir = Path(run_dir)
+    run = RunData(run_dir)
+    if settings.profile not in PROFILES:
+        raise PhenolensError(f"--profile {settings.profile!r}: choose one of {', '.join(PROFILES)}")
+    channels = run.info.get("channels")
+
+    ref_text = settings.reference or (run.info.get("training") or {}).get("data")
+    if not ref_text:
+        raise PhenolensError("no reference images: pass --reference DATA (real images of every condition)")
+    reference = Path(ref_text)
+    if not reference.exists():
+        raise PhenolensError(f"--reference {reference}: does not exist (the model's training data moved? "
+                             "pass --reference DATA)")
+    ref_records = discover(reference)
+    by_condition: dict[str, list] = {}
+    for rec in ref_records:
+        by_condition.setdefault(rec.condition, []).append(rec)
+    conditions = dose_order(run.conditions, reference)
+    missing = [c for c in conditions if c not in by_condition]
+    if missing:
+        raise PhenolensError(f"--reference {reference}: no real images of {', '.join(missing)} "
+                             f"(found: {', '.join(by_condition)})")
+
+    sources = {}
+    for r in run.rows:
+        found = resolve_source(r["source_path"], run_dir)
+        if found is None:
+            raise PhenolensError(f"{run_dir / 'index.csv'}: source image {r['source_path']} not found "
+                                 "(moved since the run?)")
+        sources[r["source_path"]] = found
+    n_ch = len(run.info.get("channels") or []) or int(run.info.get("n_channels") or 0)
+    if not n_ch:
+        from phenolens.data.io import read_image
+
+        n_ch = read_image(next(iter(sources.values())), channels=channels)[0].shape[0]
+    names = settings.channel_names or [f"ch{i}" for i in range(n_ch)]
+    if len(names) != n_ch:
+        raise PhenolensError(f"--channel-names: {len(names)} name(s) for {n_ch} channel(s)")
+    diameter = settings.nucleus_diameter or estimate_nucleus_diameter(
+        [r.path for recs in by_condition.values() for r in recs[:4]], channels, settings.nuclei_channel)
+    seg = SegmentationSettings(nuclei_channel=settings.nuclei_channel, cell_channel=settings.cell_channel,
+                               nucleus_diameter=diameter)
+    feats = FeatureSettings(channel_names=tuple(names), profile=settings.profile)
+
+    def job(path: Path, condition: str, kind: str, role: str, source: str = "", target: str = "") -> _Job:
+        return _Job(str(path), condition, kind, role, source, target, channels, feats, seg, settings.masks,
+                    _ground_truth(path, condition) if kind == "real" else None)
+
+    jobs = [job(p, next(r["source_condition"] for r in run.rows if r["source_path"] == s), "real", "source")
+            for s, p in sources.items()]
+    jobs += [job(run_dir / r["output_path"], r["target_condition"], r["kind"], "generated",
+                 str(sources[r["source_path"]]), r["target_condition"]) for r in run.rows]
+    jobs += [job(rec.path, c, "real", "reference") for c in conditions
+             for rec in _pick_evenly(by_condition[c], settings.max_reference)]
+
+    out = run_dir / "measure"
+    out.mkdir(exist_ok=True)
+    rows, centroids, scores = _measure_all(jobs, out, dict(settings.cache_key(), nucleus_diameter=diameter, channel_names=names),
+                                           settings.workers, progress)
+    columns = _feature_columns(rows)
+    write_csv_atomic(out / "features.csv", rows, ID_COLUMNS + columns)
+
+    from phenolens.measure.stats import compare_conditions, dose_correlation, rank_changes
+
+    def values(sel) -> dict[str, np.ndarray]:
+        chosen = [r for r in rows if sel(r)]
+        return {f: np.array([_num(r.get(f)) for r in chosen]) for f in columns}
+
+    stats_rows, ranked_rows = [], []
+    source_conditions = list(dict.fromkeys(r["source_condition"] for r in run.rows))
+    for sc in source_conditions:
+        src_vals = values(lambda r: r["role"] == "source" and r["condition"] == sc)
+        real_src = values(lambda r: r["role"] == "reference" and r["condition"] == sc)
+        for tc in [c for c in conditions if c != sc]:
+            if not any(r["target_condition"] == tc and r["source_condition"] == sc for r in run.rows):
+                continue
+            src_set = {str(sources[r["source_path"]]) for r in run.rows if r["source_condition"] == sc}
+            res = compare_conditions(columns, real_src, values(lambda r: r["role"] == "reference" and r["condition"] == tc),
+                                     src_vals, values(lambda r: r["kind"] == "translation" and r["target_condition"] == tc
+                                                      and r["source_image"] in src_set))
+            for r in res:
+                r.update(source_condition=sc, target_condition=tc)
+            stats_rows += res
+            ranked_rows += [dict(rank=i + 1, **{k: r[k] for k in ("feature", "target_condition", "trans_d", "real_d",
+                                                                  "trans_q", "real_q", "direction_agrees")})
+                            for i, r in enumerate(rank_changes(res, top=50))]
+    write_csv_atomic(out / "stats.csv", [_fmt(r) for r in stats_rows], STATS_COLUMNS)
+    write_csv_atomic(out / "ranked.csv", [_fmt(r) for r in ranked_rows],
+                     ["rank", "feature", "target_condition", "trans_d", "real_d", "trans_q", "real_q", "direction_agrees"])
+
+    # dose series: real means per condition vs means of what the model made for that condition
+    real_means = {f: [] for f in columns}
+    trans_means = {f: [] for f in columns}
+    for c in conditions:
+        rv = values(lambda r: r["role"] == "reference" and r["condition"] == c)
+        tv = values(lambda r: r["role"] == "generated" and r["target_condition"] == c)
+        for f in columns:
+            real_means[f].append(_mean(rv[f]))
+            trans_means[f].append(_mean(tv[f]))
+    corr = dose_correlation(columns, real_means, trans_means)
+    write_csv_atomic(out / "dose_correlation.csv", [_fmt(r) for r in corr],
+                     ["feature", "pearson_r", "p_value", "n_conditions"])
+
+    metrics = _image_metrics(run, run_dir, sources, rows, centroids, scores, conditions, columns, channels)
+    if settings.judges:
+        from phenolens.run.judges import judge_metrics
+
+        metrics["judges"] = judge_metrics(run, run_dir, sources, by_condition, conditions, settings, progress)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "measure.json", dict(asdict(settings), nucleus_diameter=diameter, channel_names=names,
+                                                 features_version=FEATURES_VERSION,
+                                                 conditions=conditions, reference=str(reference)))
+    return out
+
+
+STATS_COLUMNS = ["feature", "source_condition", "target_condition", "n_source", "n_real_target", "n_translation",
+                 "real_diff", "real_d", "real_p_welch", "real_p_mw", "real_q", "trans_diff", "trans_d",
+                 "trans_p_welch", "trans_p_mw", "trans_q", "direction_agrees", "d_ratio"]
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def _fmt(row: dict) -> dict:
+    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _feature_columns(rows: list[dict]) -> list[str]:
+    """Feature columns in first-seen order, without columns that are empty everywhere."""
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ID_COLUMNS))
+    return [c for c in cols if any(np.isfinite(_num(r.get(c))) for r in rows)]
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["image"], r["kind"], r["role"], r["target_condition"])
+
+
+def _measure_all(jobs: list[_Job], out: Path, cache_key: dict, workers: int | None,
+                 progress: bool) -> tuple[list[dict], dict[tuple, np.ndarray], dict[tuple, dict]]:
+    """Measure every job, reusing rows of an earlier run with the same settings (runs can resume)."""
+    import csv
+
+    cache_file, cache_rows = out / "features.csv", {}
+    settings_file = out / "measure.json"
+    if cache_file.is_file() and settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        if all(old.get(k) == v for k, v in cache_key.items()) and (out / "centroids.npz").is_file():
+            with open(cache_file, newline="") as fh:
+                cache_rows = {_row_key(r): r for r in csv.DictReader(fh)}
+    saved = dict(np.load(out / "centroids.npz", allow_pickle=False)) if cache_rows else {}
+    saved_scores = json.loads((out / "segmentation_scores.json").read_text()) \
+        if cache_rows and (out / "segmentation_scores.json").is_file() else {}
+    rows: dict[tuple, dict] = {}
+    centroids: dict[tuple, np.ndarray] = {}
+    scores: dict[tuple, dict] = {}
+    todo = []
+    for j in jobs:
+        key = (j.image, j.kind, j.role, j.target_condition)
+        name = "|".join(key)
+        if key in cache_rows and name in saved and (j.truth is None or name in saved_scores):
+            rows[key], centroids[key] = cache_rows[key], saved[name]
+            if j.truth is not None:
+                scores[key] = saved_scores[name]
+        else:
+            todo.append(j)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = tqdm(total=len(todo), desc="measure", unit="img", disable=None if progress else True)
+    if workers > 1 and len(todo) > 8:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_measure_job, todo, chunksize=4)
+            for j, res in zip(todo, results):
+                _store(j, res, rows, centroids, scores)
+                bar.update()
+    else:
+        for j in todo:
+            _store(j, _measure_job(j), rows, centroids, scores)
+            bar.update()
+    bar.close()
+    ordered = [(j.image, j.kind, j.role, j.target_condition) for j in jobs]
+    np.savez(out / "centroids.npz", **{"|".join(k): centroids[k] for k in ordered})
+    write_json_atomic(out / "segmentation_scores.json", {"|".join(k): v for k, v in scores.items()})
+    return [rows[k] for k in ordered], centroids, scores
+
+
+def _store(j: _Job, res, rows, centroids, scores) -> None:
+    key = (j.image, j.kind, j.role, j.target_condition)
+    rows[key], centroids[key] = res[0], res[1]
+    if res[2]:
+        scores[key] = res[2]
+
+
+def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: list[dict],
+                   centroids: dict, scores: dict, conditions: list[str], columns: list[str],
+                   channels) -> dict:
+    """Reconstruction error, identity of nuclei, segmentation IoU and CellProfiler-profile FID/KID."""
+    from phenolens.data.io import read_image
+    from phenolens.measure.image_metrics import distribution_metrics, ssim
+
+    metrics: dict = {}
+    recon = [r for r in run.rows if r["kind"] == "reconstruction"]
+    if recon:
+        ssims = []
+        for r in recon:
+            a, la = read_image(sources[r["source_path"]], channels=channels)
+            b, lb = read_image(run_dir / r["output_path"], channels=channels)
+            ssims.append(ssim(to_unit(a, la.dtype) * 2 - 1, to_unit(b, lb.dtype) * 2 - 1))
+        metrics["reconstruction"] = dict(
+            n=len(recon), mse_mean=float(np.mean([_num(r["recon_mse"]) for r in recon])),
+            psnr_mean=float(np.mean([_num(r["recon_psnr"]) for r in recon])),
+            psnr_min=float(np.min([_num(r["recon_psnr"]) for r in recon])), ssim_mean=float(np.mean(ssims)))
+
+    # identity: are the source's nuclei still where they were? Recall: source nuclei found again
+    # within 3 px. Precision: translated nuclei that sit on a source nucleus -- where a treatment kills
+    # cells recall must fall, but the cells that remain should still be the source's own.
+    identity = {}
+    for tc in conditions:
+        pairs = [(str(sources[r["source_path"]]), r["output_path"], r["kind"]) for r in run.rows
+                 if r["target_condition"] == tc]
+        found = total = total_gen = 0
+        for src, outp, kind in pairs:
+            c_src = centroids[(src, "real", "source", "")]
+            c_gen = centroids[(str(run_dir / outp), kind, "generated", tc)]
+            total += len(c_src)
+            total_gen += len(c_gen)
+            found += count_matches(c_src, c_gen, IDENTITY_DISTANCE)
+        if total:
+            identity[tc] = dict(source_nuclei=total, translated_nuclei=total_gen, matched=found,
+                                fraction=found / total, translated_matched_fraction=found / max(total_gen, 1))
+    metrics["identity_nuclei_within_3px"] = identity
+
+    if scores:
+        nuc = [v for s in scores.values() for v in s["nuclei"]]
+        cel = [v for s in scores.values() for v in s["cells"]]
+        metrics["segmentation_vs_ground_truth"] = dict(images=len(scores), nuclei=len(nuc),
+                                                        nuclei_mean_iou=float(np.mean(nuc)) if nuc else math.nan,
+                                                        cells_mean_iou=float(np.mean(cel)) if cel else math.nan)
+
+    # FID/KID on the CellProfiler profile, standardised by the real images
+    def table(sel) -> np.ndarray:
+        return np.array([[_num(r.get(f)) for f in columns] for r in rows if sel(r)], dtype=np.float64)
+
+    ref_all = table(lambda r: r["role"] == "reference")
+    keep = np.isfinite(ref_all).all(axis=0) & (np.nanstd(ref_all, axis=0) > 0) if len(ref_all) else np.zeros(0, bool)
+    mu, sd = ref_all[:, keep].mean(axis=0), ref_all[:, keep].std(axis=0)
+    profile = {}
+    src_tab = table(lambda r: r["role"] == "source")
+    for tc in conditions:
+        real = table(lambda r, tc=tc: r["role"] == "reference" and r["condition"] == tc)
+        gen = table(lambda r, tc=tc: r["role"] == "generated" and r["target_condition"] == tc)
+        if len(real) < 2 or len(gen) < 2:
+            continue
+        z = lambda t: np.nan_to_num((t[:, keep] - mu) / sd)
+        profile[tc] = dict(generated=distribution_metrics(z(real), z(gen)),
+                           untranslated_sources=distribution_metrics(z(real), z(src_tab)))
+    metrics["profile_fid_kid"] = profile
+    return metrics
+
+
