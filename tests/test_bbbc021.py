@@ -56,3 +56,21 @@ def test_bbbc021_trains_and_translates_in_raw_units(tmp_path):
                 lo, hi = np.percentile(src[c], [0.5, 99.5])
                 err_c = np.median(np.abs(res[c].astype(float) - src[c].astype(float)))
                 assert err_c < 0.01 * (hi - lo), (c, err_c, hi - lo)
+
+    # measure and report on the real dose series: real DMSO-vs-CHX effect sizes beside the translated ones
+    code, _, err = run_cli("measure", out, "--reference", BBBC021 / "manifest.csv", "--channel-names",
+                           "DNA,tubulin,actin", "--max-reference", "40", "--no-judges")
+    assert code == 0, err
+    with (out / "measure" / "stats.csv").open(newline="") as fh:
+        stats = [r for r in csv.DictReader(fh) if r["target_condition"] == "CHX_50uM"]
+    assert len(stats) > 100  # CellProfiler features of nuclei, cells and the whole field
+    real_d = np.array([float(r["real_d"]) for r in stats])
+    assert np.isfinite(real_d).sum() > 100
+    strongest = sorted(stats, key=lambda r: -abs(float(r["real_d"])))[:10]
+    print("\nfeature, real d (DMSO vs CHX_50uM), translated d, same direction")
+    for r in strongest:
+        print(f"{r['feature']}, {float(r['real_d']):.2f}, {float(r['trans_d']):.2f}, {r['direction_agrees']}")
+    code, _, err = run_cli("report", out)
+    assert code == 0, err
+    page = (out / "report.html").read_text()
+    assert "CHX_50uM" in page and strongest[0]["feature"] in (out / "measure" / "stats.csv").read_text()

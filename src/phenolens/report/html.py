@@ -153,7 +153,7 @@ class ImageSet:
 
 def condition_order(rows: Sequence[dict], model_conditions: Sequence[str] | None,
                     order: Sequence[str] | None) -> list[str]:
-    """--order, else the model's condition order, then any condition of the run not yet named."""
+    """--order, else the measured dose order or the model's, then any condition of the run not yet named."""
     present = list(dict.fromkeys([r["source_condition"] for r in rows] + [r["target_condition"] for r in rows]))
     if order:
         known = set(present) | set(model_conditions or [])
@@ -202,6 +202,12 @@ def load_run(run_dir: str | Path, order: Sequence[str] | None = None) -> RunInfo
         except PhenolensError as err:
             warnings.append(f"{model_path}: {err}; images are scaled per image set")
     conditions = model.get("conditions") if model else None
+    measured = run_dir / "measure" / "measure.json"
+    if measured.is_file():  # `phenolens measure` ordered the dose series by the reference manifest
+        try:
+            conditions = json.loads(measured.read_text()).get("conditions") or conditions
+        except (OSError, json.JSONDecodeError):
+            pass
     return RunInfo(run_dir, rows, settings if isinstance(settings, dict) else None, model, model_path, normalizer,
                    condition_order(rows, conditions if isinstance(conditions, list) else None, order), warnings)
 
@@ -391,7 +397,16 @@ def section_settings(run: RunInfo, picked: Sequence[str]) -> str:
     n_ch = n_ch or (run.normalizer.n_channels if run.normalizer else 0)
     if n_ch:
         rgb = [",".join(str(int(v * 255)) for v in CHANNEL_COLOURS[c % len(CHANNEL_COLOURS)]) for c in range(n_ch)]
-        swatches = "".join(f'<span class="swatch" style="background:rgb({rgb[c]})"></span>ch{c} ' for c in range(n_ch))
+        names = [f"ch{c}" for c in range(n_ch)]
+        measured = run.run_dir / "measure" / "measure.json"
+        if measured.is_file():  # channel names given to `phenolens measure`
+            try:
+                given = json.loads(measured.read_text()).get("channel_names") or []
+                names = [str(g) for g in given] if len(given) == n_ch else names
+            except (OSError, json.JSONDecodeError):
+                pass
+        swatches = "".join(f'<span class="swatch" style="background:rgb({rgb[c]})"></span>{esc(names[c])} '
+                           for c in range(n_ch))
         parts.append(f"<p>Composite colours: {swatches}</p>")
     parts.append("</section>")
     return "".join(parts)
