@@ -29,7 +29,7 @@ from phenolens.data.simulate import simulate
 from phenolens.measure.memorization import memorization_check
 
 COLUMNS = ["images_per_condition", "training_images_per_model", "memorization_mean", "memorization_median",
-           "fraction_memorized", "real_unseen_mean", "generalization_mean", "generalization_median",
+           "fraction_memorized", "real_unseen_mean", "memorization_minus_real_unseen", "generalization_mean", "generalization_median",
            "train_seconds", "wall_seconds"]
 
 
@@ -48,6 +48,7 @@ def run_size(work: Path, per_condition: int, args: argparse.Namespace) -> dict:
     return dict(images_per_condition=per_condition, training_images_per_model=s["per_model"]["a"]["training_images"],
                 memorization_mean=round(m["mean"], 3), memorization_median=round(m["median"], 3),
                 fraction_memorized=round(m["fraction_memorized"], 3), real_unseen_mean=round(s["real_unseen"]["mean"], 3),
+                memorization_minus_real_unseen=round(m["mean"] - s["real_unseen"]["mean"], 3),
                 generalization_mean=round(g["mean"], 3), generalization_median=round(g["median"], 3),
                 train_seconds=round(s["seconds"]["train"], 1), wall_seconds=round(time.perf_counter() - t0, 1))
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="10,500", help="images per condition to simulate, comma-separated (default 10,500)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of every model (default 600)")
     ap.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
     ap.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     ap.add_argument("--n-per-condition", type=int, default=16, help="generations per condition per model (default 16)")
     ap.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per generation (default 50)")

@@ -116,3 +116,14 @@ def test_one_image_per_condition_is_an_error(tmp_path, tiny_model):
 def test_models_must_come_in_pairs(tmp_path, blob_data, tiny_model):
     code, _, stderr = run_cli("memorization", blob_data, tmp_path / "out", "--model-a", tiny_model)
     assert code == 2 and "--model-b" in stderr
+
+
+def test_rerun_on_another_split_is_refused(tmp_path, blob_data):
+    out = tmp_path / "out"
+    (out / "model_a").mkdir(parents=True)  # as left by an earlier run with another --seed
+    a, _ = split_halves(discover(blob_data), seed=1)
+    from phenolens.measure.memorization import write_manifest
+
+    write_manifest(out / "half_a.csv", a)
+    with pytest.raises(PhenolensError, match="another split"):
+        memorization_check(blob_data, out, seed=0, steps=1, progress=False)

@@ -202,10 +202,11 @@ def _add_memorization(sub) -> None:
                                    "Rerunning with the same OUT reuses or resumes the models trained there.")
     p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
     p.add_argument("out", type=Path, help="output folder: half_a.csv, half_b.csv, model_a/, model_b/ and the results")
-    p.add_argument("--model-a", type=Path, default=None,
+    p.add_argument("--model-a", type=Path, default=None, metavar="DIR",
                    help="an already-trained model for half A (with --model-b); its training data as recorded in its "
                         "phenolens.json is the memorisation reference, else OUT/half_a.csv")
-    p.add_argument("--model-b", type=Path, default=None, help="an already-trained model for half B (with --model-a)")
+    p.add_argument("--model-b", type=Path, default=None, metavar="DIR",
+                   help="an already-trained model for half B (with --model-a)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
                    help="network size of the models trained here (default tiny)")
     p.add_argument("--size", type=int, default=32, help="training crop side in pixels of the models trained here (default 32)")

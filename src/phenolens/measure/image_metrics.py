@@ -17,13 +17,11 @@ Images are float numpy arrays C×H×W or B×C×H×W in [-1, 1] (torch BCHW for f
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from phenolens.errors import PhenolensError
 
@@ -123,41 +121,29 @@ def _feature_pair(feats_a, feats_b) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
+def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (FID on Inception features).
 
     Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule...", Sec. 3 (FID):
         d² = ||μ_a − μ_b||² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}).
-    With fewer samples than feature dimensions the covariances are singular and the matrix square
-    root can come out non-finite or clearly complex; then eps·I is added to both covariances.
+    Tr (Σ_a Σ_b)^{1/2} is the sum of the square roots of the eigenvalues of Σ_a^{1/2} Σ_b Σ_a^{1/2},
+    a symmetric PSD matrix: two symmetric eigendecompositions instead of a general matrix square
+    root, so it stays real and finite when there are fewer samples than feature dimensions
+    (singular covariances) and is several times faster for a few hundred features.
     """
     a, b = _feature_pair(feats_a, feats_b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a = np.atleast_2d(np.cov(a, rowvar=False))
     cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-
-    def sqrt_product(ca: np.ndarray, cb: np.ndarray) -> np.ndarray | None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # singular-matrix warnings: checked just below
-            root = linalg.sqrtm(ca @ cb)
-        root = np.asarray(root)
-        if not np.isfinite(root).all():
-            return None
-        if np.iscomplexobj(root):
-            # A tiny imaginary part is rounding error; a large one means the product was singular.
-            if np.abs(root.imag).max() > 1e-3 * max(1.0, np.abs(root.real).max()):
-                return None
-            root = root.real
-        return root
-
-    root = sqrt_product(cov_a, cov_b)
-    if root is None:
-        offset = eps * np.eye(len(cov_a))
-        root = sqrt_product(cov_a + offset, cov_b + offset)
-        if root is None:
-            raise PhenolensError("Fréchet distance: covariance square root failed even after regularisation")
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    middle = root_a @ cov_b @ root_a
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_root = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    if not np.isfinite(trace_root):
+        raise PhenolensError("Fréchet distance: the feature covariances are not finite")
     diff = mu_a - mu_b
-    d2 = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(root)
+    d2 = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root
     return float(max(d2, 0.0))  # rounding can leave -1e-12 for identical sets
 
 

@@ -329,6 +329,15 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
     out.mkdir(parents=True, exist_ok=True)
     manifests = {"a": out / "half_a.csv", "b": out / "half_b.csv"}
     for label, half in (("a", half_a), ("b", half_b)):
+        if model_a is None and (out / f"model_{label}").exists() and manifests[label].is_file():
+            # a rerun reuses the models trained here: only valid if they were trained on this very split
+            try:
+                before = [(str(Path(r.path).resolve()), r.condition) for r in discover(manifests[label])]
+            except PhenolensError:  # its files are gone: certainly not this split
+                before = None
+            if before != [(str(Path(r.path).resolve()), r.condition) for r in half]:
+                raise PhenolensError(f"{out / f'model_{label}'} was trained on another split of the data "
+                                     f"({manifests[label]} differs: other DATA or --seed); use a new OUT")
         write_manifest(manifests[label], half)
 
     # ---- the two models
