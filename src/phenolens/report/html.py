@@ -31,13 +31,12 @@ from phenolens.data.io import read_image
 from phenolens.data.normalize import Normalizer
 from phenolens.errors import PhenolensError
 from phenolens.report.flicker import flicker_gif
-from phenolens.run.index import find_model_info, read_index, resolve_source
+from phenolens.run.index import open_run, resolve_source
 from phenolens.report.grids import CHANNEL_COLOURS, composite, signed_difference, upscale
 from phenolens.report.plots import boxplot_png, feature_groups, to_float
 
 MIN_TILE = 128  # small crops are upscaled (nearest neighbour) to at least this many pixels a side
 MAX_TILE = 384  # large images are shrunk to this, to keep the page a few MB
-REQUIRED_COLUMNS = ("source_path", "source_condition", "target_condition", "output_path", "reconstruction_path")
 FEATURE_META = {"image", "condition", "kind", "role", "source_image", "target_condition"}
 MAX_TABLE_ROWS = 30
 
@@ -169,32 +168,7 @@ def condition_order(rows: Sequence[dict], model_conditions: Sequence[str] | None
 
 def load_run(run_dir: str | Path, order: Sequence[str] | None = None) -> RunInfo:
     run_dir = Path(run_dir)
-    hint = "RUN_DIR should be the OUT folder of `phenolens translate`"
-    if not run_dir.is_dir():
-        raise PhenolensError(f"{run_dir}: no such folder; {hint}")
-    index = run_dir / "index.csv"
-    if not index.is_file():
-        raise PhenolensError(f"{run_dir}: no index.csv in it; {hint}")
-    try:
-        rows = read_index(index)
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise PhenolensError(f"{index}: cannot read ({err})") from None
-    if not rows:
-        raise PhenolensError(f"{index}: lists no images yet (did `phenolens translate` stop before its first batch?)")
-    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
-    if missing:
-        raise PhenolensError(f"{index}: missing column(s) {', '.join(missing)}; {hint}")
-    warnings: list[str] = []
-    settings = None
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            settings = json.loads(run_json.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            warnings.append(f"{run_json}: cannot read ({err})")
-    else:
-        warnings.append(f"{run_json}: missing; the run's settings are unknown")
-    model, model_path = find_model_info(settings if isinstance(settings, dict) else None, run_dir, warnings)
+    rows, settings, model, model_path, warnings = open_run(run_dir)
     normalizer = None
     if model is not None and "normalization" in model:
         try:
@@ -208,7 +182,7 @@ def load_run(run_dir: str | Path, order: Sequence[str] | None = None) -> RunInfo
             conditions = json.loads(measured.read_text()).get("conditions") or conditions
         except (OSError, json.JSONDecodeError):
             pass
-    return RunInfo(run_dir, rows, settings if isinstance(settings, dict) else None, model, model_path, normalizer,
+    return RunInfo(run_dir, rows, settings, model, model_path, normalizer,
                    condition_order(rows, conditions if isinstance(conditions, list) else None, order), warnings)
 
 

@@ -10,8 +10,11 @@ import csv
 import json
 from pathlib import Path
 
+from phenolens.errors import PhenolensError
+
 INDEX_COLUMNS = ["source_path", "source_condition", "target_condition", "output_path", "recon_mse",
                  "recon_psnr", "change_mse", "kind", "reconstruction_path"]
+REQUIRED_COLUMNS = ("source_path", "source_condition", "target_condition", "output_path", "reconstruction_path")
 
 
 def read_index(path: Path) -> list[dict]:
@@ -51,3 +54,39 @@ def find_model_info(settings: dict | None, run_dir: Path, warnings: list[str]) -
     warnings.append(f"model {model_dir}: no phenolens.json found; images are scaled by each source's "
                     "0.1/99.9 percentiles instead of the model's normalisation")
     return None, None
+
+
+def open_run(run_dir: Path) -> tuple[list[dict], dict | None, dict | None, Path | None, list[str]]:
+    """(index rows, run.json settings, model info, its path, warnings) of a translate run folder.
+
+    A missing or empty index is an error (nothing to work on); a missing run.json or model
+    description only costs information, so it becomes a warning.
+    """
+    hint = "RUN_DIR should be the OUT folder of `phenolens translate`"
+    if not run_dir.is_dir():
+        raise PhenolensError(f"{run_dir}: no such folder; {hint}")
+    index = run_dir / "index.csv"
+    if not index.is_file():
+        raise PhenolensError(f"{run_dir}: no index.csv in it; {hint}")
+    try:
+        rows = read_index(index)
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise PhenolensError(f"{index}: cannot read ({err})") from None
+    if not rows:
+        raise PhenolensError(f"{index}: lists no images yet (did `phenolens translate` stop before its first batch?)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        raise PhenolensError(f"{index}: missing column(s) {', '.join(missing)}; {hint}")
+    warnings: list[str] = []
+    settings = None
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        try:
+            settings = json.loads(run_json.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            warnings.append(f"{run_json}: cannot read ({err})")
+    else:
+        warnings.append(f"{run_json}: missing; the run's settings are unknown")
+    settings = settings if isinstance(settings, dict) else None
+    model, model_path = find_model_info(settings, run_dir, warnings)
+    return rows, settings, model, model_path, warnings

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
-from phenolens.run.index import find_model_info, read_index, resolve_source
+from phenolens.run.index import open_run, resolve_source
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
                                        matched_iou, read_user_masks, segment)
@@ -146,16 +146,9 @@ class RunData:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        index = run_dir / "index.csv"
-        if not index.is_file():
-            raise PhenolensError(f"{run_dir}: no index.csv; RUN_DIR must be the OUT folder of `phenolens translate`")
-        self.rows = read_index(index)
-        if not self.rows:
-            raise PhenolensError(f"{index}: has no rows; the translate run wrote nothing yet")
-        settings_path = run_dir / "run.json"
-        self.settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-        self.warnings: list[str] = []
-        self.info: dict = find_model_info(self.settings, run_dir, self.warnings)[0] or {}
+        self.rows, settings, info, _, self.warnings = open_run(run_dir)
+        self.settings = settings or {}
+        self.info: dict = info or {}
 
     @property
     def conditions(self) -> list[str]:
