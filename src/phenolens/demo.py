@@ -21,7 +21,7 @@ DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_CONDITIONS = ["control", "low", "mid", "high"]
 DEMO_SIZE = 48
 DEMO_PER_CONDITION = 200
-DEMO_TRAIN_STEPS = 6000
+DEMO_TRAIN_STEPS = 10000
 DEMO_LR = 5e-4
 DEMO_TRAIN_COMMANDS = (
     f"phenolens simulate data/demo --size {DEMO_SIZE} --per-condition {DEMO_PER_CONDITION} --seed 0",

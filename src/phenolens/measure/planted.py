@@ -26,6 +26,7 @@ PLANTED_FEATURES: dict[str, tuple[str, str]] = {
 }
 EFFECT_TOLERANCE = 0.5  # translated effect within +-50 % of the real one at the strongest dose
 MIN_CORRELATION = 0.8
+SIGNIFICANT_Q = 0.05  # BH-adjusted p of the real effect below which a dose counts for direction
 
 
 def _read(path: Path) -> list[dict]:
@@ -37,7 +38,8 @@ def _read(path: Path) -> list[dict]:
 
 def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) -> list[dict]:
     """One row per planted phenotype: real and translated d at the strongest dose, their ratio,
-    direction agreement at every dose, and the real-vs-translated correlation across doses."""
+    direction agreement at every dose where the real effect is significant (q < 0.05), and the
+    real-vs-translated correlation across doses."""
     measure_dir = Path(measure_dir)
     stats = _read(measure_dir / "stats.csv")
     corr = {r["feature"]: r for r in _read(measure_dir / "dose_correlation.csv")}
@@ -54,10 +56,13 @@ def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) 
         s = per_target[strongest]
         real_d, trans_d = float(s["real_d"]), float(s["trans_d"])
         ratio = trans_d / real_d if real_d else math.nan
-        agree = [per_target[c]["direction_agrees"] == "True" for c in conditions if c in per_target]
+        # direction is only defined where the real images move: doses whose real effect is significant
+        moving = [c for c in conditions if c in per_target and float(per_target[c]["real_q"]) < SIGNIFICANT_Q]
+        agree = [per_target[c]["direction_agrees"] == "True" for c in moving]
         r = float(corr[feature]["pearson_r"]) if feature in corr else math.nan
         rows.append(dict(phenotype=phenotype, feature=feature, reads=reads, real_d=real_d, translated_d=trans_d,
                          ratio=ratio, same_direction_all_doses=all(agree) and bool(agree),
+                         doses_checked=",".join(moving),
                          within_50pct=bool(abs(ratio - 1) <= EFFECT_TOLERANCE),
                          dose_correlation=r, correlation_ok=bool(np.isfinite(r) and r >= MIN_CORRELATION)))
     return rows
@@ -65,10 +70,10 @@ def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) 
 
 def format_planted_table(rows: list[dict]) -> str:
     """Markdown table for the summary, README and notes."""
-    lines = ["| phenotype | feature | real d | translated d | ratio | same direction (all doses) | r across doses |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| phenotype | feature | real d | translated d | ratio | same direction (doses with real q < 0.05) "
+             "| r across doses |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['phenotype']} | {r['feature']} | {r['real_d']:.2f} | {r['translated_d']:.2f} | "
-                     f"{r['ratio']:.2f} | {'yes' if r['same_direction_all_doses'] else 'no'} | "
+                     f"{r['ratio']:.2f} | {'yes' if r['same_direction_all_doses'] else 'no'} ({r['doses_checked']}) | "
                      f"{r['dose_correlation']:.2f} |")
     return "\n".join(lines)
