@@ -123,10 +123,11 @@ def _add_translate(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="simulate -> model -> translate -> grids and a summary, in minutes on a CPU",
+    p = sub.add_parser("demo", help="simulate -> model -> translate -> measure -> report, in minutes on a CPU",
                        description="Simulate a dose series, load the demo model shipped with phenolens (or train one "
-                                   "with --train), translate held-out control images to every condition, and write "
-                                   "PNG grids and summary.txt with the measured figures.")
+                                   "with --train), translate held-out control images to every condition, measure them "
+                                   "(phenolens measure) and write PNG grids, report.html and summary.txt with the "
+                                   "measured figures.")
     p.add_argument("out", type=Path, nargs="?", default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--train", action="store_true", help="train the model here instead of loading the shipped one")
     p.add_argument("--model", type=Path, default=None,
