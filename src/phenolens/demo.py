@@ -32,17 +32,10 @@ CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 DEMO_MEASURE_REFERENCE = 100  # real images per condition measured as the reference
 
 
-def load_images(paths, normalizer, channels=None) -> torch.Tensor:
-    """Files -> BCHW in [-1, 1] with the model's normalisation."""
-    from phenolens.data.io import read_image
-
-    arrays = [normalizer.to_model(read_image(p, channels=channels)[0]) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).float()
-
-
 def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images: int = 24,
              overwrite: bool = False, train_steps: int = DEMO_TRAIN_STEPS, model: str | Path | None = None,
              progress: bool = True) -> str:
+    from phenolens.data.normalize import load_normalized
     from phenolens.data.records import discover
     from phenolens.data.simulate import simulate
     from phenolens.methods.phendiff import PhenDiff, PhenDiffTrainSettings, train_phendiff
@@ -92,8 +85,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     sources = sorted({r["source_path"] for r in rows})
     by = {(r["source_path"], r["target_condition"]): r for r in rows}
     tr = out / "translate"
-    src_imgs = load_images(sources, norm, channels)
-    per_target = {c: load_images([tr / by[(s, c)]["output_path"] for s in sources], norm, channels)
+    src_imgs = load_normalized(sources, norm, channels)
+    per_target = {c: load_normalized([tr / by[(s, c)]["output_path"] for s in sources], norm, channels)
                   for c in DEMO_CONDITIONS}
 
     # --- grids: source | reconstruction | every condition | signed difference to the strongest
@@ -107,11 +100,11 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     change_mse = np.array([float(by[(s, strongest)]["change_mse"]) for s in sources])
     t0 = time.perf_counter()
     train_recs = discover(data)
-    x_train = load_images([r.path for r in train_recs], norm, channels)
+    x_train = load_normalized([r.path for r in train_recs], norm, channels)
     y_train = torch.tensor([DEMO_CONDITIONS.index(r.condition) for r in train_recs])
     clf = train_classifier(x_train, y_train, len(DEMO_CONDITIONS), progress=progress)
     held_recs = discover(heldout)
-    x_held = load_images([r.path for r in held_recs], norm, channels)
+    x_held = load_normalized([r.path for r in held_recs], norm, channels)
     y_held = np.array([DEMO_CONDITIONS.index(r.condition) for r in held_recs])
     held_acc = float((predict(clf, x_held) == y_held).mean())
     k = DEMO_CONDITIONS.index(strongest)

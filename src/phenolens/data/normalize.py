@@ -134,3 +134,20 @@ class Normalizer:
                        high_percentile=float(d.get("high_percentile", 99.9)))
         except (TypeError, ValueError) as exc:
             raise PhenolensError(f"normalization in phenolens.json: {exc}") from None
+
+
+def load_normalized(paths: Iterable, normalizer: Normalizer, channels=None,
+                    size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image files -> BCHW float32 in [-1, 1] with one normalisation (bilinear resize to SIZE where
+    an image differs), so classifiers and metrics see real and generated images on one scale."""
+    from phenolens.data.io import read_image
+
+    out = []
+    for p in paths:
+        x = np.asarray(normalizer.to_model(read_image(p, channels=channels)[0]), dtype=np.float32)
+        if size is not None and x.shape[1:] != tuple(size):
+            from skimage.transform import resize
+
+            x = resize(x, (x.shape[0], *size), order=1, preserve_range=True, anti_aliasing=True).astype(np.float32)
+        out.append(x)
+    return torch.from_numpy(np.stack(out))

@@ -40,7 +40,8 @@ class SegmentationSettings:
         return max(4, int(0.25 * np.pi * r * r))
 
 
-def _otsu_foreground(channel: np.ndarray, sigma: float) -> np.ndarray:
+def otsu_foreground(channel: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed channel above its Otsu threshold; a flat channel has no foreground."""
     smooth = filters.gaussian(channel.astype(np.float64), sigma=sigma, preserve_range=True)
     if float(smooth.max() - smooth.min()) <= 0:
         return np.zeros(channel.shape, bool)
@@ -49,7 +50,7 @@ def _otsu_foreground(channel: np.ndarray, sigma: float) -> np.ndarray:
 
 def segment_nuclei(dna: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> np.ndarray:
     """Label image of nuclei: Otsu foreground, then a distance-transform watershed splits touching ones."""
-    fg = _otsu_foreground(dna, settings.smoothing)
+    fg = otsu_foreground(dna, settings.smoothing)
     fg = ndi.binary_fill_holes(morphology.remove_small_objects(fg, max_size=settings.min_area - 1))
     if not fg.any():
         return np.zeros(dna.shape, np.int32)
@@ -70,7 +71,7 @@ def segment_cells(nuclei: np.ndarray, cytoplasm: np.ndarray,
     """Label image of cells grown from NUCLEI (same labels) over the cytoplasm channel's foreground."""
     if nuclei.max() == 0:
         return np.zeros(nuclei.shape, np.int32)
-    fg = _otsu_foreground(cytoplasm, settings.smoothing) | (nuclei > 0)
+    fg = otsu_foreground(cytoplasm, settings.smoothing) | (nuclei > 0)
     # Each foreground pixel goes to its nearest nucleus (CellProfiler's "Distance" secondary-object
     # method): on the simulator's masks this scores IoU 0.89 against 0.59 for a watershed on the
     # inverted cytoplasm intensity.

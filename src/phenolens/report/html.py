@@ -31,7 +31,7 @@ from phenolens.data.io import read_image
 from phenolens.data.normalize import Normalizer
 from phenolens.errors import PhenolensError
 from phenolens.report.flicker import flicker_gif
-from phenolens.run.index import open_run, resolve_source
+from phenolens.run.index import open_run, read_json_object, resolve_source
 from phenolens.report.grids import CHANNEL_COLOURS, composite, signed_difference, upscale
 from phenolens.report.plots import boxplot_png, feature_groups, to_float
 
@@ -134,6 +134,7 @@ class RunInfo:
     normalizer: Normalizer | None
     order: list[str]
     warnings: list[str] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)  # RUN/measure/measure.json: dose order, channel names
 
 
 @dataclass(eq=False)  # compared by identity: fields hold arrays
@@ -176,14 +177,13 @@ def load_run(run_dir: str | Path, order: Sequence[str] | None = None) -> RunInfo
         except PhenolensError as err:
             warnings.append(f"{model_path}: {err}; images are scaled per image set")
     conditions = model.get("conditions") if model else None
-    measured = run_dir / "measure" / "measure.json"
-    if measured.is_file():  # `phenolens measure` ordered the dose series by the reference manifest
-        try:
-            conditions = json.loads(measured.read_text()).get("conditions") or conditions
-        except (OSError, json.JSONDecodeError):
-            pass
+    measured_path = run_dir / "measure" / "measure.json"
+    measured = (read_json_object(measured_path, warnings) if measured_path.is_file() else None) or {}
+    # `phenolens measure` ordered the dose series by the reference manifest
+    conditions = measured.get("conditions") or conditions
     return RunInfo(run_dir, rows, settings, model, model_path, normalizer,
-                   condition_order(rows, conditions if isinstance(conditions, list) else None, order), warnings)
+                   condition_order(rows, conditions if isinstance(conditions, list) else None, order), warnings,
+                   measured)
 
 
 def pick_sources(rows: Sequence[dict], max_images: int, order: Sequence[str]) -> list[str]:
@@ -371,14 +371,8 @@ def section_settings(run: RunInfo, picked: Sequence[str]) -> str:
     n_ch = n_ch or (run.normalizer.n_channels if run.normalizer else 0)
     if n_ch:
         rgb = [",".join(str(int(v * 255)) for v in CHANNEL_COLOURS[c % len(CHANNEL_COLOURS)]) for c in range(n_ch)]
-        names = [f"ch{c}" for c in range(n_ch)]
-        measured = run.run_dir / "measure" / "measure.json"
-        if measured.is_file():  # channel names given to `phenolens measure`
-            try:
-                given = json.loads(measured.read_text()).get("channel_names") or []
-                names = [str(g) for g in given] if len(given) == n_ch else names
-            except (OSError, json.JSONDecodeError):
-                pass
+        given = run.measured.get("channel_names") or []  # names given to `phenolens measure`
+        names = [str(g) for g in given] if len(given) == n_ch else [f"ch{c}" for c in range(n_ch)]
         swatches = "".join(f'<span class="swatch" style="background:rgb({rgb[c]})"></span>{esc(names[c])} '
                            for c in range(n_ch))
         parts.append(f"<p>Composite colours: {swatches}</p>")

@@ -34,6 +34,19 @@ def resolve_source(text: str, run_dir: Path) -> Path | None:
     return None
 
 
+def read_json_object(path: Path, warnings: list[str], consequence: str = "") -> dict | None:
+    """A JSON object from PATH, or None with a warning (unreadable, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        warnings.append(f"{path}: cannot read ({err}){consequence}")
+        return None
+    if not isinstance(data, dict):
+        warnings.append(f"{path}: not a JSON object{consequence}")
+        return None
+    return data
+
+
 def find_model_info(settings: dict | None, run_dir: Path, warnings: list[str]) -> tuple[dict | None, Path | None]:
     """The model's phenolens.json (conditions, normalisation); a moved run may find it beside itself."""
     model_dir = (settings or {}).get("model_dir")
@@ -42,15 +55,7 @@ def find_model_info(settings: dict | None, run_dir: Path, warnings: list[str]) -
     for base in (Path(model_dir), run_dir / model_dir, run_dir.parent / model_dir):
         path = base / "phenolens.json"
         if path.is_file():
-            try:
-                info = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                warnings.append(f"{path}: cannot read the model description ({err}); images are scaled per image set")
-                return None, path
-            if isinstance(info, dict):
-                return info, path
-            warnings.append(f"{path}: not a JSON object; images are scaled per image set")
-            return None, path
+            return read_json_object(path, warnings, "; images are scaled per image set"), path
     warnings.append(f"model {model_dir}: no phenolens.json found; images are scaled by each source's "
                     "0.1/99.9 percentiles instead of the model's normalisation")
     return None, None
@@ -81,12 +86,8 @@ def open_run(run_dir: Path) -> tuple[list[dict], dict | None, dict | None, Path 
     settings = None
     run_json = run_dir / "run.json"
     if run_json.is_file():
-        try:
-            settings = json.loads(run_json.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            warnings.append(f"{run_json}: cannot read ({err})")
+        settings = read_json_object(run_json, warnings)
     else:
         warnings.append(f"{run_json}: missing; the run's settings are unknown")
-    settings = settings if isinstance(settings, dict) else None
     model, model_path = find_model_info(settings, run_dir, warnings)
     return rows, settings, model, model_path, warnings

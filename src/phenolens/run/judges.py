@@ -12,31 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
     from phenolens.run.measure import MeasureSettings, RunData
 
 
-def _load(paths, normalizer, channels, size: tuple[int, int]) -> torch.Tensor:
-    """Files -> BCHW in [-1, 1] with one normalisation, resized to SIZE where they differ."""
-    from skimage.transform import resize
-
-    from phenolens.data.io import read_image
-
-    out = []
-    for p in paths:
-        x = normalizer.to_model(read_image(p, channels=channels)[0]).astype(np.float32)
-        if x.shape[1:] != size:
-            x = resize(x, (x.shape[0], *size), order=1, preserve_range=True, anti_aliasing=True).astype(np.float32)
-        out.append(x)
-    return torch.from_numpy(np.stack(out))
-
-
 def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
                   conditions: list[str], settings: "MeasureSettings", progress: bool = True) -> dict:
     from phenolens.data.io import read_image
-    from phenolens.data.normalize import Normalizer
+    from phenolens.data.normalize import Normalizer, load_normalized
     from phenolens.measure.image_metrics import distribution_metrics
     from phenolens.measure.oracles import OracleEnsemble
     from phenolens.run.measure import _pick_evenly
@@ -51,7 +35,7 @@ def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_co
         labels += [ci] * len(picked)
     normalizer = (Normalizer.from_dict(run.info["normalization"]) if run.info.get("normalization")
                   else Normalizer.fit(read_image(p, channels=channels)[0] for p in ref_paths))
-    x = _load(ref_paths, normalizer, channels, size)
+    x = load_normalized(ref_paths, normalizer, channels, size)
     y = np.array(labels)
     rng = np.random.default_rng(0)
     held = rng.random(len(y)) < 0.2
@@ -62,14 +46,14 @@ def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_co
     per_target: dict = {}
     for source_condition in dict.fromkeys(r["source_condition"] for r in run.rows):
         src_keys = list(dict.fromkeys(r["source_path"] for r in run.rows if r["source_condition"] == source_condition))
-        src = _load([sources[k] for k in src_keys], normalizer, channels, size)
+        src = load_normalized([sources[k] for k in src_keys], normalizer, channels, size)
         src_feats = oracles.features(src)
         for ti, tc in enumerate(conditions):
             rows = {r["source_path"]: r for r in run.rows
                     if r["source_condition"] == source_condition and r["target_condition"] == tc}
             if tc == source_condition or not rows:
                 continue
-            gen = _load([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer, channels, size)
+            gen = load_normalized([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer, channels, size)
             real = x[y == ti]
             per_target[f"{source_condition} -> {tc}"] = dict(
                 n=len(gen),

@@ -119,17 +119,14 @@ def _measure_job(job: _Job) -> tuple[dict, np.ndarray, dict]:
 
 def estimate_nucleus_diameter(paths: Sequence[Path], channels: list[int] | None, nuclei_channel: int) -> float:
     """Median equivalent diameter of the Otsu foreground's components in a few DNA channels."""
-    from skimage import filters, measure
+    from skimage import measure
 
     from phenolens.data.io import read_image
+    from phenolens.measure.segment import otsu_foreground
 
     diameters: list[float] = []
     for p in paths[:16]:
-        dna = read_image(p, channels=channels)[0][nuclei_channel].astype(np.float64)
-        smooth = filters.gaussian(dna, sigma=1.0, preserve_range=True)
-        if np.ptp(smooth) == 0:
-            continue
-        labels = measure.label(smooth > filters.threshold_otsu(smooth))
+        labels = measure.label(otsu_foreground(read_image(p, channels=channels)[0][nuclei_channel], 1.0))
         diameters += [r.equivalent_diameter_area for r in measure.regionprops(labels) if r.area >= 9]
     return float(np.median(diameters)) if diameters else SegmentationSettings().nucleus_diameter
 
@@ -226,8 +223,8 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
         return _Job(str(path), condition, kind, role, source, target, channels, feats, seg, settings.masks,
                     _ground_truth(path, condition) if kind == "real" else None)
 
-    jobs = [job(p, next(r["source_condition"] for r in run.rows if r["source_path"] == s), "real", "source")
-            for s, p in sources.items()]
+    source_condition = {r["source_path"]: r["source_condition"] for r in run.rows}
+    jobs = [job(p, source_condition[s], "real", "source") for s, p in sources.items()]
     jobs += [job(run_dir / r["output_path"], r["target_condition"], r["kind"], "generated",
                  str(sources[r["source_path"]]), r["target_condition"]) for r in run.rows]
     jobs += [job(rec.path, c, "real", "reference") for c in conditions
