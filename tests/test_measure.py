@@ -73,6 +73,21 @@ def test_cohens_d_and_bh_against_hand_computation():
     assert same["p_welch"] > 0.01
 
 
+def test_translated_effect_on_the_real_scale():
+    """trans_d_common divides the translated mean shift by the *real* pooled SD: a translation that shifts
+    by the real mean difference scores the real d, however narrow its few sources happen to be."""
+    from phenolens.measure.stats import compare_conditions
+
+    real_src, real_tgt = np.array([0.0, 2.0, 4.0]), np.array([2.0, 4.0, 6.0])  # diff 2, pooled SD 2 -> d 1
+    sources = np.array([1.0, 1.5, 2.0])  # SD 0.5: their own d would be 4
+    rows = compare_conditions(["f"], {"f": real_src}, {"f": real_tgt}, {"f": sources}, {"f": sources + 2})
+    r = rows[0]
+    assert r["real_d"] == pytest.approx(1.0)
+    assert r["trans_d"] == pytest.approx(4.0)
+    assert r["trans_d_common"] == pytest.approx(1.0)
+    assert r["effect_ratio"] == pytest.approx(1.0) and r["d_ratio"] == pytest.approx(4.0)
+
+
 def test_features_see_the_planted_nucleus_growth(sim):
     from phenolens.measure.features import FeatureSettings, measure_image
     from phenolens.measure.segment import segment

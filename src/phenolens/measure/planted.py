@@ -4,6 +4,11 @@ The simulator plants five phenotypes (see `phenolens.data.simulate`); each has o
 feature that reads it out. For each, this compares the real effect (real control vs real condition)
 with the translated one (sources vs their translations) at every dose, and correlates the real and
 translated condition means across the series (PhenDiff Fig. 4 protocol).
+
+Effect sizes are compared on one scale: the translated mean difference is standardised by the real
+contrast's pooled SD (`trans_d_common`), so the ratio is translated / real mean difference. Each
+contrast's own Cohen's d is reported beside it; its ratio also carries the sampling noise of the SD
+of the few translated sources (for a subtle effect, more than the ±50 % band).
 """
 
 from __future__ import annotations
@@ -54,14 +59,15 @@ def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) 
         if strongest not in per_target:
             continue
         s = per_target[strongest]
-        real_d, trans_d = float(s["real_d"]), float(s["trans_d"])
+        real_d, own_d = float(s["real_d"]), float(s["trans_d"])
+        trans_d = float(s["trans_d_common"]) if s.get("trans_d_common") not in (None, "") else math.nan
         ratio = trans_d / real_d if real_d else math.nan
         # direction is only defined where the real images move: doses whose real effect is significant
         moving = [c for c in conditions if c in per_target and float(per_target[c]["real_q"]) < SIGNIFICANT_Q]
         agree = [per_target[c]["direction_agrees"] == "True" for c in moving]
         r = float(corr[feature]["pearson_r"]) if feature in corr else math.nan
         rows.append(dict(phenotype=phenotype, feature=feature, reads=reads, real_d=real_d, translated_d=trans_d,
-                         ratio=ratio, same_direction_all_doses=all(agree) and bool(agree),
+                         ratio=ratio, translated_own_d=own_d, own_d_ratio=own_d / real_d if real_d else math.nan, same_direction_all_doses=all(agree) and bool(agree),
                          doses_checked=",".join(moving),
                          within_50pct=bool(abs(ratio - 1) <= EFFECT_TOLERANCE),
                          dose_correlation=r, correlation_ok=bool(np.isfinite(r) and r >= MIN_CORRELATION)))
@@ -70,10 +76,11 @@ def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) 
 
 def format_planted_table(rows: list[dict]) -> str:
     """Markdown table for the summary, README and notes."""
-    lines = ["| phenotype | feature | real d | translated d | ratio | same direction (doses with real q < 0.05) "
-             "| r across doses |", "|---|---|---|---|---|---|---|"]
+    lines = ["| phenotype | feature | real d | translated d (real SD) | ratio | translated d (own SD) | ratio "
+             "| same direction (doses with real q < 0.05) | r across doses |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['phenotype']} | {r['feature']} | {r['real_d']:.2f} | {r['translated_d']:.2f} | "
-                     f"{r['ratio']:.2f} | {'yes' if r['same_direction_all_doses'] else 'no'} ({r['doses_checked']}) | "
+                     f"{r['ratio']:.2f} | {r['translated_own_d']:.2f} | {r['own_d_ratio']:.2f} | "
+                     f"{'yes' if r['same_direction_all_doses'] else 'no'} ({r['doses_checked']}) | "
                      f"{r['dose_correlation']:.2f} |")
     return "\n".join(lines)

@@ -19,15 +19,29 @@ import numpy as np
 from scipy import stats
 
 
+def pooled_sd(a: np.ndarray, b: np.ndarray) -> float:
+    """Pooled standard deviation of two samples (Cohen 1988, eq. 2.5.2); NaN with fewer than 2 each."""
+    a, b = _finite(a), _finite(b)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+
+
+def standardized(diff: float, sd: float) -> float:
+    """DIFF / SD, with the limits of a zero SD (NaN for no change, ±inf otherwise)."""
+    if not np.isfinite(sd):
+        return math.nan
+    if sd <= 0:
+        return math.nan if diff == 0 else math.copysign(math.inf, diff)
+    return float(diff / sd)
+
+
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     """(mean(b) - mean(a)) / pooled SD (Cohen 1988, eq. 2.5.2); NaN when undefined."""
     a, b = _finite(a), _finite(b)
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
-    if pooled <= 0:
-        return math.nan if b.mean() == a.mean() else math.copysign(math.inf, b.mean() - a.mean())
-    return float((b.mean() - a.mean()) / math.sqrt(pooled))
+    return standardized(float(b.mean() - a.mean()), pooled_sd(a, b))
 
 
 def _finite(x) -> np.ndarray:
@@ -65,15 +79,23 @@ def bh_adjust(p: Sequence[float]) -> np.ndarray:
 def compare_conditions(features: Sequence[str], real_source: Mapping[str, np.ndarray],
                        real_target: Mapping[str, np.ndarray], translated_source: Mapping[str, np.ndarray],
                        translation: Mapping[str, np.ndarray]) -> list[dict]:
-    """One row per feature: the real and the translated contrast, q-values, direction agreement."""
+    """One row per feature: the real and the translated contrast, q-values, direction agreement.
+
+    Besides each contrast's own Cohen's d, `trans_d_common` standardises the translated mean difference
+    by the *real* contrast's pooled SD, so real and translated effects are on one scale and their ratio
+    (`effect_ratio`, = trans_diff / real_diff) is not inflated or shrunk by the SD of the few translated
+    sources (a few dozen images, against the hundreds of real ones).
+    """
     rows = []
     for f in features:
         real = contrast(real_source[f], real_target[f])
         trans = contrast(translated_source[f], translation[f])
+        common = standardized(trans["diff"], pooled_sd(real_source[f], real_target[f]))
         rows.append(dict(
             feature=f, n_source=len(_finite(translated_source[f])), n_real_target=len(_finite(real_target[f])),
             n_translation=len(_finite(translation[f])),
             **{f"real_{k}": v for k, v in real.items()}, **{f"trans_{k}": v for k, v in trans.items()},
+            trans_d_common=common,
         ))
     for side in ("real", "trans"):
         q = bh_adjust([r[f"{side}_p_welch"] for r in rows])
@@ -83,6 +105,8 @@ def compare_conditions(features: Sequence[str], real_source: Mapping[str, np.nda
         rd, td = r["real_d"], r["trans_d"]
         r["direction_agrees"] = bool(np.isfinite(rd) and np.isfinite(td) and np.sign(rd) == np.sign(td) and rd != 0)
         r["d_ratio"] = float(td / rd) if np.isfinite(rd) and np.isfinite(td) and rd != 0 else math.nan
+        rdiff, tdiff = r["real_diff"], r["trans_diff"]
+        r["effect_ratio"] = float(tdiff / rdiff) if np.isfinite(rdiff) and np.isfinite(tdiff) and rdiff != 0 else math.nan
     return rows
 
 

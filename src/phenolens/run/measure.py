@@ -292,7 +292,8 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
 
 STATS_COLUMNS = ["feature", "source_condition", "target_condition", "n_source", "n_real_target", "n_translation",
                  "real_diff", "real_d", "real_p_welch", "real_p_mw", "real_q", "trans_diff", "trans_d",
-                 "trans_p_welch", "trans_p_mw", "trans_q", "direction_agrees", "d_ratio"]
+                 "trans_p_welch", "trans_p_mw", "trans_q", "trans_d_common", "direction_agrees", "d_ratio",
+                 "effect_ratio"]
 
 
 def _num(v) -> float:
