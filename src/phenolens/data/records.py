@@ -141,3 +141,19 @@ def validate_training_conditions(conditions: Sequence[str]) -> None:
     if len(conditions) < 2:
         raise PhenolensError(f"training needs at least 2 conditions, found {len(conditions)}"
                              f"{': ' + ', '.join(conditions) if conditions else ''}")
+
+
+def training_records(data: Path | str, wanted: Sequence[str] | None = None) -> tuple[list[ImageRecord], list[str]]:
+    """The images of DATA and the conditions to train on, in WANTED's order when given (a dose
+    series keeps its order in the model), checked against what DATA holds."""
+    records = discover(data)
+    found = conditions_in_order(records)
+    conditions = list(wanted) if wanted else found
+    unknown = sorted(set(conditions) - set(found))
+    if unknown:
+        raise PhenolensError(f"--conditions names {', '.join(unknown)}, not found in {data} (found: {', '.join(found)})")
+    missing = [c for c in found if c not in conditions]
+    if missing:
+        raise PhenolensError(f"--conditions leaves out {', '.join(missing)}, found in {data}; list every condition")
+    validate_training_conditions(conditions)
+    return records, conditions

@@ -38,6 +38,8 @@ class ModelInfo:
     preset: str = "tiny"
     prediction_type: str = "epsilon"
     training: dict[str, Any] = field(default_factory=dict)  # command line, steps, settings
+    base: str | None = None  # a fine-tuned latent model: the pretrained pipeline it adapts (dir or hub id)
+    adaptation: dict[str, Any] = field(default_factory=dict)  # ... and how (mode, rank, conditioning, prompts)
     version: str = ""
 
     def condition_index(self, name: str, option: str = "condition") -> int:

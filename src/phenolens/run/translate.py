@@ -30,8 +30,13 @@ from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.data.io import ImageLayout, read_image, write_image
 from phenolens.data.records import ImageRecord, discover
 from phenolens.errors import PhenolensError
-from phenolens.methods.phendiff import PhenDiff, psnr_from_mse, write_skipped
+from phenolens.methods.core import load_model_for, psnr_from_mse
+from phenolens.methods.phendiff import write_skipped
 from phenolens.run.index import INDEX_COLUMNS, read_index
+
+# extra index.csv columns of a latent model (Phen-LDiff): the same errors in the diffusion space, and
+# the VAE's own round-trip error, the floor under the pixel-space reconstruction error
+LATENT_COLUMNS = ["latent_recon_mse", "latent_change_mse", "autoencoder_mse"]
 
 
 
@@ -48,6 +53,7 @@ class TranslateSettings:
     inversion: str = "fixed-point"
     inversion_iters: int = 5
     batch_size: int = 16
+    guidance_scale: float = 1.0  # classifier-free guidance of the targets; 1 = none (exact inversion)
 
 
 def output_extension(path: Path) -> str:
@@ -77,6 +83,9 @@ def prepare_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) 
     wanted = asdict(settings)
     if out.exists() and any(out.iterdir()):
         previous = json.loads(run_json.read_text()) if run_json.is_file() else None
+        if previous is not None:  # a run from before a setting existed used its default
+            defaults = asdict(TranslateSettings(model_dir="", input=""))
+            previous = {k: previous.get(k, defaults.get(k)) for k in wanted}
         if overwrite:
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -93,7 +102,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                   skip_bad: bool = False, device: str | None = None, progress: bool = True) -> Path:
     """Translate every image of INPUT to every target; returns the path of index.csv."""
     out = Path(out)
-    model = PhenDiff.from_pretrained(settings.model_dir, device=device)
+    model = load_model_for(settings.model_dir, device=device)
     records = discover(settings.input, condition=settings.source)
     for rec in records:
         model.info.condition_index(rec.condition, "--from" if settings.source else f"source condition of {rec.path}")
@@ -111,7 +120,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     folders = plan_outputs(records)
     todo = [r for r in records if str(r.path) not in done]
     meta_columns = list(dict.fromkeys(k for r in records for k in r.meta if k not in INDEX_COLUMNS))
-    columns = INDEX_COLUMNS + meta_columns
+    latent_columns = LATENT_COLUMNS if model.latent else []
+    columns = INDEX_COLUMNS + latent_columns + meta_columns
     skipped: list[tuple[Path, str]] = []
 
     torch.manual_seed(settings.seed)
@@ -121,7 +131,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         recs = [rec for rec, _, _ in batch]
         raws = [raw for _, raw, _ in batch]
         result = model.translate(raws, [r.condition for r in recs], targets, steps=settings.steps,
-                                 inversion=settings.inversion, iters=settings.inversion_iters)
+                                 inversion=settings.inversion, iters=settings.inversion_iters,
+                                 guidance_scale=settings.guidance_scale)
         for i, (rec, _, layout) in enumerate(batch):
             folder = folders[rec.path]
             ext = output_extension(rec.path)
@@ -131,14 +142,20 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
             common = dict(source_path=str(rec.path), source_condition=rec.condition,
                           recon_mse=f"{recon_mse:.6g}", recon_psnr=f"{float(psnr_from_mse(recon_mse)):.3f}",
                           reconstruction_path=str(recon_rel), **{k: rec.meta.get(k, "") for k in meta_columns})
+            if model.latent:
+                common.update(latent_recon_mse=f"{float(result.latent_recon_mse[i]):.6g}",
+                              autoencoder_mse=f"{float(result.autoencoder_mse[i]):.6g}")
             for target in targets:
                 if target == rec.condition:
                     rel, kind = recon_rel, "reconstruction"
                 else:
                     rel, kind = folder / f"{safe_name(target)}{ext}", "translation"
                     write_image(out / rel, result.translations[target][i], layout)
-                rows.append(dict(common, target_condition=target, output_path=str(rel), kind=kind,
-                                 change_mse=f"{float(result.change_mse[target][i]):.6g}"))
+                row = dict(common, target_condition=target, output_path=str(rel), kind=kind,
+                           change_mse=f"{float(result.change_mse[target][i]):.6g}")
+                if model.latent:
+                    row["latent_change_mse"] = f"{float(result.latent_change_mse[target][i]):.6g}"
+                rows.append(row)
         write_csv_atomic(index_path, rows, columns)
         bar.update(len(batch))
     bar.close()

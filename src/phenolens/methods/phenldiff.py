@@ -1,0 +1,308 @@
+"""Phen-LDiff (Bourou et al. 2024): fine-tune a pretrained latent diffusion model on a small
+microscopy dataset, then translate between conditions in its latent space.
+
+Method, as in the paper's §3:
+
+1. **Start from a pretrained LDM** (Stable Diffusion 2, §3.1.1): a VAE E/D that maps images to a
+   latent space z = E(x) and back, and a text-conditioned UNet ε_θ(z_t, t, c) that denoises there.
+2. **Fine-tune conditionally** (§3.3) on the images of every condition, the condition c being the
+   text encoder's embedding of a prompt per condition ("a fluorescence microscopy image of {condition}
+   cells") or, optionally, a learned embedding per condition. Only part of the UNet trains (§3.1.2–3):
+   LoRA (eq. 4, W' = W + BA^T), SVDiff (shifts of the singular values of W = UΣV^T), the attention
+   layers, or everything; `phenolens.models.adapters` implements the four. The loss is the DDPM loss of
+   the pixel model (PhenDiff eq. 4) applied to the latents, z_0 = s·E(x) with s the VAE's scaling factor.
+3. **Translate** (§3.3): encode the source, DDIM-invert z_0 under the source condition, render the code
+   under the target, decode. Inversion and rendering are the shared core (`methods.core`), so
+   `translate`, `measure`, `report` and the memorisation check work on these models unchanged.
+
+Channels: the VAE sees RGB. 1 channel -> the same image in R, G and B (decoded back as their mean);
+2 channels -> R and G, with B black (-1) (decoded from R and G); 3 channels -> R, G, B in the order the
+files (or `--channels`) give them. More than 3 is refused: pick 3 with `--channels`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from phenolens.diffusion.ddim import unet_fn
+from phenolens.errors import PhenolensError
+from phenolens.methods.core import CounterfactualModel, write_sample_grid
+from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
+from phenolens.models.store import INFO_FILE, ModelInfo, load_info, save_info
+
+EMBEDDINGS_FILE = "condition_embeddings.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+# ------------------------------------------------------------------------------------- channels
+def check_channels(n_channels: int, where: str = "the images") -> None:
+    if n_channels > 3:
+        raise PhenolensError(f"{where} have {n_channels} channels; a Stable Diffusion VAE takes at most 3 (RGB): "
+                             "pick 3 with --channels, e.g. --channels 0,1,2")
+    if n_channels < 1:
+        raise PhenolensError(f"{where} have no channels")
+
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """(B, C ≤ 3, H, W) in [-1, 1] -> (B, 3, H, W) by the rule in the module docstring."""
+    c = x.shape[1]
+    check_channels(c)
+    if c == 3:
+        return x
+    if c == 1:
+        return x.repeat(1, 3, 1, 1)
+    return torch.cat([x, torch.full_like(x[:, :1], -1.0)], dim=1)
+
+
+def from_rgb(y: torch.Tensor, n_channels: int) -> torch.Tensor:
+    """Inverse of `to_rgb` for decoded images."""
+    if n_channels == 3:
+        return y
+    if n_channels == 1:
+        return y.mean(dim=1, keepdim=True)
+    return y[:, :2]
+
+
+# -------------------------------------------------------------------------------- the network
+class ConditionedUNet(nn.Module):
+    """The base's UNet2DConditionModel with one embedding sequence per condition (and a null one).
+
+    It answers `model(z_t, t, class_labels=labels)` like the pixel UNet, so the shared trainer, loss
+    and DDIM code drive it unchanged: label i selects condition i's embedding as the cross-attention
+    context, label n (= number of conditions) the empty prompt's (classifier-free guidance).
+    """
+
+    def __init__(self, unet, embeddings: torch.Tensor, learn_embeddings: bool = False):
+        super().__init__()
+        self.unet = unet
+        conditions, null = embeddings[:-1].detach().clone(), embeddings[-1:].detach().clone()
+        if learn_embeddings:
+            self.embeddings = nn.Parameter(conditions)
+        else:
+            self.register_buffer("embeddings", conditions)
+        self.register_buffer("null_embedding", null)
+
+    @property
+    def config(self) -> dict:
+        """What the trainer's resume fingerprint compares (the frozen base counts by its shape)."""
+        return dict(unet=dict(self.unet.config), embeddings=list(self.embeddings.shape),
+                    trainable=sum(p.numel() for p in self.parameters() if p.requires_grad))
+
+    def context(self, labels: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.embeddings, self.null_embedding], dim=0)
+        return table[labels.long()].to(dtype=next(self.unet.parameters()).dtype)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor):
+        return self.unet(z_t, t, encoder_hidden_states=self.context(class_labels))
+
+
+def vae_encode(vae, x: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z_0 = s·E(x) (LDM §3): a posterior sample when training (generator given), its mean otherwise."""
+    dist = vae.encode(to_rgb(x).to(vae.dtype)).latent_dist
+    z = dist.sample(generator=generator) if generator is not None else dist.mode()
+    return z.float() * scaling_factor
+
+
+def vae_decode(vae, z: torch.Tensor, scaling_factor: float, n_channels: int) -> torch.Tensor:
+    return from_rgb(vae.decode((z / scaling_factor).to(vae.dtype)).sample.float(), n_channels)
+
+
+def latent_loss(vae, scaling_factor: float):
+    """The trainer's loss for a latent model: PhenDiff eq. 4 on z_0 = s·E(x) with the frozen VAE."""
+    from phenolens.train.trainer import diffusion_loss
+
+    def loss(model, noise_scheduler, x0, labels, generator):
+        if next(vae.parameters()).device != x0.device:
+            vae.to(x0.device)
+        with torch.no_grad():
+            z0 = vae_encode(vae, x0, scaling_factor, generator)
+        return diffusion_loss(model, noise_scheduler, z0, labels, generator)
+
+    return loss
+
+
+# ---------------------------------------------------------------------------------- the model
+class PhenLDiff(CounterfactualModel):
+    """A fine-tuned latent model: base VAE + adapted UNet + condition embeddings."""
+
+    latent = True
+
+    def __init__(self, model: ConditionedUNet, vae, scheduler, info: ModelInfo, device: str | None = None):
+        super().__init__(info, scheduler, device)
+        self.model = model.to(self.device).eval()
+        self.vae = vae.to(self.device).eval()
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    # ------------------------------------------------------------------------------ the method
+    def model_fn(self):
+        """ε_θ(z_t, t, c): c is the condition's embedding, picked by label."""
+        return unet_fn(self.model)
+
+    def spatial_factor(self) -> int:
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor * 2 ** (len(self.model.unet.config.block_out_channels) - 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return vae_encode(self.vae, x, self.scaling_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return vae_decode(self.vae, z, self.scaling_factor, self.info.n_channels)
+
+    def code_shape(self, n_channels: int, height: int, width: int) -> tuple[int, int, int]:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (int(self.vae.config.latent_channels), height // f, width // f)
+
+    # ----------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | None = None,
+                        base: str | None = None) -> "PhenLDiff":
+        """Base (as phenolens.json names it, or BASE if it has moved) + what fine-tuning saved."""
+        from diffusers import DDIMScheduler
+        from safetensors.torch import load_file
+
+        from phenolens.models.adapters import load_adaptation
+        from phenolens.models.latent import load_base
+
+        model_dir = Path(model_dir)
+        info = load_info(model_dir)
+        if info.method != "phenldiff":
+            raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not a Phen-LDiff model")
+        lb = load_base(base or info.base, components=("vae", "unet"))
+        load_adaptation(model_dir / ADAPTER_DIR, lb.unet)
+        emb = load_file(str(model_dir / EMBEDDINGS_FILE))
+        table = torch.cat([emb["conditions"], emb["null"]], dim=0)
+        if table.shape[0] != len(info.conditions) + 1:
+            raise PhenolensError(f"{model_dir / EMBEDDINGS_FILE}: holds {table.shape[0] - 1} condition embeddings, "
+                                 f"phenolens.json lists {len(info.conditions)} conditions")
+        model = ConditionedUNet(lb.unet, table, learn_embeddings=False)
+        scheduler = DDIMScheduler.from_pretrained(str(model_dir / "scheduler"))
+        return cls(model, lb.vae, scheduler, info, device=device)
+
+    def save_pretrained(self, model_dir: str | Path) -> None:
+        save_latent_model(Path(model_dir), self.model, self.scheduler, self.info)
+
+
+def save_latent_model(model_dir: Path, model: ConditionedUNet, scheduler, info: ModelInfo) -> None:
+    """Only what was trained: adapter/ (adapters, spectral shifts or trained weights), the condition
+    embeddings, the scheduler and phenolens.json naming the base. The model files go into a
+    temporary folder first and replace the old ones together (checkpoints beside them stay)."""
+    from safetensors.torch import save_file
+
+    from phenolens.models.adapters import save_adaptation
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_adaptation(tmp / ADAPTER_DIR, model.unet, info.adaptation)
+    save_file({"conditions": model.embeddings.detach().float().cpu().contiguous(),
+               "null": model.null_embedding.detach().float().cpu().contiguous()}, str(tmp / EMBEDDINGS_FILE))
+    scheduler.save_pretrained(str(tmp / "scheduler"))
+    save_info(tmp, info)
+    for name in (ADAPTER_DIR, "scheduler", EMBEDDINGS_FILE, INFO_FILE):  # phenolens.json last: it marks a model
+        dest = model_dir / name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(tmp / name, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- training
+@dataclass
+class FinetuneSettings:
+    """What `phenolens finetune` decides besides the optimiser loop (see TrainConfig)."""
+
+    base: str
+    mode: str = "lora"
+    rank: int = 4
+    size: int | None = None  # training crop side; default: the base's native resolution
+    channels: list[int] | None = None
+    conditions: list[str] | None = None
+    conditioning: str = "prompt"
+    prompt_template: str = PROMPT_TEMPLATE
+    prompts: dict[str, str] = field(default_factory=dict)  # per-condition overrides of the template
+    skip_bad: bool = False
+
+    def prompt_for(self, condition: str) -> str:
+        return prompt_for(condition, self.prompt_template, self.prompts)
+
+
+def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings, config, *,
+             resume: bool = False, overwrite: bool = False, command: str = "", progress: bool = True) -> ModelInfo:
+    """Fine-tune BASE on DATA (folder per condition or manifest) into MODEL_DIR (Phen-LDiff §3.3)."""
+    from phenolens import __version__
+    from phenolens.data.dataset import ImageSet
+    from phenolens.data.records import training_records
+    from phenolens.methods.phendiff import write_skipped
+    from phenolens.models.adapters import MODES, count_parameters, prepare_unet
+    from phenolens.models.latent import encode_prompts, load_base
+    from phenolens.train.trainer import train
+
+    if settings.mode not in MODES:
+        raise PhenolensError(f"--mode {settings.mode!r}: choose one of {', '.join(MODES)}")
+    if settings.conditioning not in CONDITIONINGS:
+        raise PhenolensError(f"--conditioning {settings.conditioning!r}: choose prompt or learned")
+    if "{condition}" not in settings.prompt_template:
+        raise PhenolensError(f"--prompt-template {settings.prompt_template!r} must contain {{condition}}")
+    model_dir = Path(model_dir)
+    records, conditions = training_records(data, settings.conditions)
+    unknown = sorted(set(settings.prompts) - set(conditions))
+    if unknown:
+        raise PhenolensError(f"--prompt names {', '.join(unknown)}, not a condition of {data} ({', '.join(conditions)})")
+
+    lb = load_base(settings.base)
+    factor = lb.vae_scale_factor * 2 ** (len(lb.unet.config.block_out_channels) - 1)
+    size = settings.size or int(lb.unet.config.sample_size) * lb.vae_scale_factor
+    if size % factor:
+        raise PhenolensError(f"--size {size} must be a multiple of {factor} (the VAE's and the UNet's downsampling)")
+    images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
+                      augment=config.augment, progress=progress)
+    check_channels(images.n_channels, f"the images of {data}")
+    if images.bad:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        write_skipped(model_dir / "skipped_files.csv", images.bad)
+        print(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / 'skipped_files.csv'}")
+
+    prompts = [settings.prompt_for(c) for c in conditions]
+    embeddings = encode_prompts(lb.text_encoder, lb.tokenizer, prompts + [""])
+    lb.text_encoder = None  # not needed any more: the conditions are embeddings from here on
+    torch.manual_seed(config.seed)  # LoRA's random init depends on --seed only
+    description = prepare_unet(lb.unet, settings.mode, rank=settings.rank)
+    model = ConditionedUNet(lb.unet, embeddings, learn_embeddings=settings.conditioning == "learned")
+    trainable, total = count_parameters(model)
+    print(f"{settings.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3g} %)")
+
+    info = ModelInfo(
+        conditions=list(conditions), n_channels=images.n_channels, image_size=size,
+        normalization=images.normalizer.to_dict(), method="phenldiff", channels=settings.channels,
+        preset=settings.mode, prediction_type=lb.prediction_type, base=str(settings.base),
+        adaptation=dict(description, conditioning=settings.conditioning, prompts=dict(zip(conditions, prompts))),
+        training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
+                      config=asdict(config), trainable_parameters=trainable, total_parameters=total,
+                      num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+        version=__version__,
+    )
+
+    def on_save(trained: ConditionedUNet, step: int) -> None:
+        info.training["steps_done"] = step
+        save_latent_model(model_dir, trained, lb.scheduler, info)
+
+    def on_sample(trained: ConditionedUNet, step: int) -> None:
+        device = str(next(trained.parameters()).device)
+        write_sample_grid(PhenLDiff(trained, lb.vae, lb.scheduler, info, device=device),
+                          model_dir / "samples" / f"step-{step:07d}.png", step)
+
+    train(model, lb.scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
+          overwrite=overwrite, loss_fn=latent_loss(lb.vae, float(lb.vae.config.scaling_factor)), on_save=on_save,
+          sample_fn=on_sample, progress=progress)
+    return info
+
+
+__all__ = ["PhenLDiff", "FinetuneSettings", "finetune", "ConditionedUNet", "to_rgb", "from_rgb",
+           "PROMPT_TEMPLATE"]
