@@ -1,4 +1,4 @@
-"""The `phenolens` command: simulate, train, translate, measure, report, memorization, demo.
+"""The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -17,6 +17,7 @@ from typing import Callable
 
 from phenolens import __version__
 from phenolens.errors import PhenolensError
+from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
 POSITIONALS = {"data", "model_dir", "out", "input", "run_dir"}
@@ -51,6 +52,54 @@ def _add_simulate(sub) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
+def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+    """The optimiser-loop options `train` and `finetune` share (one trainer, one set of options)."""
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
+    p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate after warm-up (default {lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    p.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
+    p.add_argument("--no-augment", action="store_true",
+                   help="train on the crops as they are, without the random flips and 90° rotations that make 8 "
+                        "views of each image: for memorisation experiments (`phenolens memorization`), where a small "
+                        "dataset should be seen image by image, or images whose orientation means something "
+                        "(default: augment)")
+    p.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="probability of dropping the condition (classifier-free guidance training) (default 0)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="auto = bf16 on a GPU that supports it, else no (default auto)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
+    p.add_argument("--sample-every", type=int, default=0,
+                   help="every N steps write MODEL_DIR/samples/step-N.png (a row of samples per condition, same "
+                        "noise) and add it to TensorBoard when installed; 0 = never (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in MODEL_DIR")
+    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of an earlier run in MODEL_DIR")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
+
+
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from the shared loop options, after checking them."""
+    from phenolens.train.trainer import TrainConfig
+
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        import torch
+
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
+        checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
+        sample_every=max(args.sample_every, 0), augment=not args.no_augment,
+    )
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a class-conditional diffusion model (PhenDiff) on your images",
                        description="Train one class-conditional UNet on all conditions of DATA. Runs on CPU, one GPU, "
@@ -63,15 +112,7 @@ def _add_train(sub) -> None:
     p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
     p.add_argument("--conditions", type=_csv_list, default=None,
                    help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: as found)")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up (default 2e-4)")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
-    p.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
-    p.add_argument("--cond-dropout", type=float, default=0.0,
-                   help="probability of dropping the condition (classifier-free guidance training) (default 0)")
+    _add_loop_options(p, steps=2000, lr=2e-4)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
                    help="what the network predicts; ε and v invert equally exactly in bench/schedules.py, v was the "
                         "PhenDiff code's choice (default v_prediction)")
@@ -80,18 +121,49 @@ def _add_train(sub) -> None:
                         "bench/schedules.py); implies --timestep-spacing trailing")
     p.add_argument("--timestep-spacing", choices=("leading", "trailing"), default="leading",
                    help="how DDIM picks its timesteps; leading inverts 2-5 dB more exactly in bench/schedules.py (default leading)")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                   help="auto = bf16 on a GPU that supports it, else no (default auto)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
-    p.add_argument("--sample-every", type=int, default=0,
-                   help="every N steps write MODEL_DIR/samples/step-N.png (a row of samples per condition, same "
-                        "noise) and add it to TensorBoard when installed; 0 = never (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in MODEL_DIR")
-    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of an earlier run in MODEL_DIR")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained latent diffusion model (Phen-LDiff) on your images",
+                       description="Fine-tune a Stable Diffusion 2 family pipeline (VAE, text-conditioned UNet, CLIP "
+                                   "text encoder) on all conditions of DATA with LoRA, SVDiff, attention-only or full "
+                                   "fine-tuning. MODEL_DIR holds only what was trained (adapter/, the condition "
+                                   "embeddings) and a phenolens.json naming BASE; `phenolens translate`, `measure`, "
+                                   "`report` and `memorization` use it like a PhenDiff model. Runs on CPU, one GPU or "
+                                   "several under `accelerate launch -m phenolens finetune ...`.")
+    p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
+    p.add_argument("model_dir", type=Path, help="where the fine-tuned model, its checkpoints and train_log.csv go")
+    p.add_argument("--base", required=True,
+                   help="the pretrained pipeline: a local diffusers directory (vae/, unet/, text_encoder/, tokenizer/, "
+                        "scheduler/) or a hub id such as stabilityai/stable-diffusion-2-1-base (needs the hub or "
+                        "the local Hugging Face cache)")
+    p.add_argument("--mode", choices=("lora", "svdiff", "attention", "full"), default="lora",
+                   help="what trains: lora (low-rank adapters on the attention and projection layers, paper eq. 4), "
+                        "svdiff (shifts of the singular values of every weight matrix), attention (the attention "
+                        "layers), full (the whole UNet) (default lora)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA scaling alpha; the update is (alpha/rank)·BA^T (default: alpha = rank)")
+    p.add_argument("--conditioning", choices=CONDITIONINGS, default="prompt",
+                   help="prompt: each condition is the text encoder's embedding of its prompt, fixed; learned: that "
+                        "embedding is the starting point of a trained embedding per condition (default prompt)")
+    p.add_argument("--prompt-template", default=PROMPT_TEMPLATE,
+                   help=f"prompt of each condition, {{condition}} replaced by its name (default: {PROMPT_TEMPLATE!r})")
+    p.add_argument("--prompt", action="append", default=[], metavar="COND=TEXT",
+                   help="the prompt of one condition, overriding the template; repeat for several")
+    p.add_argument("--size", type=int, default=None,
+                   help="training crop side in pixels; larger images are cropped, smaller resized (default: the "
+                        "base's native size, 512 for Stable Diffusion 2 base)")
+    p.add_argument("--channels", default=None,
+                   help="file channels to use, in order, at most 3 (they become the VAE's R, G, B); 1 channel is "
+                        "copied to R, G and B, 2 fill R and G (default: all)")
+    p.add_argument("--conditions", type=_csv_list, default=None,
+                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: as found)")
+    _add_loop_options(p, steps=1000, lr=1e-4)
+    _add_config_options(p)
+    p.set_defaults(func=cmd_finetune)
 
 
 def _add_translate(sub) -> None:
@@ -113,6 +185,9 @@ def _add_translate(sub) -> None:
                    help="fixed-point: each inversion step solved implicitly, exact; ddim: plain DDIM inversion (default fixed-point)")
     p.add_argument("--inversion-iters", type=int, default=5,
                    help="fixed-point iterations per step; 5 measured best at 50 steps in bench/inversion.py (default 5)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance of the targets (needs a model trained with --cond-dropout); the "
+                        "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
@@ -220,6 +295,10 @@ def _add_memorization(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.9,
                    help="a generation whose nearest-training cosine exceeds this counts as memorised (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the noises (default 0)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="train the models here without random flips/90° rotations, so that a small half is learnt "
+                        "image by image, not as 8 views of each (as `phenolens train --no-augment`); the nearest "
+                        "training image is still searched over all 8 flips/rotations (default: augment)")
     p.add_argument("--device", default=None, help="torch device for generation, e.g. cpu or cuda:1 (default: cuda if available)")
     _add_config_options(p)
     p.set_defaults(func=cmd_memorization)
@@ -233,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_simulate, _add_train, _add_translate, _add_measure, _add_report, _add_memorization, _add_demo):
+    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_report, _add_memorization, _add_demo):
         add(sub)
     return parser
 
@@ -285,16 +364,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from phenolens.data.io import parse_channels
     from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff
-    from phenolens.train.trainer import TrainConfig
 
-    mixed = args.mixed_precision
-    if mixed == "auto":
-        import torch
-
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
     if args.zero_terminal_snr and args.prediction_type == "epsilon":
         raise PhenolensError("--zero-terminal-snr needs --prediction-type v_prediction (an ε-model cannot predict "
                              "the image from pure noise)")
@@ -303,15 +373,35 @@ def cmd_train(args: argparse.Namespace) -> None:
         prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         timestep_spacing="trailing" if args.zero_terminal_snr else args.timestep_spacing, skip_bad=args.skip_bad,
     )
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
-        checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
-        sample_every=max(args.sample_every, 0),
-    )
+    config = _train_config(args)
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model saved in {args.model_dir}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from phenolens.data.io import parse_channels
+    from phenolens.methods.phenldiff import FinetuneSettings, finetune
+
+    prompts = {}
+    for item in args.prompt:
+        cond, sep, text = item.partition("=")
+        if not sep or not cond.strip() or not text.strip():
+            raise PhenolensError(f"--prompt {item!r}: expected COND=TEXT, e.g. --prompt 'DMSO=untreated MCF-7 cells'")
+        prompts[cond.strip()] = text.strip()
+    if args.rank < 1:
+        raise PhenolensError("--rank must be at least 1")
+    settings = FinetuneSettings(base=args.base, mode=args.mode, rank=args.rank, lora_alpha=args.lora_alpha,
+                                size=args.size,
+                                channels=parse_channels(args.channels), conditions=args.conditions,
+                                conditioning=args.conditioning, prompt_template=args.prompt_template,
+                                prompts=prompts, skip_bad=args.skip_bad)
+    config = _train_config(args)
+    command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
+    finetune(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
+             command=command)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model saved in {args.model_dir}")
 
@@ -326,7 +416,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     settings = TranslateSettings(
         model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()), targets=args.to,
         source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
-        inversion_iters=args.inversion_iters, batch_size=args.batch_size,
+        inversion_iters=args.inversion_iters, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device)
     print(f"wrote {index}")
@@ -359,6 +449,7 @@ def cmd_memorization(args: argparse.Namespace) -> None:
     summary = memorization_check(args.data, args.out, preset=args.preset, size=args.size, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, n_per_condition=args.n_per_condition,
                                  sample_steps=args.sample_steps, seed=args.seed, threshold=args.threshold,
+                                 augment=not args.no_augment,
                                  model_a=args.model_a, model_b=args.model_b, device=args.device)
     g, m = summary["generalization"], summary["memorization"]
     print(f"generalisation cosine: mean {g['mean']:.3f}, median {g['median']:.3f} ({summary['n_pairs']} pairs)")

@@ -11,6 +11,7 @@ this interface and never ask which method made the images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,10 @@ class CounterfactualModel:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
+    def inference(self) -> contextlib.AbstractContextManager:
+        """Context for a whole invert/render pass (a method may cache derived weights in it)."""
+        return contextlib.nullcontext()
+
     def code_shape(self, n_channels: int, height: int, width: int) -> tuple[int, int, int]:
         """Shape of one diffusion-space code for an image of this shape (what generation starts from)."""
         return (n_channels, height, width)
@@ -163,6 +168,10 @@ class CounterfactualModel:
         targets = list(targets) if targets is not None else self.conditions
         for t in targets:
             self.info.condition_index(t, "--to")
+        with self.inference():
+            return self._translate(images, sources, targets, steps, inversion, iters, guidance_scale, progress)
+
+    def _translate(self, images, sources, targets, steps, inversion, iters, guidance_scale, progress) -> Translation:
         x0, hw = self.to_model_space(images)
         x0 = x0.to(self.device)
         z0 = self.encode(x0)
@@ -192,7 +201,8 @@ class CounterfactualModel:
     def generate(self, noise: torch.Tensor, conditions: Sequence[str], steps: int = 50,
                  guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
         """Images in [-1, 1] rendered from diffusion-space noise (shape from `code_shape`)."""
-        return self.decode(self.render(noise, conditions, steps, guidance_scale, progress)).clamp(-1, 1)
+        with self.inference():
+            return self.decode(self.render(noise, conditions, steps, guidance_scale, progress)).clamp(-1, 1)
 
     def _to_raw(self, x: torch.Tensor) -> list[np.ndarray]:
         raw = self.normalizer.from_model(x.float().cpu().numpy())

@@ -144,6 +144,12 @@ class PhenLDiff(CounterfactualModel):
         """ε_θ(z_t, t, c): c is the condition's embedding, picked by label."""
         return unet_fn(self.model)
 
+    def inference(self):
+        """SVDiff weights are U·diag(ReLU(σ+δ))·V^T: computed once per pass instead of once per step."""
+        from phenolens.models.adapters import frozen_weights
+
+        return frozen_weights(self.model.unet)
+
     def spatial_factor(self) -> int:
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return vae_factor * 2 ** (len(self.model.unet.config.block_out_channels) - 1)
@@ -173,6 +179,9 @@ class PhenLDiff(CounterfactualModel):
         info = load_info(model_dir)
         if info.method != "phenldiff":
             raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not a Phen-LDiff model")
+        if not (base or info.base):
+            raise PhenolensError(f"{model_dir / INFO_FILE}: names no base pipeline; pass base= (the directory or "
+                                 "hub id it was fine-tuned from)")
         lb = load_base(base or info.base, components=("vae", "unet"))
         load_adaptation(model_dir / ADAPTER_DIR, lb.unet)
         emb = load_file(str(model_dir / EMBEDDINGS_FILE))
@@ -221,6 +230,7 @@ class FinetuneSettings:
     base: str
     mode: str = "lora"
     rank: int = 4
+    lora_alpha: float | None = None  # LoRA scale alpha/rank; default alpha = rank
     size: int | None = None  # training crop side; default: the base's native resolution
     channels: list[int] | None = None
     conditions: list[str] | None = None
@@ -234,10 +244,14 @@ class FinetuneSettings:
 
 
 def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings, config, *,
-             resume: bool = False, overwrite: bool = False, command: str = "", progress: bool = True) -> ModelInfo:
-    """Fine-tune BASE on DATA (folder per condition or manifest) into MODEL_DIR (Phen-LDiff §3.3)."""
+             resume: bool = False, overwrite: bool = False, command: str = "", progress: bool = True) -> "PhenLDiff":
+    """Fine-tune BASE on DATA (folder per condition or manifest) into MODEL_DIR (Phen-LDiff §3.3).
+
+    Returns the model with its final raw weights; MODEL_DIR holds their EMA (the raw ones with --no-ema).
+    """
     from phenolens import __version__
     from phenolens.data.dataset import ImageSet
+    from phenolens.data.io import read_image
     from phenolens.data.records import training_records
     from phenolens.methods.phendiff import write_skipped
     from phenolens.models.adapters import MODES, count_parameters, prepare_unet
@@ -248,14 +262,21 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
         raise PhenolensError(f"--mode {settings.mode!r}: choose one of {', '.join(MODES)}")
     if settings.conditioning not in CONDITIONINGS:
         raise PhenolensError(f"--conditioning {settings.conditioning!r}: choose prompt or learned")
-    if "{condition}" not in settings.prompt_template:
-        raise PhenolensError(f"--prompt-template {settings.prompt_template!r} must contain {{condition}}")
+    try:
+        filled = settings.prompt_template.format(condition="x")
+    except (KeyError, IndexError, ValueError):
+        filled = settings.prompt_template
+    if "{condition}" not in settings.prompt_template or filled == settings.prompt_template:
+        raise PhenolensError(f"--prompt-template {settings.prompt_template!r} must contain {{condition}} and no "
+                             "other {...} field")
     model_dir = Path(model_dir)
     records, conditions = training_records(data, settings.conditions)
     unknown = sorted(set(settings.prompts) - set(conditions))
     if unknown:
         raise PhenolensError(f"--prompt names {', '.join(unknown)}, not a condition of {data} ({', '.join(conditions)})")
 
+    first, _ = read_image(records[0].path, channels=settings.channels)  # fail before loading a large base
+    check_channels(first.shape[0], f"the images of {data}")
     lb = load_base(settings.base)
     factor = lb.vae_scale_factor * 2 ** (len(lb.unet.config.block_out_channels) - 1)
     size = settings.size or int(lb.unet.config.sample_size) * lb.vae_scale_factor
@@ -273,7 +294,9 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     embeddings = encode_prompts(lb.text_encoder, lb.tokenizer, prompts + [""])
     lb.text_encoder = None  # not needed any more: the conditions are embeddings from here on
     torch.manual_seed(config.seed)  # LoRA's random init depends on --seed only
-    description = prepare_unet(lb.unet, settings.mode, rank=settings.rank)
+    svd_device = "cuda" if settings.mode == "svdiff" and torch.cuda.is_available() else None
+    description = prepare_unet(lb.unet, settings.mode, rank=settings.rank, alpha=settings.lora_alpha,
+                               svd_device=svd_device)
     model = ConditionedUNet(lb.unet, embeddings, learn_embeddings=settings.conditioning == "learned")
     trainable, total = count_parameters(model)
     print(f"{settings.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3g} %)")
@@ -298,10 +321,10 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
         write_sample_grid(PhenLDiff(trained, lb.vae, lb.scheduler, info, device=device),
                           model_dir / "samples" / f"step-{step:07d}.png", step)
 
-    train(model, lb.scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
-          overwrite=overwrite, loss_fn=latent_loss(lb.vae, float(lb.vae.config.scaling_factor)), on_save=on_save,
-          sample_fn=on_sample, progress=progress)
-    return info
+    trained = train(model, lb.scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
+                    overwrite=overwrite, loss_fn=latent_loss(lb.vae, float(lb.vae.config.scaling_factor)),
+                    on_save=on_save, sample_fn=on_sample, progress=progress)
+    return PhenLDiff(trained, lb.vae, lb.scheduler, info, device=str(next(trained.parameters()).device))
 
 
 __all__ = ["PhenLDiff", "FinetuneSettings", "finetune", "ConditionedUNet", "to_rgb", "from_rgb",

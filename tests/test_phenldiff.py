@@ -1,0 +1,156 @@
+"""Phen-LDiff on a tiny Stable-Diffusion-2-shaped pipeline with random weights (no download):
+finetune -> translate -> report through the CLI, exact reload of base + adapter, the latent inversion
+criterion, channel rules and the errors a user meets."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_blob_images
+
+FAST_TRAIN = ["--steps", "12", "--batch-size", "4", "--size", "32", "--warmup-steps", "2",
+              "--checkpoint-every", "100", "--lr", "1e-3"]
+FAST_TRANSLATE = ["--steps", "50", "--inversion-iters", "5", "--batch-size", "4"]  # a random UNet is rough: coarse steps invert poorly
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from phenolens.models.latent import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-sd2")
+
+
+@pytest.fixture(scope="module")
+def rgb_data(tmp_path_factory):
+    return write_blob_images(tmp_path_factory.mktemp("rgb"), conditions=["ctrl", "treated"], per_condition=4,
+                             size=32, channels=3)
+
+
+@pytest.fixture(scope="module")
+def lora_model(tmp_path_factory, tiny_base, rgb_data):
+    model_dir = tmp_path_factory.mktemp("ft") / "lora"
+    code, out, err = run_cli("finetune", rgb_data, model_dir, "--base", tiny_base, "--mode", "lora", "--rank", "4",
+                             *FAST_TRAIN)
+    assert code == 0, err
+    return model_dir, out
+
+
+def test_lora_finetune_trains_only_adapters_and_saves_only_them(lora_model, tiny_base):
+    model_dir, out = lora_model
+    info = json.loads((model_dir / "phenolens.json").read_text())
+    assert info["method"] == "phenldiff" and info["base"] == str(tiny_base)
+    assert info["adaptation"]["mode"] == "lora" and info["adaptation"]["conditioning"] == "prompt"
+    trainable, total = info["training"]["trainable_parameters"], info["training"]["total_parameters"]
+    assert f"training {trainable:,} of {total:,} parameters" in out
+    assert 0 < trainable < total
+    saved = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
+                   if p.is_file() and "checkpoints" not in p.parts)
+    # nothing of the base is copied: no unet/, vae/ or text encoder weights beside the adapter
+    assert not any(s.startswith(("unet/", "vae/", "text_encoder/")) for s in saved), saved
+    from safetensors.torch import load_file
+
+    adapter = {k: v for f in (model_dir / "adapter").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert adapter and all("lora" in k for k in adapter)
+    assert sum(v.numel() for v in adapter.values()) == trainable
+
+
+def test_base_plus_adapter_reproduces_the_finetuned_model_exactly(tmp_path, tiny_base, rgb_data):
+    from phenolens.methods.phenldiff import FinetuneSettings, PhenLDiff, finetune
+    from phenolens.train.trainer import TrainConfig
+
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, ema=False, checkpoint_every=100, seed=1)
+    tuned = finetune(rgb_data, tmp_path / "m", FinetuneSettings(base=str(tiny_base), mode="lora", size=32), config,
+                     progress=False)
+    loaded = PhenLDiff.from_pretrained(tmp_path / "m", device="cpu")
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500, 990])
+    labels = torch.tensor([0, 1, 2])  # both conditions and the null (unconditional) label
+    with torch.no_grad():
+        a = tuned.model.eval()(z, t, class_labels=labels).sample
+        b = loaded.model(z, t, class_labels=labels).sample
+        fresh = PhenLDiff.from_pretrained(tmp_path / "m", device="cpu")
+        from phenolens.models.latent import load_base
+
+        base = load_base(tiny_base, components=("unet",)).unet.eval()
+        c = base(z, t, encoder_hidden_states=fresh.model.context(labels)).sample
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # and the adapter did change the base
+
+
+def test_latent_inversion_reconstructs_far_closer_than_translations_change(lora_model, rgb_data, tmp_path):
+    model_dir, _ = lora_model
+    out = tmp_path / "run"
+    code, _, err = run_cli("translate", model_dir, rgb_data / "ctrl", out, "--to", "treated", *FAST_TRANSLATE)
+    assert code == 0, err
+    with open(out / "index.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    trans = [r for r in rows if r["kind"] == "translation"]
+    recon = trans  # every row carries its source's reconstruction errors
+    assert len(trans) == 4 and all((out / r["reconstruction_path"]).is_file() for r in trans)
+    latent_recon = np.mean([float(r["latent_recon_mse"]) for r in recon])
+    latent_change = np.mean([float(r["latent_change_mse"]) for r in trans])
+    print(f"latent MSE: reconstruction {latent_recon:.3g}, translation {latent_change:.3g} "
+          f"(x{latent_change / latent_recon:.0f}); pixel: recon {np.mean([float(r['recon_mse']) for r in recon]):.3g}, "
+          f"autoencoder floor {np.mean([float(r['autoencoder_mse']) for r in recon]):.3g}")
+    assert latent_change >= 10 * latent_recon
+    # outputs keep the source's dtype and shape
+    import tifffile
+
+    src = tifffile.imread(rgb_data / "ctrl" / "img0.tif")
+    res = tifffile.imread(out / trans[0]["output_path"])
+    assert res.dtype == src.dtype and res.shape == src.shape
+    code, _, err = run_cli("report", out)
+    assert code == 0, err
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_svdiff_and_learned_embeddings_finetune(tmp_path, tiny_base, rgb_data):
+    model_dir = tmp_path / "svd"
+    code, out, err = run_cli("finetune", rgb_data, model_dir, "--base", tiny_base, "--mode", "svdiff",
+                             "--conditioning", "learned", "--prompt", "ctrl=untreated cells", *FAST_TRAIN)
+    assert code == 0, err
+    info = json.loads((model_dir / "phenolens.json").read_text())
+    assert info["adaptation"]["prompts"]["ctrl"] == "untreated cells"
+    assert info["adaptation"]["prompts"]["treated"] == "a fluorescence microscopy image of treated cells"
+    from safetensors.torch import load_file
+
+    from phenolens.methods.phenldiff import EMBEDDINGS_FILE
+    from phenolens.models.latent import encode_prompts, load_base
+
+    lb = load_base(tiny_base, components=("text_encoder", "tokenizer"))
+    start = encode_prompts(lb.text_encoder, lb.tokenizer, ["untreated cells"])
+    learned = load_file(str(model_dir / EMBEDDINGS_FILE))["conditions"]
+    assert not torch.equal(learned[:1], start)  # the embedding trained
+    code, _, err = run_cli("translate", model_dir, rgb_data / "ctrl", tmp_path / "run", "--to", "treated",
+                           *FAST_TRANSLATE)
+    assert code == 0, err
+
+
+def test_channel_rule_round_trips():
+    from phenolens.methods.phenldiff import from_rgb, to_rgb
+
+    for c in (1, 2, 3):
+        x = torch.rand(2, c, 8, 8) * 2 - 1
+        rgb = to_rgb(x)
+        assert rgb.shape == (2, 3, 8, 8)
+        assert torch.allclose(from_rgb(rgb, c), x)
+    assert torch.equal(to_rgb(torch.zeros(1, 2, 4, 4))[:, 2], -torch.ones(1, 4, 4))
+
+
+def test_finetune_errors_are_one_clear_line(tmp_path, tiny_base, monkeypatch):
+    four = write_blob_images(tmp_path / "four", conditions=["a", "b"], per_condition=2, size=32, channels=4)
+    code, _, err = run_cli("finetune", four, tmp_path / "m4", "--base", tiny_base, *FAST_TRAIN)
+    assert code == 2 and "--channels" in err and "4 channels" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli("finetune", four, tmp_path / "mh", "--base", "nobody-here/not-a-model", "--channels",
+                           "0,1,2", *FAST_TRAIN)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "download" in err and "local" in err and "nobody-here/not-a-model" in err
+    code, _, err = run_cli("finetune", four, tmp_path / "mp", "--base", tiny_base, "--prompt", "nonsense",
+                           *FAST_TRAIN)
+    assert code == 2 and "COND=TEXT" in err
