@@ -96,7 +96,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0  # includes the final checkpoint write
-    train_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    train_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
 
     # ---- inversion + translation
     trained.eval().to(device)
@@ -117,7 +117,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     translate_s = time.perf_counter() - t0
-    infer_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    infer_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     rec_mse = (z_rec.float() - z0.float()).pow(2).mean().item()
     chg_mse = (z_tr.float() - z0.float()).pow(2).mean().item()
 
@@ -127,9 +127,9 @@ def main() -> None:
         image_size=size, mixed_precision=mixed, lora_rank=args.rank, trainable_parameters=trainable,
         total_parameters=total, train_steps=args.train_steps, train_batch=args.batch_size,
         train_seconds=round(train_s, 2), train_images_per_s=round(args.train_steps * args.batch_size / train_s, 3),
-        train_peak_gib=round(train_peak, 2), n_images=args.n_images, ddim_steps=args.steps,
+        train_peak_gib=None if train_peak is None else round(train_peak, 2), n_images=args.n_images, ddim_steps=args.steps,
         inversion_iters=args.iters, translate_seconds=round(translate_s, 2),
-        translate_images_per_s=round(args.n_images / translate_s, 4), translate_peak_gib=round(infer_peak, 2),
+        translate_images_per_s=round(args.n_images / translate_s, 4), translate_peak_gib=None if infer_peak is None else round(infer_peak, 2),
         latent_recon_mse=rec_mse, latent_change_mse=chg_mse, output_shape=list(out.shape),
     )
     print(json.dumps(figures, indent=1))

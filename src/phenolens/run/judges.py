@@ -53,7 +53,8 @@ def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_co
                     if r["source_condition"] == source_condition and r["target_condition"] == tc}
             if tc == source_condition or not rows:
                 continue
-            gen = load_normalized([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer, channels, size)
+            gen = load_normalized([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer,
+                                  None, size)  # outputs hold the model's channels only
             real = x[y == ti]
             per_target[f"{source_condition} -> {tc}"] = dict(
                 n=len(gen),

@@ -220,8 +220,9 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     feats = FeatureSettings(channel_names=tuple(names), profile=settings.profile)
 
     def job(path: Path, condition: str, kind: str, role: str, source: str = "", target: str = "") -> _Job:
-        return _Job(str(path), condition, kind, role, source, target, channels, feats, seg, settings.masks,
-                    _ground_truth(path, condition) if kind == "real" else None)
+        # real files hold every channel (the model picks its own); its outputs hold only the picked ones
+        return _Job(str(path), condition, kind, role, source, target, channels if kind == "real" else None, feats,
+                    seg, settings.masks, _ground_truth(path, condition) if kind == "real" else None)
 
     source_condition = {r["source_path"]: r["source_condition"] for r in run.rows}
     jobs = [job(p, source_condition[s], "real", "source") for s, p in sources.items()]
@@ -389,7 +390,7 @@ def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: 
         ssims = []
         for r in recon:
             a, la = read_image(sources[r["source_path"]], channels=channels)
-            b, lb = read_image(run_dir / r["output_path"], channels=channels)
+            b, lb = read_image(run_dir / r["output_path"])  # outputs hold the model's channels only
             ssims.append(ssim(to_unit(a, la.dtype) * 2 - 1, to_unit(b, lb.dtype) * 2 - 1))
         metrics["reconstruction"] = dict(
             n=len(recon), mse_mean=float(np.mean([_num(r["recon_mse"]) for r in recon])),
