@@ -171,7 +171,7 @@ def _add_translate(sub) -> None:
                        description="For every source image: invert it under its own condition, render it under each target, "
                                    "and write the reconstruction, the translations and OUT/index.csv "
                                    "(one row per source x target, with the manifest's columns).")
-    p.add_argument("model_dir", type=Path, help="a model written by `phenolens train`")
+    p.add_argument("model_dir", type=Path, help="a model written by `phenolens train` or `phenolens finetune`")
     p.add_argument("input", type=Path,
                    help="a folder of one condition (its name is the source condition), a dataset root with a folder "
                         "per condition, or a manifest CSV")
