@@ -23,6 +23,12 @@ trainer augments with, and over every crop position when training images are lar
 size (the trainer trains on random crops). A generation is counted as *memorised* when its nearest
 similarity exceeds `threshold` (default 0.9).
 
+`augment=False` (`--no-augment`) trains the two models without those flips/rotations, so that a small
+half is learnt image by image rather than as 8 views of each (with augmentation a tiny model did not
+copy 10 images within a CPU budget: bench/memorization.py). The search still runs over all 8
+transforms then: a model that never saw a rotated image can only match one by chance, so this
+changes the score little, and both the generations and the unseen-real reference are scored alike.
+
 What a "high" memorisation score is depends on the data (how alike its images are, how many there
 are), so the check also scores **real images the model never saw** (the other half) the same way:
 generations that score well above these unseen real images are copies, not samples.
@@ -66,6 +72,7 @@ class MemorizationSettings:
     seed: int = 0
     threshold: float = 0.9
     gen_batch_size: int = 16
+    augment: bool = True  # the trainer's flips/rotations (models trained here)
 
 
 # ------------------------------------------------------------------------------------ splitting
@@ -253,10 +260,11 @@ def _train_or_reuse(manifest: Path, model_dir: Path, settings: MemorizationSetti
     from phenolens.models.store import INFO_FILE, load_info
     from phenolens.train.trainer import TrainConfig, list_checkpoints
 
-    wanted = dict(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
+    wanted = dict(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+                  augment=settings.augment)
     if (model_dir / INFO_FILE).is_file():
         info = load_info(model_dir)
-        got = dict(info.training.get("config", {}))
+        got = {"augment": True, **info.training.get("config", {})}  # older models: always augmented
         diffs = [f"{k} {got.get(k)!r} (asked {v!r})" for k, v in wanted.items() if got.get(k) != v]
         trained = info.training.get("settings", {})
         diffs += [f"{k} {trained.get(k)!r} (asked {v!r})" for k, v in
@@ -270,7 +278,7 @@ def _train_or_reuse(manifest: Path, model_dir: Path, settings: MemorizationSetti
     mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                          warmup_steps=settings.warmup_steps, seed=settings.seed, mixed_precision=mixed,
-                         checkpoint_every=max(1, min(500, settings.steps)))
+                         checkpoint_every=max(1, min(500, settings.steps)), augment=settings.augment)
     resume = bool(list_checkpoints(model_dir))
     train_phendiff(manifest, model_dir, PhenDiffTrainSettings(preset=settings.preset, size=settings.size), config,
                    resume=resume, command=f"phenolens memorization (half {manifest.name})", progress=progress)
@@ -283,6 +291,15 @@ def _training_records(model, fallback: list[ImageRecord], label: str) -> tuple[l
     if recorded and Path(recorded).exists():
         return discover(recorded), str(recorded)
     return fallback, f"half_{label}.csv (the model records no training data)"
+
+
+def _trained_augmented(model) -> bool | None:
+    """Whether the model was trained with flips/rotations, as its phenolens.json records (None: unknown)."""
+    training = model.info.training if isinstance(model.info.training, dict) else {}
+    config = training.get("config")
+    if not isinstance(config, dict):
+        return None
+    return bool(config.get("augment", True))  # recorded before the option existed: always augmented
 
 
 def _load_training(model, records: Sequence[ImageRecord], progress: bool) -> list[torch.Tensor]:
@@ -298,12 +315,13 @@ def _load_training(model, records: Sequence[ImageRecord], progress: bool) -> lis
 def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny", size: int = 32,
                        steps: int = 2000, batch_size: int = 16, lr: float = 2e-4, warmup_steps: int | None = None,
                        n_per_condition: int = 16, sample_steps: int = 50, seed: int = 0, threshold: float = 0.9,
-                       model_a: str | Path | None = None, model_b: str | Path | None = None,
+                       augment: bool = True, model_a: str | Path | None = None, model_b: str | Path | None = None,
                        n_grid: int = 6, device: str | None = None, progress: bool = True) -> dict:
     """Split DATA in two halves, train (or take) a model per half, and score generalisation vs memorisation.
 
     Writes OUT/half_a.csv, half_b.csv, model_a/, model_b/ (when trained here), memorization.csv,
     memorization.json, histograms.png and pairs.png; returns the summary written to memorization.json.
+    AUGMENT=False trains the models here without flips/rotations (given models keep their own training).
     """
     from phenolens.methods.phendiff import PhenDiff
 
@@ -318,7 +336,7 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
         raise PhenolensError(f"--threshold {threshold} must be between -1 and 1 (a cosine similarity)")
     settings = MemorizationSettings(preset=preset, size=int(size), steps=int(steps), batch_size=int(batch_size),
                                     lr=float(lr), n_per_condition=int(n_per_condition), sample_steps=int(sample_steps),
-                                    seed=int(seed), threshold=float(threshold),
+                                    seed=int(seed), threshold=float(threshold), augment=bool(augment),
                                     warmup_steps=int(warmup_steps if warmup_steps is not None
                                                      else min(100, max(0, int(steps) // 10))))
     out = Path(out)
@@ -404,6 +422,7 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
                           fraction_memorized=float(np.mean(mem_all > settings.threshold))),
         per_model={label: dict(model=str(dirs[label]), how=how[label], training_images=len(refs[label][0]),
                                training_reference=refs[label][1],
+                               augmented=_trained_augmented(models[label]),
                                memorization=dict(_stats(nearest[label].cosine),
                                                  fraction_memorized=float(np.mean(nearest[label].cosine
                                                                                   > settings.threshold))))
@@ -423,7 +442,8 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
         n_pairs=int(len(general)), n_generations=int(len(mem_all)),
         similarity=("cosine of the mean-subtracted images (Pearson correlation of all pixels and channels) in "
                     "the model's [-1, 1] scale; pairs compared in model A's scale; nearest training image over "
-                    "all images of the model's own half (every condition), its 8 flips/rotations and every crop"),
+                    "all images of the model's own half (every condition), its 8 flips/rotations (also for "
+                    "models trained without augmentation) and every crop"),
         settings=dict(asdict(settings), data=str(Path(data).resolve()),
                       image_size=int(ia.image_size), conditions=conditions),
         seconds=dict(train=round(train_seconds, 2), generate=round(gen_seconds, 2), score=round(score_seconds, 2),

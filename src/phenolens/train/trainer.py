@@ -67,6 +67,10 @@ class TrainConfig:
     seed: int = 0
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"  # "constant" | "cosine", both after a linear warm-up
+    # random flips / 90° rotations of the training crops (8 views per image). Off for tiny datasets or
+    # memorisation experiments, where the model should see exactly its training images. Configs saved
+    # before this field existed trained with augmentation: a missing value means True.
+    augment: bool = True
 
 
 class TrainDataset(Protocol):
@@ -165,12 +169,18 @@ def fingerprint(unet, noise_scheduler, dataset, config: TrainConfig, null_label:
         num_processes=num_processes,
         seed=config.seed,
         ema=config.ema,
+        augment=config.augment,
         prediction_type=sched_cfg.get("prediction_type") if hasattr(sched_cfg, "get") else None,
         num_train_timesteps=sched_cfg.get("num_train_timesteps") if hasattr(sched_cfg, "get") else None,
     ))
 
 
+# fingerprint keys added after checkpoints were first written, with the value those older runs used
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"augment": True}
+
+
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    saved = {**FINGERPRINT_DEFAULTS, **saved}
     out = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
@@ -269,6 +279,9 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
         raise PhenolensError("pass either --resume or --overwrite, not both")
     if len(dataset) == 0:
         raise PhenolensError("the training set is empty: no images to train on")
+    if getattr(dataset, "augment", config.augment) != config.augment:
+        raise PhenolensError(f"the dataset was built with augment={dataset.augment}, the config says "
+                             f"augment={config.augment}; build it with the config's value")
 
     accelerator = _new_accelerator(config)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
@@ -308,7 +321,9 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     accelerator.wait_for_everyone()
 
     # ---- optimiser, schedule, EMA
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # only what trains: a fine-tuned model (adapters, spectral shifts) keeps its frozen base out of
+    # the optimiser state and the EMA
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=config.lr, weight_decay=config.weight_decay)
     # the prepared scheduler steps once per process per optimiser step (accelerate convention)
     lr_scheduler = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule,
                                  optimizer=optimizer, num_warmup_steps=config.warmup_steps * n_proc,
@@ -317,7 +332,7 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     base = accelerator.unwrap_model(unet)
     ema = None
     if config.ema:
-        ema = EMAModel(base.parameters(), decay=config.ema_decay)
+        ema = EMAModel(trainable_parameters(base), decay=config.ema_decay)
         ema.to(device=accelerator.device)
 
     start, seconds0 = 0, 0.0
@@ -365,7 +380,7 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
         if ema is not None:
-            ema.step(base.parameters())
+            ema.step(trainable_parameters(base))
         step = k + 1
         local = torch.stack(losses).mean()
         bar.update(1)
@@ -432,10 +447,18 @@ def _launched_without_device() -> bool:
     return not torch.cuda.is_available()
 
 
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters that train (all of them for a model trained from scratch), in a fixed order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PhenolensError("the model has no trainable parameters")
+    return params
+
+
 def _ema_copy(base, ema):
     model = _fresh_copy(base)
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to(trainable_parameters(model))
     model.eval()
     return model
 
