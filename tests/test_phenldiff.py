@@ -170,3 +170,19 @@ def test_finetune_errors_are_one_clear_line(tmp_path, tiny_base, monkeypatch):
     code, _, err = run_cli("finetune", four, tmp_path / "mp", "--base", tiny_base, "--prompt", "nonsense",
                            *FAST_TRAIN)
     assert code == 2 and "COND=TEXT" in err
+
+
+def test_memorization_check_on_finetuned_models(tmp_path, tiny_base, sim_data):
+    """`phenolens memorization --base` fine-tunes one model per half, so the modes can be compared."""
+    out = tmp_path / "memo"
+    code, stdout, err = run_cli("memorization", sim_data, out, "--base", tiny_base, "--mode", "svdiff",
+                                "--channels", "0,2,3", "--steps", "4", "--batch-size", "4", "--size", "32",
+                                "--n-per-condition", "2", "--sample-steps", "5")
+    assert code == 0, err
+    summary = json.loads((out / "memorization.json").read_text())
+    for label in "ab":
+        info = json.loads((out / f"model_{label}" / "phenolens.json").read_text())
+        assert info["method"] == "phenldiff" and info["adaptation"]["mode"] == "svdiff"
+    assert summary["n_generations"] == 2 * 2 * 2  # 2 models x 2 conditions x 2
+    assert -1 <= summary["generalization"]["mean"] <= 1 and -1 <= summary["memorization"]["mean"] <= 1
+    assert (out / "histograms.png").stat().st_size > 1000

@@ -285,6 +285,15 @@ def _add_memorization(sub) -> None:
                    help="an already-trained model for half B (with --model-a)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
                    help="network size of the models trained here (default tiny)")
+    p.add_argument("--base", default=None,
+                   help="fine-tune this pretrained latent pipeline per half (as `phenolens finetune --base`) instead "
+                        "of training PhenDiff models from scratch, to compare --mode lora/svdiff/attention/full on "
+                        "your data (Phen-LDiff Fig. 4)")
+    p.add_argument("--mode", choices=("lora", "svdiff", "attention", "full"), default="lora",
+                   help="what fine-tuning trains, with --base (default lora)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank, with --base --mode lora (default 4)")
+    p.add_argument("--channels", default=None,
+                   help="file channels to use, in order, e.g. 0,2,3 (at most 3 with --base) (default: all)")
     p.add_argument("--size", type=int, default=32, help="training crop side in pixels of the models trained here (default 32)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps per model trained here (default 2000)")
     p.add_argument("--batch-size", type=int, default=16, help="training images per step (default 16)")
@@ -444,12 +453,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_memorization(args: argparse.Namespace) -> None:
+    from phenolens.data.io import parse_channels
     from phenolens.measure.memorization import memorization_check
 
     summary = memorization_check(args.data, args.out, preset=args.preset, size=args.size, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, n_per_condition=args.n_per_condition,
                                  sample_steps=args.sample_steps, seed=args.seed, threshold=args.threshold,
-                                 augment=not args.no_augment,
+                                 augment=not args.no_augment, base=args.base, mode=args.mode, rank=args.rank,
+                                 channels=parse_channels(args.channels),
                                  model_a=args.model_a, model_b=args.model_b, device=args.device)
     g, m = summary["generalization"], summary["memorization"]
     print(f"generalisation cosine: mean {g['mean']:.3f}, median {g['median']:.3f} ({summary['n_pairs']} pairs)")

@@ -73,6 +73,11 @@ class MemorizationSettings:
     threshold: float = 0.9
     gen_batch_size: int = 16
     augment: bool = True  # the trainer's flips/rotations (models trained here)
+    # fine-tune a pretrained latent model per half (Phen-LDiff) instead of training PhenDiff from scratch
+    base: str | None = None
+    mode: str = "lora"
+    rank: int = 4
+    channels: list[int] | None = None
 
 
 # ------------------------------------------------------------------------------------ splitting
@@ -233,11 +238,13 @@ def noise_seed(seed: int, cond_index: int, i: int, n_per_condition: int) -> int:
 @torch.no_grad()
 def generate(model, conditions: Sequence[str], seeds: Sequence[int], steps: int = 50, batch_size: int = 16,
              progress: bool = False, desc: str = "generate") -> torch.Tensor:
-    """Deterministic DDIM (η = 0) images in [-1, 1], one per (condition, seed), noise from the seed alone."""
-    from phenolens.diffusion.ddim import sample, unet_fn
+    """Deterministic DDIM (η = 0) images in [-1, 1], one per (condition, seed), noise from the seed alone.
 
+    Works for any method: the noise has the shape of the model's diffusion space (pixels, or VAE
+    latents for a latent model), and `model.generate` decodes it to images.
+    """
     info = model.info
-    shape = (info.n_channels, info.image_size, info.image_size)
+    shape = model.code_shape(info.n_channels, info.image_size, info.image_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(sd))) for sd in seeds])
     out = []
     starts = range(0, len(seeds), batch_size)
@@ -246,17 +253,20 @@ def generate(model, conditions: Sequence[str], seeds: Sequence[int], steps: int 
 
         starts = tqdm(starts, desc=desc, leave=False)
     for j in starts:
-        labels = model.labels(list(conditions[j:j + batch_size]))
-        x = sample(unet_fn(model.unet), noise[j:j + batch_size].to(model.device), labels, model.scheduler,
-                   steps=steps)
-        out.append(x.clamp(-1, 1).float().cpu())
+        x = model.generate(noise[j:j + batch_size].to(model.device), list(conditions[j:j + batch_size]), steps=steps)
+        out.append(x.float().cpu())
     return torch.cat(out)
 
 
 # -------------------------------------------------------------------------------------- training
 def _train_or_reuse(manifest: Path, model_dir: Path, settings: MemorizationSettings, progress: bool) -> str:
-    """Train a model on MANIFEST into MODEL_DIR, reuse a finished one, or resume an interrupted one."""
+    """Train a model on MANIFEST into MODEL_DIR, reuse a finished one, or resume an interrupted one.
+
+    With `settings.base`, the model is fine-tuned from that pretrained latent pipeline (`phenolens
+    finetune`, `settings.mode`), so full / attention / LoRA / SVDiff can be compared as in Phen-LDiff Fig. 4.
+    """
     from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff
+    from phenolens.methods.phenldiff import FinetuneSettings, finetune
     from phenolens.models.store import INFO_FILE, load_info
     from phenolens.train.trainer import TrainConfig, list_checkpoints
 
@@ -267,8 +277,10 @@ def _train_or_reuse(manifest: Path, model_dir: Path, settings: MemorizationSetti
         got = {"augment": True, **info.training.get("config", {})}  # older models: always augmented
         diffs = [f"{k} {got.get(k)!r} (asked {v!r})" for k, v in wanted.items() if got.get(k) != v]
         trained = info.training.get("settings", {})
-        diffs += [f"{k} {trained.get(k)!r} (asked {v!r})" for k, v in
-                  (("preset", settings.preset), ("size", settings.size)) if trained.get(k) != v]
+        same = ((("base", settings.base), ("mode", settings.mode), ("rank", settings.rank), ("size", settings.size),
+                 ("channels", settings.channels)) if settings.base else
+                (("preset", settings.preset), ("size", settings.size)))
+        diffs += [f"{k} {trained.get(k)!r} (asked {v!r})" for k, v in same if trained.get(k) != v]
         if info.training.get("data") != str(manifest.resolve()):
             diffs.append(f"data {info.training.get('data')!r} (asked {str(manifest.resolve())!r})")
         if diffs:
@@ -280,8 +292,15 @@ def _train_or_reuse(manifest: Path, model_dir: Path, settings: MemorizationSetti
                          warmup_steps=settings.warmup_steps, seed=settings.seed, mixed_precision=mixed,
                          checkpoint_every=max(1, min(500, settings.steps)), augment=settings.augment)
     resume = bool(list_checkpoints(model_dir))
-    train_phendiff(manifest, model_dir, PhenDiffTrainSettings(preset=settings.preset, size=settings.size), config,
-                   resume=resume, command=f"phenolens memorization (half {manifest.name})", progress=progress)
+    command = f"phenolens memorization (half {manifest.name})"
+    if settings.base:
+        finetune(manifest, model_dir, FinetuneSettings(base=settings.base, mode=settings.mode, rank=settings.rank,
+                                                       size=settings.size, channels=settings.channels),
+                 config, resume=resume, command=command, progress=progress)
+    else:
+        train_phendiff(manifest, model_dir, PhenDiffTrainSettings(preset=settings.preset, size=settings.size,
+                                                                  channels=settings.channels),
+                       config, resume=resume, command=command, progress=progress)
     return "resumed" if resume else "trained"
 
 
@@ -315,15 +334,19 @@ def _load_training(model, records: Sequence[ImageRecord], progress: bool) -> lis
 def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny", size: int = 32,
                        steps: int = 2000, batch_size: int = 16, lr: float = 2e-4, warmup_steps: int | None = None,
                        n_per_condition: int = 16, sample_steps: int = 50, seed: int = 0, threshold: float = 0.9,
-                       augment: bool = True, model_a: str | Path | None = None, model_b: str | Path | None = None,
+                       augment: bool = True, base: str | Path | None = None, mode: str = "lora", rank: int = 4,
+                       channels: Sequence[int] | None = None,
+                       model_a: str | Path | None = None, model_b: str | Path | None = None,
                        n_grid: int = 6, device: str | None = None, progress: bool = True) -> dict:
     """Split DATA in two halves, train (or take) a model per half, and score generalisation vs memorisation.
 
     Writes OUT/half_a.csv, half_b.csv, model_a/, model_b/ (when trained here), memorization.csv,
     memorization.json, histograms.png and pairs.png; returns the summary written to memorization.json.
     AUGMENT=False trains the models here without flips/rotations (given models keep their own training).
+    BASE fine-tunes a pretrained latent pipeline per half with MODE (lora, svdiff, attention, full) instead
+    of training PhenDiff models from scratch; CHANNELS picks file channels (at most 3 for a latent model).
     """
-    from phenolens.methods.phendiff import PhenDiff
+    from phenolens.methods.core import load_model_for
 
     t_start = time.perf_counter()
     if (model_a is None) != (model_b is None):
@@ -337,6 +360,8 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
     settings = MemorizationSettings(preset=preset, size=int(size), steps=int(steps), batch_size=int(batch_size),
                                     lr=float(lr), n_per_condition=int(n_per_condition), sample_steps=int(sample_steps),
                                     seed=int(seed), threshold=float(threshold), augment=bool(augment),
+                                    base=str(base) if base else None, mode=mode, rank=int(rank),
+                                    channels=list(channels) if channels else None,
                                     warmup_steps=int(warmup_steps if warmup_steps is not None
                                                      else min(100, max(0, int(steps) // 10))))
     out = Path(out)
@@ -367,7 +392,7 @@ def memorization_check(data: str | Path, out: str | Path, *, preset: str = "tiny
         dirs = {"a": Path(model_a), "b": Path(model_b)}
         how = {"a": "given", "b": "given"}
     train_seconds = time.perf_counter() - t0
-    models = {label: PhenDiff.from_pretrained(dirs[label], device=device) for label in "ab"}
+    models = {label: load_model_for(dirs[label], device=device) for label in "ab"}
     ia, ib = models["a"].info, models["b"].info
     if (ia.n_channels, ia.image_size) != (ib.n_channels, ib.image_size) or set(ia.conditions) != set(ib.conditions):
         raise PhenolensError(f"{dirs['a']} and {dirs['b']} are not comparable: conditions {ia.conditions} vs "
