@@ -204,3 +204,21 @@ def test_finetune_resumes_exactly_through_the_shared_trainer(tmp_path, tiny_base
     b = load_file(str(tmp_path / "split" / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for v in a.values())
+
+
+def test_v_prediction_base_is_followed_and_inverts(tmp_path, rgb_data):
+    """ε or v as the base's scheduler says: a v-prediction base trains a v-model that inverts exactly."""
+    from phenolens.methods.phenldiff import FinetuneSettings, PhenLDiff, finetune
+    from phenolens.models.latent import build_tiny_base
+    from phenolens.train.trainer import TrainConfig
+
+    base = build_tiny_base(tmp_path / "vbase", prediction_type="v_prediction")
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=100)
+    finetune(rgb_data, tmp_path / "m", FinetuneSettings(base=str(base), mode="lora", size=32), config, progress=False)
+    model = PhenLDiff.from_pretrained(tmp_path / "m", device="cpu")
+    assert model.scheduler.config.prediction_type == "v_prediction" == model.info.prediction_type
+    import tifffile
+
+    images = [tifffile.imread(p).astype(np.float32) for p in sorted((rgb_data / "ctrl").glob("*.tif"))[:2]]
+    result = model.translate(images, "ctrl", ["treated"], steps=50, iters=5)
+    assert result.latent_change_mse["treated"].mean() >= 10 * result.latent_recon_mse.mean()
