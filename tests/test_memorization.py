@@ -127,3 +127,36 @@ def test_rerun_on_another_split_is_refused(tmp_path, blob_data):
     write_manifest(out / "half_a.csv", a)
     with pytest.raises(PhenolensError, match="another split"):
         memorization_check(blob_data, out, seed=0, steps=1, progress=False)
+
+
+def test_no_augment_trains_both_models_without_flips_and_records_it(tmp_path, blob_data):
+    summary = memorization_check(blob_data, tmp_path / "out", size=16, steps=2, batch_size=2, n_per_condition=1,
+                                 sample_steps=2, augment=False, progress=False)
+    assert summary["settings"]["augment"] is False
+    assert [summary["per_model"][m]["augmented"] for m in "ab"] == [False, False]
+    for m in "ab":
+        info = json.loads((tmp_path / "out" / f"model_{m}" / "phenolens.json").read_text())
+        assert info["training"]["config"]["augment"] is False
+    # a rerun asking for augmentation does not silently reuse these models
+    with pytest.raises(PhenolensError, match="augment False"):
+        memorization_check(blob_data, tmp_path / "out", size=16, steps=2, batch_size=2, n_per_condition=1,
+                           sample_steps=2, progress=False)
+
+
+def test_models_trained_before_the_option_count_as_augmented(tmp_path, blob_data):
+    """A model whose phenolens.json predates `augment` (always augmented) is reused only for augment=True."""
+    from phenolens.measure.memorization import MemorizationSettings, _train_or_reuse, write_manifest
+    from phenolens.models.store import load_info, save_info
+
+    manifest = tmp_path / "half_a.csv"
+    write_manifest(manifest, split_halves(discover(blob_data))[0])
+    model = _random_model(tmp_path / "model_a", blob_data, seed=0)
+    info = load_info(model)
+    settings = MemorizationSettings(size=16, steps=5)
+    info.training = dict(data=str(manifest.resolve()), settings=dict(preset="tiny", size=16),
+                         config=dict(steps=5, batch_size=settings.batch_size, lr=settings.lr, seed=0))
+    save_info(model, info)
+    assert _train_or_reuse(manifest, model, settings, progress=False) == "reused"
+    settings.augment = False
+    with pytest.raises(PhenolensError, match="augment True"):
+        _train_or_reuse(manifest, model, settings, progress=False)

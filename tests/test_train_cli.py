@@ -59,6 +59,21 @@ def test_saved_config_replays_the_same_command(tmp_path):
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_no_augment_is_recorded_and_replayed(tmp_path):
+    data = write_blob_images(tmp_path / "d", conditions=["a", "b"], per_condition=2)
+    cfg = tmp_path / "train.json"
+    code, _, err = run_cli("train", data, tmp_path / "m1", *TRAIN, "--no-augment", "--save-config", cfg)
+    assert code == 0, err
+    assert json.loads(cfg.read_text())["no_augment"] is True
+    info = json.loads((tmp_path / "m1" / "phenolens.json").read_text())
+    assert info["training"]["config"]["augment"] is False
+    assert run_cli("train", "--config", cfg, data, tmp_path / "m2")[0] == 0
+    assert json.loads((tmp_path / "m2" / "phenolens.json").read_text())["training"]["config"]["augment"] is False
+    # default: augmented, as before the option existed
+    assert run_cli("train", data, tmp_path / "m3", *TRAIN)[0] == 0
+    assert json.loads((tmp_path / "m3" / "phenolens.json").read_text())["training"]["config"]["augment"] is True
+
+
 def test_accelerate_launch_two_processes_cpu(tmp_path):
     """Data-parallel training under `accelerate launch`; the model loads in a single process."""
     data = write_blob_images(tmp_path / "d", conditions=["a", "b"], per_condition=2)

@@ -240,6 +240,35 @@ def test_errors_on_resume_and_existing_checkpoints(tmp_path):
     assert [s for s, _ in _log(out)] == [1]
 
 
+def test_augment_option_round_trips_and_old_configs_still_load(tmp_path):
+    from dataclasses import asdict
+
+    from phenolens.train.trainer import TrainConfig, list_checkpoints, train
+
+    assert TrainConfig().augment is True  # the default is unchanged
+    off = TrainConfig(augment=False)
+    assert TrainConfig(**json.loads(json.dumps(asdict(off)))) == off
+    old = asdict(TrainConfig())
+    del old["augment"]  # a config saved before the option existed
+    assert TrainConfig(**old).augment is True
+    # a checkpoint written before the option existed (no `augment` in its fingerprint) resumes as augmented
+    out = tmp_path / "out"
+    _run(out, 2, checkpoint_every=1)
+    _, folder = list_checkpoints(out)[-1]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["fingerprint"]["augment"] is True and state["config"]["augment"] is True
+    del state["fingerprint"]["augment"], state["config"]["augment"]
+    (folder / "state.json").write_text(json.dumps(state))
+    _run(out, 3, resume=True, checkpoint_every=1)
+    with pytest.raises(PhenolensError, match="augment True -> False"):
+        _run(out, 4, resume=True, checkpoint_every=1, augment=False)
+    # a dataset built with the other setting is refused, not silently trained on
+    ds = FakeSet()
+    ds.augment = True
+    with pytest.raises(PhenolensError, match="augment=True.*augment=False"):
+        train(_unet(), _scheduler(), ds, tmp_path / "other", _config(augment=False), null_label=2, progress=False)
+
+
 def test_loss_decreases_on_fixed_images(tmp_path):
     from phenolens.train.trainer import train
 
