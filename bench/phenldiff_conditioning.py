@@ -84,6 +84,8 @@ import numpy as np
 import torch
 
 from phenolens.atomic import write_text_atomic
+from phenolens.data.normalize import load_normalized
+from phenolens.methods.core import psnr_from_mse
 
 CONDITIONINGS = ("prompt", "learned")
 SOURCE, TARGET = "control", "high"
@@ -113,10 +115,6 @@ def image_sets(train: Path, held: Path, args: argparse.Namespace):
     held_set = ImageSet(discover(held), args.size, conditions, normalizer=train_set.normalizer,
                         channels=args.channel_list, augment=False, progress=False)
     return train_set, held_set
-
-
-def psnr(mse: float) -> float:
-    return 10.0 * math.log10(4.0 / max(mse, 1e-20))
 
 
 # -------------------------------------------------------------------------------- VAE stand-in
@@ -165,8 +163,8 @@ def pretrain_vae(base: Path, train_set, held_set, args: argparse.Namespace) -> d
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(str(base / "vae"), safe_serialization=True)
     summary = dict(steps=args.vae_steps, seconds=round(seconds, 1), latent_std=round(std, 4),
-                   scaling_factor=round(1.0 / std, 4), heldout_mse=mse, heldout_psnr=round(psnr(mse), 2),
-                   heldout_foreground_mse=fg_mse, heldout_foreground_psnr=round(psnr(fg_mse), 2),
+                   scaling_factor=round(1.0 / std, 4), heldout_mse=mse, heldout_psnr=round(float(psnr_from_mse(mse)), 2),
+                   heldout_foreground_mse=fg_mse, heldout_foreground_psnr=round(float(psnr_from_mse(fg_mse)), 2),
                    heldout_images=len(xh), foreground_fraction=round(float(fg.float().mean()), 3))
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -228,10 +226,6 @@ def embedding_stats(model: Path, reference: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def read_normalised(paths, normalizer, channels=None) -> torch.Tensor:
-    from phenolens.data.io import read_image
-
-    return torch.from_numpy(np.stack([normalizer.to_model(read_image(p, channels=channels)[0]) for p in paths]))
 
 
 def nucleus_areas(images_raw: list[np.ndarray]) -> np.ndarray:
@@ -350,8 +344,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
         trans = [r for r in rows if r["kind"] == "translation"]
         recon_paths = [run_dir / r["reconstruction_path"] for r in trans]
         out_paths = [run_dir / r["output_path"] for r in trans]
-        tx = read_normalised(out_paths, normalizer)
-        rx = read_normalised(recon_paths, normalizer)
+        tx = load_normalized(out_paths, normalizer)
+        rx = load_normalized(recon_paths, normalizer)
         t_high = predict(clf, tx) == 1
         p_high = predict_proba(clf, tx)[:, 1]
         r_high = predict(clf, rx) == 1

@@ -20,6 +20,7 @@ from phenolens.errors import PhenolensError
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
+FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
 POSITIONALS = {"data", "model_dir", "out", "input", "run_dir"}
 NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
 
@@ -139,7 +140,7 @@ def _add_finetune(sub) -> None:
                    help="the pretrained pipeline: a local diffusers directory (vae/, unet/, text_encoder/, tokenizer/, "
                         "scheduler/) or a hub id such as stabilityai/stable-diffusion-2-1-base (needs the hub or "
                         "the local Hugging Face cache)")
-    p.add_argument("--mode", choices=("lora", "svdiff", "attention", "full"), default="lora",
+    p.add_argument("--mode", choices=FINETUNE_MODES, default="lora",
                    help="what trains: lora (low-rank adapters on the attention and projection layers, paper eq. 4), "
                         "svdiff (shifts of the singular values of every weight matrix), attention (the attention "
                         "layers), full (the whole UNet) (default lora)")
@@ -289,7 +290,7 @@ def _add_memorization(sub) -> None:
                    help="fine-tune this pretrained latent pipeline per half (as `phenolens finetune --base`) instead "
                         "of training PhenDiff models from scratch, to compare --mode lora/svdiff/attention/full on "
                         "your data (Phen-LDiff Fig. 4)")
-    p.add_argument("--mode", choices=("lora", "svdiff", "attention", "full"), default="lora",
+    p.add_argument("--mode", choices=FINETUNE_MODES, default="lora",
                    help="what fine-tuning trains, with --base (default lora)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank, with --base --mode lora (default 4)")
     p.add_argument("--channels", default=None,

@@ -39,7 +39,6 @@ generations that score well above these unseen real images are copies, not sampl
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from phenolens.atomic import write_csv_atomic, write_json_atomic
+from phenolens.atomic import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from phenolens.data.records import ImageRecord, conditions_in_order, discover, natural_key
 from phenolens.errors import PhenolensError
 from phenolens.train.trainer import step_seed
@@ -492,12 +491,6 @@ def _stats(values: np.ndarray) -> dict:
 
 
 # --------------------------------------------------------------------------------------- figures
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_histograms(path: Path, general: np.ndarray, memorization: np.ndarray, summary: dict,
                      unseen: np.ndarray | None = None) -> None:
     """The paper's Fig. 4 panel: generalisation (blue) and memorisation (orange) histograms overlaid."""
@@ -529,7 +522,7 @@ def write_histograms(path: Path, general: np.ndarray, memorization: np.ndarray, 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_pairs_grid(path: Path, gens: dict, general: np.ndarray, nearest: dict,
@@ -576,4 +569,4 @@ def write_pairs_grid(path: Path, gens: dict, general: np.ndarray, nearest: dict,
         draw.text((2, y + tile + 1), text, fill="black")
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())

@@ -12,7 +12,6 @@ this interface and never ask which method made the images.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from phenolens.data.normalize import Normalizer
 from phenolens.diffusion.ddim import ModelFn, invert, sample
 from phenolens.errors import PhenolensError
-from phenolens.models.store import INFO_FILE, ModelInfo
+from phenolens.models.store import INFO_FILE, ModelInfo, load_info
 
 
 def pick_device(device: str | None = None) -> str:
@@ -246,16 +245,7 @@ def write_sample_grid(model: CounterfactualModel, path: Path, step: int, per_con
 
 def load_model_for(model_dir: str | Path, device: str | None = None) -> CounterfactualModel:
     """Whichever method made MODEL_DIR (its phenolens.json says), loaded for translation."""
-    path = Path(model_dir) / INFO_FILE
-    if not Path(model_dir).is_dir():
-        raise PhenolensError(f"{model_dir}: no such model directory")
-    if not path.is_file():
-        raise PhenolensError(f"{model_dir}: not a phenolens model (no {INFO_FILE}); make one with "
-                             "`phenolens train` or `phenolens finetune`")
-    try:
-        method = json.loads(path.read_text()).get("method", "phendiff")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise PhenolensError(f"{path}: not a valid phenolens model description ({err})") from None
+    method = load_info(Path(model_dir)).method
     if method == "phendiff":
         from phenolens.methods.phendiff import PhenDiff
 
@@ -264,4 +254,5 @@ def load_model_for(model_dir: str | Path, device: str | None = None) -> Counterf
         from phenolens.methods.phenldiff import PhenLDiff
 
         return PhenLDiff.from_pretrained(model_dir, device=device)
-    raise PhenolensError(f"{path}: method {method!r} is not one this phenolens knows (phendiff, phenldiff)")
+    raise PhenolensError(f"{Path(model_dir) / INFO_FILE}: method {method!r} is not one this phenolens knows "
+                         "(phendiff, phenldiff)")

@@ -35,6 +35,7 @@ from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel, write_sample_grid
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
 from phenolens.models.store import INFO_FILE, ModelInfo, load_info, save_info
+from phenolens.models.unet import unet_downsample_factor
 
 EMBEDDINGS_FILE = "condition_embeddings.safetensors"
 ADAPTER_DIR = "adapter"
@@ -102,6 +103,11 @@ class ConditionedUNet(nn.Module):
         return self.unet(z_t, t, encoder_hidden_states=self.context(class_labels))
 
 
+def image_factor(vae, unet) -> int:
+    """Image sides must be a multiple of this: the VAE's downsampling times the UNet's."""
+    return unet_downsample_factor(vae) * unet_downsample_factor(unet)
+
+
 def vae_encode(vae, x: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """z_0 = s·E(x) (LDM §3): a posterior sample when training (generator given), its mean otherwise."""
     dist = vae.encode(to_rgb(x).to(vae.dtype)).latent_dist
@@ -151,8 +157,7 @@ class PhenLDiff(CounterfactualModel):
         return frozen_weights(self.model.unet)
 
     def spatial_factor(self) -> int:
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return vae_factor * 2 ** (len(self.model.unet.config.block_out_channels) - 1)
+        return image_factor(self.vae, self.model.unet)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return vae_encode(self.vae, x, self.scaling_factor)
@@ -161,7 +166,7 @@ class PhenLDiff(CounterfactualModel):
         return vae_decode(self.vae, z, self.scaling_factor, self.info.n_channels)
 
     def code_shape(self, n_channels: int, height: int, width: int) -> tuple[int, int, int]:
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        f = unet_downsample_factor(self.vae)
         return (int(self.vae.config.latent_channels), height // f, width // f)
 
     # ----------------------------------------------------------------------------- persistence
@@ -278,7 +283,7 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     first, _ = read_image(records[0].path, channels=settings.channels)  # fail before loading a large base
     check_channels(first.shape[0], f"the images of {data}")
     lb = load_base(settings.base)
-    factor = lb.vae_scale_factor * 2 ** (len(lb.unet.config.block_out_channels) - 1)
+    factor = image_factor(lb.vae, lb.unet)
     size = settings.size or int(lb.unet.config.sample_size) * lb.vae_scale_factor
     if size % factor:
         raise PhenolensError(f"--size {size} must be a multiple of {factor} (the VAE's and the UNet's downsampling)")

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from phenolens.errors import PhenolensError
+from phenolens.models.unet import unet_downsample_factor
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what phenolens' DDIM sampler/inverter handles
@@ -83,7 +84,7 @@ class LatentBase:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel along each side (8 for Stable Diffusion)."""
-        return 2 ** (len(self._need("vae").config.block_out_channels) - 1)
+        return unet_downsample_factor(self._need("vae"))
 
     @property
     def scaling_factor(self) -> float:

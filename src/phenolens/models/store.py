@@ -63,7 +63,7 @@ def load_info(model_dir: Path) -> ModelInfo:
         raise PhenolensError(f"{model_dir}: no such model directory")
     path = model_dir / INFO_FILE
     if not path.is_file():
-        raise PhenolensError(f"{model_dir}: not a phenolens model (no {INFO_FILE}); train one with `phenolens train`")
+        raise PhenolensError(f"{model_dir}: not a phenolens model (no {INFO_FILE}); make one with `phenolens train` or `phenolens finetune`")
     try:
         data = json.loads(path.read_text())
         return ModelInfo(**data)
