@@ -41,6 +41,10 @@ class ModelInfo:
     base: str | None = None  # a fine-tuned latent model: the pretrained pipeline it adapts (dir or hub id)
     adaptation: dict[str, Any] = field(default_factory=dict)  # ... and how (mode, rank, conditioning, prompts)
     version: str = ""
+    # what the training images were, so that translate can warn about inputs unlike them (issue 9):
+    # {"dtype": "uint16", "min": [per channel raw min], "max": [per channel raw max]}; {} = unknown (older model)
+    input_stats: dict[str, Any] = field(default_factory=dict)
+    cond_dropout: float | None = None  # condition dropout at training; 0 = the null condition was never trained
 
     def condition_index(self, name: str, option: str = "condition") -> int:
         if name not in self.conditions:
