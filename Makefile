@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= demo_out
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bad-input clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/translate.py
+
+# the issue-9 bad-input suite: the real CLI against ~75 hostile inputs; a table, then
+# "N cases: X data loss, Y tracebacks, Z silently wrong" (exit 1 unless all three are 0)
+bad-input: $(STAMP)
+	$(PY) bench/bad_input.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

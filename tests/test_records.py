@@ -113,6 +113,7 @@ def test_real_bbbc021_folder_and_manifest():
     by_manifest = discover(BBBC021 / "manifest.csv")
     assert len(by_folder) == len(by_manifest) == 720
     assert set(conditions_in_order(by_folder)) == {"DMSO", "CHX_5uM", "CHX_15uM", "CHX_50uM"}
-    assert conditions_in_order(by_folder) == ["CHX_5uM", "CHX_15uM", "CHX_50uM", "DMSO"]
+    # issue 9: the manifest.csv beside the folders gives the dose order (it was alphabetical before)
+    assert conditions_in_order(by_folder) == ["DMSO", "CHX_5uM", "CHX_15uM", "CHX_50uM"]
     assert set(by_manifest[0].meta) >= {"compound", "plate", "well"}
     assert len(discover(BBBC021 / "manifest.csv", condition="DMSO")) == 360

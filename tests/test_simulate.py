@@ -219,7 +219,8 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     with pytest.raises(PhenolensError, match="exists already"):
         simulate(out, conditions=["a", "b"], per_condition=2, size=32, progress=False)
     simulate(out, conditions=["x"], per_condition=1, size=32, seed=1, progress=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["_groundtruth", "manifest.csv", "x"]
+    # issue 9: the folder also holds phenolens's marker (the inventory --overwrite removes)
+    assert sorted(p.name for p in out.iterdir()) == [".phenolens.json", "_groundtruth", "manifest.csv", "x"]
     assert len(_read_csv(out / "_groundtruth" / "planted.csv")) == 1
 
 

@@ -8,6 +8,7 @@ over the file. User mistakes (`PhenolensError`) print one line and exit with sta
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -21,7 +22,6 @@ from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
 FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
-POSITIONALS = {"data", "model_dir", "out", "input", "run_dir"}
 NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
 
 
@@ -31,9 +31,11 @@ def _csv_list(text: str) -> list[str]:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="FILE",
-                   help="read option values from a JSON file (written by --save-config); command-line options win")
+                   help="read option values from a JSON file (written by --save-config), checked like the command "
+                        "line; options given on the command line win")
     p.add_argument("--save-config", type=Path, metavar="FILE",
-                   help="write this command's options to a JSON file, to replay it later with --config")
+                   help="write this command's options to a JSON file (a missing parent folder is created), to replay "
+                        "it later with --config")
 
 
 def _add_simulate(sub) -> None:
@@ -48,7 +50,9 @@ def _add_simulate(sub) -> None:
     p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a simulated dataset already in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
+                        "OUT/.phenolens.json); files phenolens did not write are never touched")
     _add_config_options(p)
     p.set_defaults(func=cmd_simulate)
 
@@ -57,10 +61,12 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> N
     """The optimiser-loop options `train` and `finetune` share (one trainer, one set of options)."""
     p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
-    p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate after warm-up (default {lr:g})")
+    p.add_argument("--lr", type=float, default=lr,
+                   help=f"AdamW learning rate after warm-up, above 0 (default {lr:g})")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA decay of the saved weights, in [0, 1) (default 0.999)")
     p.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
     p.add_argument("--no-augment", action="store_true",
                    help="train on the crops as they are, without the random flips and 90° rotations that make 8 "
@@ -76,8 +82,12 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> N
                    help="every N steps write MODEL_DIR/samples/step-N.png (a row of samples per condition, same "
                         "noise) and add it to TensorBoard when installed; 0 = never (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in MODEL_DIR")
-    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of an earlier run in MODEL_DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in MODEL_DIR; refused, saying what differs, when the data or "
+                        "the training settings are not the checkpoint's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the model, checkpoints and logs phenolens wrote into MODEL_DIR in an earlier "
+                        "run (listed in MODEL_DIR/.phenolens.json); files phenolens did not write are never touched")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
 
 
@@ -185,15 +195,20 @@ def _add_translate(sub) -> None:
     p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
                    help="fixed-point: each inversion step solved implicitly, exact; ddim: plain DDIM inversion (default fixed-point)")
     p.add_argument("--inversion-iters", type=int, default=5,
-                   help="fixed-point iterations per step; 5 measured best at 50 steps in bench/inversion.py (default 5)")
+                   help="fixed-point iterations per step, at least 1 (unused by --inversion ddim); 5 measured best at 50 "
+                        "steps in bench/inversion.py (default 5)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance of the targets (needs a model trained with --cond-dropout); the "
                         "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N or mps; refused when this machine lacks it "
+                        "(default: cuda if available)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in OUT/skipped.csv")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the outputs phenolens wrote into OUT in an earlier run (listed in "
+                        "OUT/.phenolens.json); files phenolens did not write are never touched")
     _add_config_options(p)
     p.set_defaults(func=cmd_translate)
 
@@ -209,8 +224,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="use this model (trained on `phenolens simulate --size 48` data) instead of the shipped one")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--n-images", type=int, default=24, help="held-out control images to translate (default 24)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
+    p.add_argument("--n-images", type=int, default=24,
+                   help="held-out control images to translate, at least 1 (default 24)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the files phenolens wrote into OUT in an earlier demo (listed in "
+                        "OUT/.phenolens.json); files phenolens did not write are never touched")
     _add_config_options(p)
     p.set_defaults(func=cmd_demo)
 
@@ -227,7 +245,8 @@ def _add_measure(sub) -> None:
                         "the model was trained on, as its phenolens.json records")
     p.add_argument("--channel-names", type=_csv_list, default=None,
                    help="comma-separated channel names for feature columns, e.g. DNA,tubulin,actin (default ch0,ch1,...)")
-    p.add_argument("--nuclei-channel", type=int, default=0, help="channel index with the nuclear stain (default 0)")
+    p.add_argument("--nuclei-channel", type=int, default=0,
+                   help="channel index with the nuclear stain, 0 to channels-1 (default 0)")
     p.add_argument("--cell-channel", type=int, default=1,
                    help="channel index used to find cell bodies around the nuclei (default 1)")
     p.add_argument("--nucleus-diameter", type=float, default=None,
@@ -238,7 +257,8 @@ def _add_measure(sub) -> None:
     p.add_argument("--profile", choices=("standard", "full"), default="standard",
                    help="feature set: standard (size/shape, intensity, granularity, radial distribution, "
                         "correlation) or full (adds texture, Zernike, Costes; ~10x slower)")
-    p.add_argument("--max-reference", type=int, default=200, help="real images per condition to measure (default 200)")
+    p.add_argument("--max-reference", type=int, default=200,
+                   help="real images per condition to measure, at least 1 (default 200)")
     p.add_argument("--no-judges", dest="judges", action="store_false",
                    help="skip the oracle classifiers (success ratio, classifier-feature FID/KID)")
     p.add_argument("--judge-steps", type=int, default=300,
@@ -309,7 +329,9 @@ def _add_memorization(sub) -> None:
                    help="train the models here without random flips/90° rotations, so that a small half is learnt "
                         "image by image, not as 8 views of each (as `phenolens train --no-augment`); the nearest "
                         "training image is still searched over all 8 flips/rotations (default: augment)")
-    p.add_argument("--device", default=None, help="torch device for generation, e.g. cpu or cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="torch device for generation: cpu, cuda, cuda:N or mps; refused when this machine lacks it "
+                        "(default: cuda if available)")
     _add_config_options(p)
     p.set_defaults(func=cmd_memorization)
 
@@ -327,39 +349,201 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Fill options from --config FILE unless given on the command line."""
-    if getattr(args, "config", None) is None:
-        return args
-    path: Path = args.config
+class _ConfigValueError(Exception):
+    """A --config value that its option would not accept (the message says what was expected)."""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return _subcommands(parser)[command]
+
+
+def _convert_one(action: argparse.Action, value):
+    """One file value through the option's type, as argparse converts a command-line word.
+
+    Text goes through the option's `type` exactly as on the command line; JSON numbers and lists
+    (as --save-config writes them) are accepted only where the option's type would make them.
+    """
+    kind = action.type
+    if isinstance(value, str):
+        if kind is None:
+            return value
+        try:
+            return kind(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            name = getattr(kind, "__name__", "value").lstrip("_")
+            raise _ConfigValueError(f"invalid {name} value {value!r}") from None
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is _csv_list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    expected = {int: "a whole number", float: "a number", _csv_list: "a list of names or comma-separated text"}
+    raise _ConfigValueError(f"expected {expected.get(kind, 'text')}, got {json.dumps(value)}")
+
+
+def _check_choice(action: argparse.Action, value) -> None:
+    if action.choices is not None and value not in action.choices:
+        raise _ConfigValueError(f"{json.dumps(value) if not isinstance(value, Path) else str(value)!s} is not one "
+                                f"of {', '.join(map(str, action.choices))}")
+
+
+def convert_config_value(action: argparse.Action, value):
+    """VALUE from a --config file as the option ACTION would have parsed it; _ConfigValueError if not."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise _ConfigValueError(f"expected true or false, got {json.dumps(value)}")
+        return value
+    if value is None:
+        if action.default is None and not action.required:
+            return None
+        raise _ConfigValueError("null is not allowed here (the option has no 'unset' value)")
+    many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+    if many:
+        if not isinstance(value, list):
+            raise _ConfigValueError(f"expected a list, got {json.dumps(value)}")
+        if action.nargs == "+" and not value:
+            raise _ConfigValueError("expected at least one value, got an empty list")
+        out = [_convert_one(action, v) for v in value]
+        for v in out:
+            _check_choice(action, v)
+        return out
+    out = _convert_one(action, value)
+    _check_choice(action, out)
+    return out
+
+
+def _read_config(path: Path) -> dict:
     try:
         values = json.loads(path.read_text())
     except FileNotFoundError:
         raise PhenolensError(f"--config {path}: no such file") from None
-    except json.JSONDecodeError as err:
+    except IsADirectoryError:
+        raise PhenolensError(f"--config {path}: is a folder, not a JSON file") from None
+    except OSError as err:
+        raise PhenolensError(f"--config {path}: cannot read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PhenolensError(f"--config {path}: not valid JSON ({err})") from None
     if not isinstance(values, dict):
         raise PhenolensError(f"--config {path}: expected a JSON object of option values")
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    given |= POSITIONALS  # paths named on the command line always win over the file
-    known = vars(args)
+    return values
+
+
+def config_defaults(sub: argparse.ArgumentParser, path: Path, values: dict, command: str) -> dict:
+    """The file's values converted and checked like the command line: {dest: value}.
+
+    Raises PhenolensError naming the file and the key for an unknown key or a value its option
+    would refuse (wrong type, not one of the choices, a non-boolean for a switch).
+    """
+    actions = {a.dest: a for a in sub._actions if a.dest not in NOT_OPTIONS and a.dest != argparse.SUPPRESS
+               and not isinstance(a, argparse._HelpAction)}
+    converted = {}
     for key, value in values.items():
-        if key not in known or key in NOT_OPTIONS:
-            raise PhenolensError(f"--config {path}: unknown option {key!r} for `phenolens {args.command}`")
-        if key in given:
-            continue
-        setattr(args, key, value)
+        action = actions.get(key)
+        if action is None:
+            raise PhenolensError(f"--config {path}: unknown option {key!r} for `phenolens {command}`")
+        try:
+            converted[key] = convert_config_value(action, value)
+        except _ConfigValueError as err:
+            flag = action.option_strings[0] if action.option_strings else key.upper()
+            raise PhenolensError(f"--config {path}: {key!r} ({flag}): {err}") from None
+    return converted
+
+
+def parse_command(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse ARGV; with --config FILE, the file's values become the defaults, so the command line wins.
+
+    Why defaults and not a merge afterwards: argparse then decides what the command line set, so
+    abbreviations (`--ste 3`) and flags unlike their destination (`--from` -> source, `--no-judges` ->
+    judges) win over the file as they should, and the file's values are checked like typed ones.
+    """
+    parser = parser or build_parser()
+    # first pass: only to learn the command and --config (options the file may supply are not yet required)
+    relaxed = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                relaxed += [a for a in sub._actions if a.required and a.option_strings]
+    for a in relaxed:
+        a.required = False
+    try:
+        first = parser.parse_args(argv)
+    finally:
+        for a in relaxed:
+            a.required = True
+    path = getattr(first, "config", None)
+    if path is None:
+        args = parser.parse_args(argv)
+    else:
+        sub = _subparser(parser, first.command)
+        defaults = config_defaults(sub, path, _read_config(path), first.command)
+        saved = {a.dest: (a.default, a.required) for a in sub._actions}
+        try:
+            for a in sub._actions:
+                if a.dest in defaults:
+                    a.default = defaults[a.dest]
+                    if a.option_strings:  # a positional is always named on the command line
+                        a.required = False
+            args = parser.parse_args(argv)
+        finally:
+            for a in sub._actions:
+                a.default, a.required = saved[a.dest]
+    args.invocation = argv
     return args
 
 
 def save_config(args: argparse.Namespace) -> None:
-    if getattr(args, "save_config", None) is None:
+    """Write the options to --save-config FILE (a missing parent folder is created)."""
+    path = getattr(args, "save_config", None)
+    if path is None:
         return
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in NOT_OPTIONS}
     from phenolens.atomic import write_json_atomic
 
-    write_json_atomic(args.save_config, values)
+    path = Path(path)
+    if path.is_dir():
+        raise PhenolensError(f"--save-config {path}: is a folder; give a file name, e.g. {path / 'config.json'}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise PhenolensError(f"--save-config {path}: {blocker} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, values)
+    except OSError as err:
+        raise PhenolensError(f"--save-config {path}: cannot write there ({err.strerror or err})") from None
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Refuse a device torch does not know, or one this machine does not have, before any work."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise PhenolensError(f"{option} {device}: not a torch device; use e.g. cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PhenolensError(f"{option} {device}: CUDA is not available here (no GPU, or a torch built "
+                                 "without CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PhenolensError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise PhenolensError(f"{option} {device}: Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise PhenolensError(f"{option} {device}: phenolens runs on cpu, cuda or mps, not {dev.type}")
 
 
 # ------------------------------------------------------------------------------- commands
@@ -419,8 +603,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_translate(args: argparse.Namespace) -> None:
     from phenolens.run.translate import TranslateSettings, run_translate
 
+    if args.inversion == "fixed-point" and args.inversion_iters < 1:
+        raise PhenolensError(f"--inversion-iters {args.inversion_iters}: fixed-point inversion needs at least 1 "
+                             "iteration (0 would be plain DDIM inversion: use --inversion ddim)")
     if args.inversion_iters < 0:
-        raise PhenolensError("--inversion-iters must be 0 or more")
+        raise PhenolensError(f"--inversion-iters {args.inversion_iters}: must be 0 or more")
     if args.batch_size < 1:
         raise PhenolensError("--batch-size must be at least 1")
     settings = TranslateSettings(
@@ -478,22 +665,74 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(summary)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError that escaped a command: which file, and what the system said.
+
+    Why here: a full disk, a read-only mount or a permission problem can strike any write, deep in
+    any library; the user needs the file and the reason, not a traceback.
+    """
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free some space or choose another output folder)"
+    verb = ("write" if err.errno in _WRITE_ERRNOS else "read" if err.errno in (errno.ENOENT, errno.EIO)
+            else "access")
+    names = [str(f) for f in (err.filename, getattr(err, "filename2", None)) if f is not None]
+    where = f" {' -> '.join(names)}" if names else (" a file" if verb != "access" else "")
+    return f"cannot {verb}{where}: {reason}"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
+
+
+def describe_memory_error(err: BaseException, args: argparse.Namespace | None) -> str:
+    """One line for running out of memory: which memory, and the options that use less."""
+    detail = str(err).splitlines()[0] if str(err) else ""
+    gpu = type(err).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
+    what = "out of GPU memory" if gpu else "out of memory (RAM)"
+    hints = []
+    if getattr(args, "batch_size", None) is not None:
+        hints.append("a smaller --batch-size")
+    if gpu and getattr(args, "device", "") != "cpu" and hasattr(args, "device"):
+        hints.append("--device cpu")
+    hint = f"; try {' or '.join(hints)}" if hints else "; images this large may need a machine with more memory"
+    return f"{what}{' (' + detail + ')' if detail else ''}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.invocation = argv
+    # the command's name before parsing, for messages about --config itself
+    command = next((a for a in argv if a in _subcommands(parser)), "?")
+    args: argparse.Namespace | None = None
     try:
-        args = apply_config(parser, args, argv)
+        args = parse_command(argv, parser)
+        command = args.command
+        check_device(getattr(args, "device", None))
         save_config(args)
         func: Callable[[argparse.Namespace], None] = args.func
         func(args)
     except PhenolensError as err:
-        print(f"phenolens {args.command}: error: {err}", file=sys.stderr)
+        print(f"phenolens {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"phenolens {args.command}: interrupted", file=sys.stderr)
+        print(f"phenolens {command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, read-only, permission denied ... anywhere in a command
+        if os.environ.get("PHENOLENS_DEBUG"):
+            raise
+        print(f"phenolens {command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if os.environ.get("PHENOLENS_DEBUG") or not _is_out_of_memory(err):
+            raise  # any other RuntimeError is a bug: keep its traceback
+        print(f"phenolens {command}: error: {describe_memory_error(err, args)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,19 +3,24 @@
 The demo model shipped in `phenolens/assets/demo_model` was made by the documented commands in
 `DEMO_TRAIN_COMMANDS` (see README); `--train` re-runs them here instead of loading it.
 Every figure in `summary.txt` is measured in this run.
+
+OUT is a phenolens output folder (`phenolens.folders.OutputFolder`, kind "demo"): a non-empty
+folder that phenolens did not write is refused, and `--overwrite` removes only what the demo
+wrote there (each step clears only its own recorded outputs), never a user's files.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from phenolens.atomic import write_json_atomic, write_text_atomic
 from phenolens.errors import PhenolensError
+from phenolens.folders import OutputFolder, check_apart
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_CONDITIONS = ["control", "low", "mid", "high"]
@@ -30,6 +35,30 @@ DEMO_TRAIN_COMMANDS = (
 )
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 DEMO_MEASURE_REFERENCE = 100  # real images per condition measured as the reference
+# what the demo writes into OUT itself; data/, heldout/, model/, translate/ are output folders of
+# their own (simulate, train, translate), each with its own inventory
+DEMO_FILES = ("grids.png", "report.html", "summary.txt", "summary.json")
+DEMO_FOLDERS = ("data", "heldout", "model", "translate")
+
+
+def _check_demo_options(steps: int, n_images: int, train_steps: int) -> None:
+    """Refuse bad numbers before anything is written (the demo simulates 800 images first)."""
+    for option, value in (("--n-images", n_images), ("--steps", steps), ("--train-steps", train_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PhenolensError(f"{option} must be at least 1 (got {value})")
+
+
+def _open_demo_folder(out: Path, overwrite: bool) -> OutputFolder:
+    """OUT as a demo folder; an earlier demo there needs --overwrite."""
+    folder = OutputFolder.open(out, "demo", option="OUT")
+    earlier = [name for name in (*folder.files, *DEMO_FOLDERS) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise PhenolensError(f"OUT {out}: holds an earlier demo ({', '.join(earlier[:3])}); pass --overwrite to "
+                             "replace it (only what the demo wrote is removed) or choose another folder")
+    if overwrite:
+        folder.clear()
+    folder.record(*DEMO_FILES)
+    return folder
 
 
 def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images: int = 24,
@@ -46,18 +75,19 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     from phenolens.train.trainer import TrainConfig
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PhenolensError(f"{out}: already holds files; pass --overwrite or choose another folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_demo_options(steps, n_images, train_steps)
+    if model is not None:
+        check_apart(out, models=[Path(model)], option="OUT")
+    elif not train:
+        check_apart(out, models=[DEMO_MODEL], option="OUT")
+    _open_demo_folder(out, overwrite)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     data = simulate(out / "data", conditions=DEMO_CONDITIONS, per_condition=DEMO_PER_CONDITION, size=DEMO_SIZE,
-                    seed=0, progress=progress)
+                    seed=0, progress=progress, overwrite=overwrite)
     heldout = simulate(out / "heldout", conditions=DEMO_CONDITIONS, per_condition=n_images, size=DEMO_SIZE,
-                       seed=1, progress=progress)
+                       seed=1, progress=progress, overwrite=overwrite)
     timings["simulate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -67,7 +97,7 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         model_dir = out / "model"
         train_phendiff(data, model_dir, PhenDiffTrainSettings(preset="tiny", size=DEMO_SIZE),
                        TrainConfig(steps=train_steps, batch_size=16, lr=DEMO_LR), command=DEMO_TRAIN_COMMANDS[1],
-                       progress=progress)
+                       overwrite=overwrite, progress=progress)
     else:
         model_dir = DEMO_MODEL
     timings["model"] = time.perf_counter() - t0
@@ -75,7 +105,7 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     t0 = time.perf_counter()
     settings = TranslateSettings(model_dir=str(model_dir), input=str(heldout / DEMO_CONDITIONS[0]), steps=steps,
                                  batch_size=n_images)
-    index = run_translate(settings, out / "translate", progress=progress)
+    index = run_translate(settings, out / "translate", overwrite=overwrite, progress=progress)
     timings["translate"] = time.perf_counter() - t0
     rows = read_index(index)
 
@@ -119,7 +149,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     from phenolens.run.measure import MeasureSettings, run_measure
 
     measure_dir = run_measure(tr, MeasureSettings(reference=str(data), channel_names=CHANNEL_NAMES,
-                                                  max_reference=DEMO_MEASURE_REFERENCE), progress=progress)
+                                                  max_reference=DEMO_MEASURE_REFERENCE),
+                              overwrite=overwrite, progress=progress)
     metrics = json.loads((measure_dir / "metrics.json").read_text())
     planted = planted_table(measure_dir, DEMO_CONDITIONS)
     timings["measure"] = time.perf_counter() - t0
@@ -161,10 +192,10 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         f"index: {index}",
     ]
     summary = "\n".join(lines)
-    (out / "summary.txt").write_text(summary + "\n")
+    write_text_atomic(out / "summary.txt", summary + "\n")
     figures = dict(recon_psnr_mean=float(recon_psnr.mean()), recon_mse_mean=float(recon_mse.mean()),
                    change_mse_strongest_mean=float(change_mse.mean()), classifier_heldout_accuracy=held_acc,
                    rate_translated_to_strongest=rate_translated, rate_sources_as_strongest=rate_sources,
                    planted=planted, identity=identity, segmentation=seg, judges=judged, timings=timings)
-    (out / "summary.json").write_text(json.dumps(figures, indent=2))
+    write_json_atomic(out / "summary.json", figures)
     return summary

@@ -7,6 +7,7 @@ same generator state gives the same batch bit for bit and the trainer can resume
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,44 @@ from phenolens.data.io import read_image
 from phenolens.data.normalize import Normalizer
 from phenolens.data.records import ImageRecord
 from phenolens.errors import PhenolensError
+
+
+def pixel_kind(dtype: str) -> str:
+    """'uint8', 'uint16', ... for integer pixels; 'float' for any floating-point type.
+
+    Images of different kinds hold intensities on different scales (0-255, 0-65535, 0-1), so
+    one normalisation fitted on a mixture fits none of them.
+    """
+    return "float" if np.issubdtype(np.dtype(dtype), np.floating) else str(np.dtype(dtype))
+
+
+def _check_kind(kinds: dict[str, Path], kind: str, path: Path) -> None:
+    if kind not in kinds:
+        kinds[kind] = path
+    if len(kinds) > 1:
+        (k0, p0), (k1, p1) = list(kinds.items())[:2]
+        raise PhenolensError(f"the training images mix pixel types: {p0} is {k0}, {p1} is {k1}; one normalisation "
+                             "cannot fit both scales: convert them to one type (or train on one kind)")
+
+
+def input_stats(raws: Sequence[np.ndarray], dtype: str) -> dict:
+    """{"dtype", "min": [per channel], "max": [per channel]} of the raw training images (phenolens.json),
+    so that translate can tell an input on another scale from the training set's."""
+    lows = np.min(np.stack([r.reshape(r.shape[0], -1).min(axis=1) for r in raws]), axis=0)
+    highs = np.max(np.stack([r.reshape(r.shape[0], -1).max(axis=1) for r in raws]), axis=0)
+    return {"dtype": str(dtype), "min": [float(v) for v in lows], "max": [float(v) for v in highs]}
+
+
+def data_fingerprint(records: Sequence[ImageRecord], raws: Sequence[np.ndarray], labels: Sequence[int]) -> dict:
+    """What identifies the training set for `--resume`: how many images, which files (in order,
+    with their conditions) and what they hold (the raw pixels as read, after --channels)."""
+    files = hashlib.sha256()
+    content = hashlib.sha256()
+    for rec, raw, label in zip(records, raws, labels):
+        files.update(f"{Path(rec.path).resolve()}\0{rec.condition}\n".encode())
+        content.update(f"{label}:{raw.shape}:".encode())
+        content.update(np.ascontiguousarray(raw, dtype=np.float32).tobytes())
+    return {"n_images": len(raws), "files": files.hexdigest()[:16], "content": content.hexdigest()[:16]}
 
 
 class ImageSet:
@@ -37,13 +76,19 @@ class ImageSet:
         raws: list[np.ndarray] = []
         labels: list[int] = []
         first: Path | None = None
+        kinds: dict[str, Path] = {}  # pixel kind ('uint8', 'uint16', 'float') -> its first file
+        dtypes: list[str] = []
         # disable=None: no bar when stderr is not a terminal (logs, captured output)
         for rec in tqdm(records, desc="read images", unit="img", disable=None if progress else True):
             if rec.condition not in self.conditions:
                 raise PhenolensError(f"{rec.path}: condition '{rec.condition}' is not one of the model's "
                                      f"conditions ({', '.join(self.conditions)})")
             try:
-                raw, _ = read_image(rec.path, channels=channels)
+                raw, layout = read_image(rec.path, channels=channels)
+                if not np.isfinite(raw).all():
+                    bad = int((~np.isfinite(raw)).sum())
+                    raise PhenolensError(f"{rec.path}: has {bad} NaN or infinite pixel(s); a model cannot learn "
+                                         "from them (fix or remove the file, or pass --skip-bad)")
             except PhenolensError as err:
                 if not skip_bad:
                     raise
@@ -54,8 +99,10 @@ class ImageSet:
                 raise PhenolensError(f"{rec.path}: has {raw.shape[0]} channel(s), but {first} has "
                                      f"{raws[0].shape[0]}; all training images need the same channels "
                                      f"(pick them with --channels)")
+            _check_kind(kinds, pixel_kind(layout.dtype), Path(rec.path))
             first = first or Path(rec.path)
             raws.append(raw)
+            dtypes.append(str(layout.dtype))
             labels.append(self.conditions.index(rec.condition))
             self.records.append(rec)
         if not raws:
@@ -66,6 +113,8 @@ class ImageSet:
             raise PhenolensError(f"{first}: image has {self.n_channels} channel(s), the model expects "
                                  f"{normalizer.n_channels}")
         self.normalizer = normalizer if normalizer is not None else Normalizer.fit(raws)
+        self.input_stats = input_stats(raws, dtypes[0])
+        self.data_fingerprint = data_fingerprint(self.records, raws, labels)
         self.images: list[torch.Tensor] = [self._prepare(self.normalizer.to_model(r)) for r in raws]
         self.labels = torch.tensor(labels, dtype=torch.long)
 

@@ -4,7 +4,10 @@ Readers return the file's *raw* intensities (no scaling) plus an `ImageLayout` t
 the file stored them, so `write_image` can give back the same kind of file: a 16-bit 2-channel
 channel-first TIFF in gives a 16-bit 2-channel channel-first TIFF out, a PNG in gives a PNG out.
 Any problem with a file becomes a one-line `PhenolensError` naming it; raw tifffile / Pillow
-exceptions never escape.
+exceptions never escape. Every image phenolens reads comes through `read_image`, so the checks that
+keep a result from being silently wrong live here: NaN/inf pixels are refused (they would turn a
+whole translation or a training run into NaN), and so are images too large to hold in memory
+(`MAX_IMAGE_VALUES`, judged from the file's header before any pixel is read).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +32,10 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 _CHANNEL_FIRST_AXES = set("CSQIZTRHEVLPAM")
 # tifffile log messages that mean the file is damaged even though it parsed.
 _DAMAGE_MARKERS = ("invalid page offset", "failed to reshape", "truncat", "corrupt")
+# Largest image read whole: 2**28 values (all channels together; 1 GiB as float32, e.g. 16384 x 16384
+# x 1 channel or 8192 x 8192 x 4). Larger images (whole slides, stitched plates) must be tiled into
+# smaller images first; reading one whole would exhaust memory.
+MAX_IMAGE_VALUES = 2 ** 28
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,12 @@ def parse_channels(text: str | None) -> list[int] | None:
 # ----------------------------------------------------------------------------------------- read
 
 def read_image(path: str | Path, channels: Sequence[int] | None = None) -> tuple[np.ndarray, ImageLayout]:
-    """Read PATH as float32 (C, H, W) in the file's raw units, channels in the order given."""
+    """Read PATH as float32 (C, H, W) in the file's raw units, channels in the order given.
+
+    Refused with a one-line `PhenolensError` naming the file: unreadable or damaged files, images
+    above `MAX_IMAGE_VALUES` values (tile them first; checked before reading pixels), and NaN or
+    infinite pixels in the channels used.
+    """
     path = Path(path)
     if not path.exists():
         raise PhenolensError(f"{path}: file does not exist")
@@ -96,7 +108,23 @@ def read_image(path: str | Path, channels: Sequence[int] | None = None) -> tuple
                                  f"(indices 0..{n - 1}), no channel {bad[0]}")
         chw = chw[list(channels)]
         layout = ImageLayout(layout.format, layout.dtype, layout.axes, layout.n_channels, channels)
-    return np.ascontiguousarray(chw, dtype=np.float32), layout
+    chw = np.ascontiguousarray(chw, dtype=np.float32)
+    if layout.dtype.startswith(("float", "complex")):
+        bad = int(chw.size - np.count_nonzero(np.isfinite(chw)))
+        if bad:
+            raise PhenolensError(f"{path}: has {bad} NaN/inf pixels (of {chw.size}); phenolens cannot translate, "
+                                 "train on or measure them: replace them (e.g. by 0) or leave the file out")
+    return chw, layout
+
+
+def _check_size(path: Path, shape: Sequence[int]) -> None:
+    """Refuse an image too large to read whole, from its header's shape (no pixel read yet)."""
+    n = int(np.prod([int(d) for d in shape], dtype=np.float64))
+    if n > MAX_IMAGE_VALUES:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise PhenolensError(f"{path}: image is too large to read whole ({dims} = {n:,} values; the limit is "
+                             f"{MAX_IMAGE_VALUES:,} = 2**28 values per image): tile it into smaller images, "
+                             "e.g. 2048 x 2048 px, first")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -136,9 +164,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, ImageLayout]:
         if len(series) > 1 and all(len(s.shape) == 2 for s in series) \
                 and len({(tuple(s.shape), s.dtype) for s in series}) == 1:
             # pages written one by one (one series per page): one page per channel
+            _check_size(path, (len(series), *series[0].shape))
             data = np.stack([s.asarray() for s in series])
             axes = "CYX"
         else:
+            _check_size(path, series[0].shape)
             data, letters = _squeeze_axes(series[0].asarray(), series[0].axes)
             try:
                 axes = _tiff_axes(letters, data.shape)
@@ -188,6 +218,7 @@ def _read_png(path: Path) -> tuple[np.ndarray, ImageLayout]:
     with Image.open(path) as img:
         if img.format != "PNG":
             raise PhenolensError(f"{path}: cannot read image (not a PNG file, looks like {img.format})")
+        _check_size(path, (img.size[1], img.size[0], len(img.getbands())))
         img.load()
         mode = img.mode
         if mode == "1":
@@ -225,22 +256,42 @@ def write_image(path: str | Path, raw: np.ndarray, layout: ImageLayout) -> None:
     if raw.shape[0] != expected:
         raise PhenolensError(f"{path}: cannot write {raw.shape[0]} channel(s), the source layout has {expected}")
     data = _to_dtype(raw, layout.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = layout.format.lower()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if fmt not in ("png", "tiff", "tif"):
+        raise PhenolensError(f"{path}: unknown image format {layout.format!r} (expected tiff or png)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_name = _new_temp_file(path)
+    except OSError as err:
+        raise PhenolensError(f"{path}: cannot write there ({err.strerror or err})") from None
     try:
         if fmt == "png":
             _write_png(Path(tmp_name), data, path)
-        elif fmt in ("tiff", "tif"):
-            _write_tiff(Path(tmp_name), data, layout.axes)
         else:
-            raise PhenolensError(f"{path}: unknown image format {layout.format!r} (expected tiff or png)")
+            _write_tiff(Path(tmp_name), data, layout.axes)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError):  # unwritable or full disk: one line naming the file, not a traceback
+            raise PhenolensError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty new file beside PATH for an atomic write, created with the user's umask.
+
+    Not `tempfile.mkstemp`: its files are mode 0600, which `os.replace` would hand on to the output,
+    so images would be unreadable to colleagues while the CSV beside them is not.
+    """
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise PhenolensError(f"{path}: cannot create a temporary file beside it")
 
 
 def _to_dtype(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -5,6 +5,13 @@ Three ways to point phenolens at images, so users need not reorganise their data
   (b) a dataset root with one sub-folder per condition (`ROOT/<condition>/*.tif|*.tiff|*.png`);
   (c) one folder of images of a single condition (the folder's name, unless given).
 Sub-folders starting with `_` or `.` are ignored (the simulator keeps ground truth in `_groundtruth/`).
+
+Condition order matters (a dose series keeps it in the model, the report's dose strips and the
+dose correlations), so a folder per condition is not listed alphabetically (control, high, low,
+mid): a `manifest.csv` beside the folders gives the order (first appearance of each condition);
+without one, a control-like name comes first and the others follow in natural order, numbers
+compared as numbers (dose_2 < dose_10, 0.1uM < 1uM < 10uM). `condition_order_source` says which rule
+applied, so commands can print it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,67 @@ def _ignored(path: Path) -> bool:
     return path.name.startswith(("_", "."))
 
 
+CONTROL_NAMES = ("control", "ctrl", "dmso", "untreated", "vehicle", "mock", "wt", "wildtype", "negative")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+
+
+def is_control_like(name: str) -> bool:
+    """Whether a condition name reads as an untreated control (DMSO, ctrl_1, neg-control, wild-type, ...)."""
+    words = re.split(r"[^a-z]+", name.lower())
+    return any(w in CONTROL_NAMES for w in words) or re.sub(r"[^a-z]", "", name.lower()) in CONTROL_NAMES
+
+
+def dose_key(name: str) -> tuple:
+    """Sort key for condition names: control-like first, then natural order with decimal numbers
+    compared as numbers (0.1uM < 1uM < 10uM, dose_2 < dose_10), then case-insensitive text."""
+    parts: list = []
+    pos = 0
+    for m in _NUMBER.finditer(name):
+        parts.append((1, 0.0, name[pos:m.start()].lower()))
+        parts.append((0, float(m.group()), ""))
+        pos = m.end()
+    parts.append((1, 0.0, name[pos:].lower()))
+    return (0 if is_control_like(name) else 1, parts, name)
+
+
+def _manifest_condition_order(manifest: Path) -> list[str] | None:
+    """Conditions of a manifest.csv in order of first appearance; None if it is absent or unreadable."""
+    if not manifest.is_file():
+        return None
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+            if "condition" not in reader.fieldnames:
+                return None
+            return list(dict.fromkeys(c for c in ((row.get("condition") or "").strip() for row in reader) if c))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def order_condition_folders(root: Path, names: Sequence[str]) -> tuple[list[str], str]:
+    """(condition folder names in order, which rule gave it): manifest.csv beside them, else dose_key."""
+    listed = _manifest_condition_order(root / "manifest.csv") or []
+    listed = [c for c in listed if c in names]
+    rest = sorted((n for n in names if n not in listed), key=dose_key)
+    if listed:
+        how = f"as listed in {root / 'manifest.csv'}" + (", then natural order" if rest else "")
+        return listed + rest, how
+    return rest, "control-like name first, then natural order (numbers compared as numbers)"
+
+
+def condition_order_source(input: Path | str) -> str:
+    """How `discover` ordered the conditions of INPUT, to print beside the order at train time."""
+    root = Path(input)
+    if root.is_file():
+        return f"order of first appearance in {root}" if root.suffix.lower() == ".csv" else "one image"
+    if root.is_dir():
+        names = [p.name for p in root.iterdir() if p.is_dir() and not _ignored(p)]
+        if names:
+            return order_condition_folders(root, names)[1]
+    return "one folder, one condition"
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p)),
                   key=lambda p: natural_key(p.name))
@@ -49,7 +117,8 @@ def _images_in(folder: Path) -> list[Path]:
 def discover(input: Path | str, *, condition: str | None = None) -> list[ImageRecord]:
     """Records for a manifest CSV, a folder per condition, or a single-condition folder.
 
-    CONDITION keeps only that condition for (a)/(b) and names the images for (c).
+    CONDITION keeps only that condition for (a)/(b) and names the images for (c). Records come
+    condition by condition in the dataset's condition order (see the module docstring).
     """
     root = Path(input)
     if not root.exists():
@@ -63,8 +132,9 @@ def discover(input: Path | str, *, condition: str | None = None) -> list[ImageRe
     if not root.is_dir():
         raise PhenolensError(f"{root}: is neither a file nor a folder")
 
-    subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not _ignored(p)), key=lambda p: natural_key(p.name))
-    per_condition = {d.name: _images_in(d) for d in subdirs}
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not _ignored(p)]
+    order, _ = order_condition_folders(root, [d.name for d in subdirs])
+    per_condition = {name: _images_in(root / name) for name in order}
     direct = _images_in(root)
     if any(per_condition.values()) or (subdirs and not direct):
         # (b) one sub-folder per condition; images at root level are ignored
@@ -104,6 +174,7 @@ def _read_manifest(manifest: Path) -> list[ImageRecord]:
             reader.fieldnames = columns
             extra = [c for c in columns if c not in ("path", "condition") and c]
             records: list[ImageRecord] = []
+            seen: dict[tuple[str, str], int] = {}  # (resolved file, condition) -> first line
             for row in reader:
                 n = reader.line_num  # physical line; equals the spreadsheet row for plain CSV
                 if all(not (v or "").strip() for v in row.values() if isinstance(v, str)):
@@ -119,6 +190,11 @@ def _read_manifest(manifest: Path) -> list[ImageRecord]:
                     path = manifest.parent / path
                 if not path.is_file():
                     raise PhenolensError(f"{manifest} row {n}: {text}: file not found ({path})")
+                key = (str(path.resolve()), cond)
+                if key in seen:
+                    raise PhenolensError(f"{manifest}: rows {seen[key]} and {n} both list {text} under condition "
+                                         f"{cond!r}; remove the duplicate row (each image once per condition)")
+                seen[key] = n
                 meta = {c: (row.get(c) or "").strip() for c in extra}
                 records.append(ImageRecord(path, cond, meta))
     except UnicodeDecodeError:

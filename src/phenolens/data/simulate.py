@@ -13,8 +13,12 @@ Layout written by :func:`simulate` into OUT::
     OUT/_groundtruth/masks/<condition>/<name>_nuclei.tif, <name>_cells.tif
                                                uint16 labels, 0 = background, cell i is i in both
 
+    OUT/.phenolens.json                        marker: every path above, so that --overwrite
+                                               removes those and nothing a user put beside them
+
 Folders whose name starts with ``_`` are not conditions, so a loader reading OUT as
-"one sub-folder per condition" never trains on the ground truth.
+"one sub-folder per condition" never trains on the ground truth. The manifest keeps the condition
+order (weakest first), which `discover` honours for the folders beside it.
 
 Channels (``CHANNEL_NAMES``), as in a Cell Painting-like 4-colour stain:
 
@@ -72,10 +76,10 @@ are drawn; the same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
@@ -87,6 +91,7 @@ import tifffile
 from scipy import ndimage
 
 from phenolens.errors import PhenolensError
+from phenolens.folders import MARKER, OutputFolder
 
 __all__ = [
     "CHANNEL_NAMES",
@@ -503,31 +508,65 @@ def _validate(conditions: Sequence[str], per_condition: int, size: int, seed: in
     return conds, strs
 
 
-def _prepare_out(out: Path, conditions: Sequence[str], overwrite: bool) -> None:
-    """Refuse to mix with an existing dataset; with overwrite, remove only a simulated one."""
-    gt, manifest = out / GROUNDTRUTH, out / "manifest.csv"
-    simulated = gt.is_dir()
-    if simulated:
-        if not overwrite:
-            raise PhenolensError(f"{out}: a simulated dataset exists already; pass --overwrite or choose another folder")
-        old: set[str] = set()
-        if manifest.is_file():
+def _planned_files(conds: Sequence[str], per_condition: int) -> list[str]:
+    """Every path the simulator writes into OUT (relative), in the order of the jobs."""
+    files = []
+    for c in conds:
+        for j in range(int(per_condition)):
+            name = f"{c}_{j:05d}"
+            files += [f"{c}/{name}.tif", f"{GROUNDTRUTH}/masks/{c}/{name}_nuclei.tif",
+                      f"{GROUNDTRUTH}/masks/{c}/{name}_cells.tif"]
+    return files + [f"{GROUNDTRUTH}/planted.csv", f"{GROUNDTRUTH}/cells.csv", "manifest.csv"]
+
+
+def _older_dataset_files(out: Path) -> list[str]:
+    """What an older simulator (before the marker file) wrote into OUT, from its own manifest.
+
+    Only files the simulator names itself are listed: the images of its manifest, their masks and
+    its tables. A user's file added beside them is not, so `--overwrite` never removes it.
+    """
+    files = [f"{GROUNDTRUTH}/planted.csv", f"{GROUNDTRUTH}/cells.csv", "manifest.csv"]
+    manifest = out / "manifest.csv"
+    if manifest.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
             with open(manifest, newline="") as f:
-                old = {row.get("condition", "") for row in csv.DictReader(f)}
-        for c in set(conditions) | old:
-            d = out / c
-            if c and not c.startswith(("_", ".")) and "/" not in c and d.is_dir():
-                shutil.rmtree(d)
-        shutil.rmtree(gt)
-        manifest.unlink(missing_ok=True)
-    else:
-        for c in conditions:
-            d = out / c
-            if d.exists() and (not d.is_dir() or any(d.iterdir())):
-                raise PhenolensError(f"{out}: {c}/ already holds files and is not a simulated dataset; "
-                                     "choose an empty folder")
-        if manifest.exists():
-            raise PhenolensError(f"{manifest}: exists already and is not from the simulator; choose an empty folder")
+                for row in csv.DictReader(f):
+                    rel, cond = (row.get("path") or "").strip(), (row.get("condition") or "").strip()
+                    stem = Path(rel).stem
+                    # only the simulator's own naming (<cond>/<cond>_NNNNN.tif) inside OUT
+                    if not cond or rel != f"{cond}/{stem}.tif" or not stem.startswith(f"{cond}_"):
+                        continue
+                    files += [rel, f"{GROUNDTRUTH}/masks/{cond}/{stem}_nuclei.tif",
+                              f"{GROUNDTRUTH}/masks/{cond}/{stem}_cells.tif"]
+    return files
+
+
+def _prepare_out(out: Path, conditions: Sequence[str], per_condition: int, overwrite: bool) -> OutputFolder:
+    """Open OUT as a dataset folder: refuse to mix with an existing dataset or a user's files;
+    with overwrite, remove only what the simulator wrote there (its inventory), nothing else."""
+    marked = (out / MARKER).is_file()
+    older = not marked and (out / GROUNDTRUTH).is_dir()  # simulated before phenolens marked its folders
+    if not marked and not older and out.is_dir() and any(out.iterdir()):
+        raise PhenolensError(f"{out}: folder already holds files and is not a simulated dataset; phenolens never "
+                             "writes into or clears such a folder: choose a new or empty one")
+    exists = PhenolensError(f"{out}: a simulated dataset exists already; pass --overwrite to replace it "
+                            "(only the files the simulator wrote are removed) or choose another folder")
+    if older and not overwrite:
+        raise exists
+    folder = OutputFolder.open(out, "dataset", adopt=older)
+    if older:
+        folder.record(*_older_dataset_files(out))
+    if any((out / f).exists() for f in folder.files):
+        if not overwrite:
+            raise exists
+        folder.clear()
+    planned = _planned_files(conditions, per_condition)
+    foreign = [f for f in planned if (out / f).exists() and not folder.owns(f)]
+    if foreign:
+        raise PhenolensError(f"{out / foreign[0]}: exists and was not written by the simulator; phenolens does "
+                             "not overwrite it: move it or choose another folder")
+    folder.record(*planned)  # before writing: a run killed half-way can still be cleared exactly
+    return folder
 
 
 def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, per_condition: int = 100,
@@ -542,8 +581,19 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PhenolensError(f"{out}: exists and is not a folder")
-    _prepare_out(out, conds, overwrite)
-    (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)  # marks OUT as simulated from the start
+    _prepare_out(out, conds, per_condition, overwrite)
+    try:
+        _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress)
+    except OSError as err:  # unwritable or full disk: one line, not a traceback
+        where = err.filename or out
+        raise PhenolensError(f"{where}: cannot write the simulated dataset ({err.strerror or err})") from None
+    return out
+
+
+def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition: int, size: int, seed: int,
+                   workers: int | None, progress: bool) -> None:
+    """Render every image (in a process pool when it pays off) and write the tables."""
+    (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)
     for c in conds:
         (out / c).mkdir(parents=True, exist_ok=True)
         (out / GROUNDTRUTH / "masks" / c).mkdir(parents=True, exist_ok=True)
@@ -560,7 +610,6 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
     _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS)
     _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS)
     _write_csv_atomic(out / "manifest.csv", planted, ["path", "condition", "strength"])
-    return out
 
 
 def _map(jobs: list[_Job], workers: int, progress: bool) -> Iterable[tuple[dict, list[dict]]]:

@@ -42,6 +42,30 @@ def mse_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1).cpu().numpy().astype(np.float64)
 
 
+# ------------------------------------------------------------------ per-image statistics in raw units
+# Why: the [-1, 1] errors above are measured after normalisation, which clips whatever lies outside the
+# training range; an 8-bit image fed to a 16-bit model is mostly clipped and still reconstructs
+# "perfectly" there. These say how much of an image the model could not see, and the error in the
+# file's own units.
+
+def clipped_fraction(raw: np.ndarray, normalizer: Normalizer) -> float:
+    """Fraction of the pixel values of a raw CHW image outside the normaliser's per-channel range
+    (values the model sees clipped to -1 or +1; NaN counts as outside)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    low = np.asarray(normalizer.low, dtype=np.float32).reshape(-1, 1, 1)
+    high = np.asarray(normalizer.high, dtype=np.float32).reshape(-1, 1, 1)
+    if raw.ndim != 3 or raw.shape[0] != low.shape[0] or raw.size == 0:
+        raise ValueError(f"expected a CHW image with {low.shape[0]} channel(s), got shape {raw.shape}")
+    inside = (raw >= low) & (raw <= high)
+    return float(1.0 - inside.mean())
+
+
+def raw_errors(source: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """(mean absolute error, mean squared error) between two raw CHW images, in raw units."""
+    diff = np.asarray(source, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    return float(np.abs(diff).mean()), float((diff * diff).mean())
+
+
 @dataclass
 class Translation:
     """What `translate` returns for a batch of source images.

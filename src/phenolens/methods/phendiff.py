@@ -25,7 +25,7 @@ import torch
 from phenolens.diffusion.ddim import unet_fn
 from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel, write_sample_grid
-from phenolens.models.store import ModelInfo, load_model, save_model
+from phenolens.models.store import MODEL_FILES, ModelInfo, apply_umask, load_model, save_model
 from phenolens.models.unet import unet_downsample_factor
 
 
@@ -79,7 +79,11 @@ class PhenDiffTrainSettings:
 def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTrainSettings, config,
                    *, resume: bool = False, overwrite: bool = False, command: str = "",
                    progress: bool = True) -> ModelInfo:
-    """Train a PhenDiff model on DATA (folder per condition or manifest) into MODEL_DIR."""
+    """Train a PhenDiff model on DATA (folder per condition or manifest) into MODEL_DIR.
+
+    Every option and MODEL_DIR are checked before an image is read, and nothing in MODEL_DIR is
+    replaced (--overwrite) before the images have been read and checked.
+    """
     from dataclasses import asdict
 
     from phenolens import __version__
@@ -87,15 +91,22 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
     from phenolens.data.records import training_records
     from phenolens.diffusion.ddim import make_scheduler
     from phenolens.models.unet import build_unet
-    from phenolens.train.trainer import train
+    from phenolens.train.trainer import check_config, is_main_process, open_model_folder, train
 
     model_dir = Path(model_dir)
+    check_config(config)
     records, conditions = training_records(data, settings.conditions)
+    folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
+    main = is_main_process()
+    if main:
+        print(condition_order_line(data, conditions, settings.conditions))
     images = ImageSet(records, settings.size, conditions, channels=settings.channels,
                       skip_bad=settings.skip_bad, augment=getattr(config, "augment", True), progress=progress)
-    if images.bad:
-        report = model_dir / "skipped_files.csv"
-        model_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        folder.clear()  # the data are read and fine: now the old run may go (only what phenolens wrote)
+    if images.bad and main:
+        report = model_dir / SKIPPED_FILE
+        folder.record(report)
         write_skipped(report, images.bad)
         print(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
     torch.manual_seed(config.seed)  # the initial weights depend on --seed only
@@ -110,21 +121,49 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
-        version=__version__,
+        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
     )
 
     def on_save(trained_unet, step: int) -> None:
         info.training["steps_done"] = step
+        folder.record(*MODEL_FILES)
         save_model(model_dir, trained_unet, scheduler, info)
 
     def on_sample(trained_unet, step: int) -> None:
         device = str(next(trained_unet.parameters()).device)
-        write_sample_grid(PhenDiff(trained_unet, scheduler, info, device=device),
-                          model_dir / "samples" / f"step-{step:07d}.png", step)
+        path = model_dir / "samples" / f"step-{step:07d}.png"
+        folder.record(path)  # the file, not samples/: a picture the user adds there stays
+        write_sample_grid(PhenDiff(trained_unet, scheduler, info, device=device), path, step)
+        apply_umask(path)
 
     train(unet, scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
-          overwrite=overwrite, on_save=on_save, sample_fn=on_sample, progress=progress)
+          overwrite=overwrite, on_save=on_save, sample_fn=on_sample, progress=progress, out_folder=folder)
     return info
+
+
+SKIPPED_FILE = "skipped_files.csv"
+
+
+def training_inputs(data: str | Path, records: Sequence) -> list[Path]:
+    """What a model folder must stay apart from: DATA, every training file and the folders holding them."""
+    files = [Path(r.path) for r in records]
+    return [Path(data), *dict.fromkeys(p.parent for p in files), *files]
+
+
+def condition_order_line(data: str | Path, conditions: Sequence[str], wanted: Sequence[str] | None) -> str:
+    """One line saying in which order the conditions are stored (a dose series keeps its order in
+    phenolens.json and the report's strips), and where that order came from."""
+    order = ", ".join(conditions)
+    if wanted:
+        return f"conditions, in this order: {order} (from --conditions)"
+    data = Path(data)
+    if data.is_file():
+        where = f"as first listed in {data.name}"
+    elif (data / "manifest.csv").is_file():
+        where = "from manifest.csv"
+    else:
+        where = "folder names in natural order"
+    return f"conditions, in this order: {order} ({where}; pass --conditions to change)"
 
 
 def write_skipped(path: Path, bad: Sequence[tuple[Path, str]]) -> None:

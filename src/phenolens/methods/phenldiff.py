@@ -34,11 +34,12 @@ from phenolens.diffusion.ddim import unet_fn
 from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel, write_sample_grid
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
-from phenolens.models.store import INFO_FILE, ModelInfo, load_info, save_info
+from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
 from phenolens.models.unet import unet_downsample_factor
 
 EMBEDDINGS_FILE = "condition_embeddings.safetensors"
 ADAPTER_DIR = "adapter"
+LATENT_MODEL_FILES = (ADAPTER_DIR, "scheduler", EMBEDDINGS_FILE, INFO_FILE)  # phenolens.json last: it marks a model
 
 
 # ------------------------------------------------------------------------------------- channels
@@ -184,6 +185,11 @@ class PhenLDiff(CounterfactualModel):
         info = load_info(model_dir)
         if info.method != "phenldiff":
             raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not a Phen-LDiff model")
+        check_info(model_dir, info)
+        if not 1 <= int(info.n_channels) <= 3:  # the VAE maps 1-3 channels to RGB (see to_rgb)
+            raise PhenolensError(f"{model_dir / INFO_FILE}: says n_channels {info.n_channels}, but a Phen-LDiff "
+                                 "model's VAE takes 1 to 3; this phenolens.json does not belong to this model "
+                                 "(restore the model's own phenolens.json)")
         if not (base or info.base):
             raise PhenolensError(f"{model_dir / INFO_FILE}: names no base pipeline; pass base= (the directory or "
                                  "hub id it was fine-tuned from)")
@@ -219,7 +225,10 @@ def save_latent_model(model_dir: Path, model: ConditionedUNet, scheduler, info: 
                "null": model.null_embedding.detach().float().cpu().contiguous()}, str(tmp / EMBEDDINGS_FILE))
     scheduler.save_pretrained(str(tmp / "scheduler"))
     save_info(tmp, info)
-    for name in (ADAPTER_DIR, "scheduler", EMBEDDINGS_FILE, INFO_FILE):  # phenolens.json last: it marks a model
+    apply_umask(tmp)  # safetensors come out 0600
+    if (model_dir / INFO_FILE).is_file():  # first out, last in: a half-replaced model never looks complete
+        (model_dir / INFO_FILE).unlink()
+    for name in LATENT_MODEL_FILES:
         dest = model_dir / name
         if dest.is_dir():
             shutil.rmtree(dest)
@@ -258,10 +267,11 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
-    from phenolens.methods.phendiff import write_skipped
+    from phenolens.methods.phendiff import (SKIPPED_FILE, condition_order_line, training_inputs,
+                                            write_skipped)
     from phenolens.models.adapters import MODES, count_parameters, prepare_unet
     from phenolens.models.latent import encode_prompts, load_base
-    from phenolens.train.trainer import train
+    from phenolens.train.trainer import check_config, is_main_process, open_model_folder, train
 
     if settings.mode not in MODES:
         raise PhenolensError(f"--mode {settings.mode!r}: choose one of {', '.join(MODES)}")
@@ -275,10 +285,15 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
         raise PhenolensError(f"--prompt-template {settings.prompt_template!r} must contain {{condition}} and no "
                              "other {...} field")
     model_dir = Path(model_dir)
+    check_config(config)
     records, conditions = training_records(data, settings.conditions)
     unknown = sorted(set(settings.prompts) - set(conditions))
     if unknown:
         raise PhenolensError(f"--prompt names {', '.join(unknown)}, not a condition of {data} ({', '.join(conditions)})")
+    folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
+    main = is_main_process()
+    if main:
+        print(condition_order_line(data, conditions, settings.conditions))
 
     first, _ = read_image(records[0].path, channels=settings.channels)  # fail before loading a large base
     check_channels(first.shape[0], f"the images of {data}")
@@ -290,10 +305,12 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
                       augment=config.augment, progress=progress)
     check_channels(images.n_channels, f"the images of {data}")
-    if images.bad:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        write_skipped(model_dir / "skipped_files.csv", images.bad)
-        print(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / 'skipped_files.csv'}")
+    if overwrite:
+        folder.clear()  # the data are read and fine: now the old run may go (only what phenolens wrote)
+    if images.bad and main:
+        folder.record(SKIPPED_FILE)
+        write_skipped(model_dir / SKIPPED_FILE, images.bad)
+        print(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
 
     prompts = [settings.prompt_for(c) for c in conditions]
     embeddings = encode_prompts(lb.text_encoder, lb.tokenizer, prompts + [""])
@@ -314,21 +331,24 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), trainable_parameters=trainable, total_parameters=total,
                       num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
-        version=__version__,
+        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
     )
 
     def on_save(trained: ConditionedUNet, step: int) -> None:
         info.training["steps_done"] = step
+        folder.record(*LATENT_MODEL_FILES)
         save_latent_model(model_dir, trained, lb.scheduler, info)
 
     def on_sample(trained: ConditionedUNet, step: int) -> None:
         device = str(next(trained.parameters()).device)
-        write_sample_grid(PhenLDiff(trained, lb.vae, lb.scheduler, info, device=device),
-                          model_dir / "samples" / f"step-{step:07d}.png", step)
+        path = model_dir / "samples" / f"step-{step:07d}.png"
+        folder.record(path)  # the file, not samples/: a picture the user adds there stays
+        write_sample_grid(PhenLDiff(trained, lb.vae, lb.scheduler, info, device=device), path, step)
+        apply_umask(path)
 
     trained = train(model, lb.scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
                     overwrite=overwrite, loss_fn=latent_loss(lb.vae, float(lb.vae.config.scaling_factor)),
-                    on_save=on_save, sample_fn=on_sample, progress=progress)
+                    on_save=on_save, sample_fn=on_sample, progress=progress, out_folder=folder)
     return PhenLDiff(trained, lb.vae, lb.scheduler, info, device=str(next(trained.parameters()).device))
 
 

@@ -75,30 +75,99 @@ def load_info(model_dir: Path) -> ModelInfo:
         raise PhenolensError(f"{path}: not a valid phenolens model description ({err})") from None
 
 
+MODEL_FILES = ("unet", "scheduler", INFO_FILE)  # what `save_model` writes into MODEL_DIR
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than two system calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(*paths: str | Path) -> None:
+    """Give every file under PATHS the mode a plain `open()` would have given it (0666 & ~umask).
+
+    Why: safetensors (and other writers that go through a temporary file) leave 0600 files, so a
+    model shared on a group drive could not be read by the user's colleagues, while the CSV and JSON
+    beside it could (issue 9, "Also").
+    """
+    mode = 0o666 & ~current_umask()
+    for root in paths:
+        root = Path(root)
+        if root.is_symlink():
+            continue
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        for f in files:
+            if (f.stat().st_mode & 0o777) != mode:
+                os.chmod(f, mode)
+
+
 def save_model(model_dir: Path, unet, scheduler, info: ModelInfo) -> None:
-    """Write the model to MODEL_DIR atomically (temporary folder, then rename)."""
+    """Write the model to MODEL_DIR atomically (temporary folder inside it, then renames).
+
+    The temporary folder lives inside MODEL_DIR (never beside it, in a folder that is not ours);
+    only `MODEL_FILES` are replaced, anything else in MODEL_DIR (checkpoints, logs) stays, and
+    phenolens.json is moved last: it is what marks a complete model.
+    """
     model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".model.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     save_info(tmp, info)
-    if model_dir.exists():
-        # keep anything else the user put there (checkpoints, logs): replace only our files
-        for name in ("unet", "scheduler", INFO_FILE):
-            old = model_dir / name
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-        for child in tmp.iterdir():
-            os.replace(child, model_dir / child.name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, model_dir)
+    apply_umask(tmp)
+    info_file = model_dir / INFO_FILE
+    if info_file.is_file():  # first out, last in: a half-replaced model never looks complete
+        info_file.unlink()
+    for name in MODEL_FILES:
+        old = model_dir / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        os.replace(tmp / name, old)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_network(model_dir: Path, info: ModelInfo, in_channels: int | None,
+                  num_class_embeds: int | None = None) -> None:
+    """Refuse a phenolens.json that does not describe the network beside it, and say so.
+
+    Why: a hand-edited or copied phenolens.json (3 channels for a 2-channel network) would
+    otherwise surface at translate as an error about the user's image, which is not at fault.
+    """
+    path = Path(model_dir) / INFO_FILE
+    if in_channels is not None and int(in_channels) != int(info.n_channels):
+        raise PhenolensError(f"{path}: says n_channels {info.n_channels}, but the network in {Path(model_dir) / 'unet'} "
+                             f"takes {in_channels} channel(s); this phenolens.json does not belong to these weights "
+                             "(restore the model's own phenolens.json)")
+    if num_class_embeds is not None and int(num_class_embeds) != len(info.conditions) + 1:
+        raise PhenolensError(f"{path}: lists {len(info.conditions)} condition(s), but the network in "
+                             f"{Path(model_dir) / 'unet'} was trained with {int(num_class_embeds) - 1}; this "
+                             "phenolens.json does not belong to these weights (restore the model's own phenolens.json)")
+
+
+def check_info(model_dir: Path, info: ModelInfo) -> None:
+    """The fields of phenolens.json that must agree with one another (channels, normalisation)."""
+    path = Path(model_dir) / INFO_FILE
+    try:
+        n = int(info.n_channels)
+    except (TypeError, ValueError):
+        raise PhenolensError(f"{path}: n_channels {info.n_channels!r} is not a number") from None
+    if n < 1:
+        raise PhenolensError(f"{path}: n_channels {n} must be at least 1")
+    if info.channels is not None and len(info.channels) != n:
+        raise PhenolensError(f"{path}: channels {info.channels} picks {len(info.channels)} channel(s), but "
+                             f"n_channels says {n}")
+    norm = info.normalization if isinstance(info.normalization, dict) else {}
+    for key in ("low", "high"):
+        values = norm.get(key)
+        if isinstance(values, list) and len(values) != n:
+            raise PhenolensError(f"{path}: normalization {key} has {len(values)} value(s), but n_channels says {n}")
 
 
 def load_model(model_dir: Path, device: str = "cpu"):
@@ -114,5 +183,8 @@ def load_model(model_dir: Path, device: str = "cpu"):
         scheduler = DDIMScheduler.from_pretrained(model_dir / "scheduler")
     except (OSError, ValueError, EnvironmentError) as err:
         raise PhenolensError(f"{model_dir}: cannot load the network ({str(err).splitlines()[0]})") from None
+    check_info(model_dir, info)
+    cfg = getattr(unet, "config", {})
+    check_network(model_dir, info, cfg.get("in_channels"), cfg.get("num_class_embeds"))
     unet.to(device).eval()
     return unet, scheduler, info

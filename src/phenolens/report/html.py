@@ -39,6 +39,7 @@ MIN_TILE = 128  # small crops are upscaled (nearest neighbour) to at least this 
 MAX_TILE = 384  # large images are shrunk to this, to keep the page a few MB
 FEATURE_META = {"image", "condition", "kind", "role", "source_image", "target_condition"}
 MAX_TABLE_ROWS = 30
+GENERATOR = "phenolens report"  # in <meta name='generator'>: marks a page phenolens may overwrite
 
 
 def esc(value: Any) -> str:
@@ -715,6 +716,7 @@ def build_page(run_dir: str | Path, *, max_images: int = 12, top_features: int =
         f"<footer>phenolens {esc(__version__)}</footer>",
     ]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='generator' content='{GENERATOR} {esc(__version__)}'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>phenolens report: "
             f"{esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}<script>{JS}</script></body></html>\n")
 
@@ -722,11 +724,34 @@ def build_page(run_dir: str | Path, *, max_images: int = 12, top_features: int =
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, max_images: int = 12, top_features: int = 6,
                  order: Sequence[str] | None = None, progress: bool = True) -> Path:
     """Write the report of RUN_DIR (default RUN_DIR/report.html) atomically; returns its path."""
-    page = build_page(run_dir, max_images=max_images, top_features=top_features, order=order, progress=progress)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    check_report_target(path)  # before the slow part
+    page = build_page(run_dir, max_images=max_images, top_features=top_features, order=order, progress=progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # entities for non-ASCII (arrows, ticks) so the file reads the same whatever the locale's encoding
+        write_text_atomic(path, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
+    except OSError as err:
+        raise PhenolensError(f"--out {path}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
+def is_phenolens_report(path: Path) -> bool:
+    """Whether PATH is a page `phenolens report` wrote: its generator tag, or the title of the
+    reports written before the tag existed."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("ascii", "replace")
+    except OSError:
+        return False
+    return f"<meta name='generator' content='{GENERATOR} " in head or (
+        head.startswith("<!DOCTYPE html>") and "<title>phenolens report: " in head)
+
+
+def check_report_target(path: Path) -> None:
+    """Never replace a file phenolens did not write: the page goes to a new file or over an old report."""
     if path.is_dir():
         raise PhenolensError(f"--out {path}: is a folder; give a file name such as {path / 'report.html'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # entities for non-ASCII (arrows, ticks) so the file reads the same whatever the locale's encoding
-    write_text_atomic(path, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-    return path
+    if (path.exists() or path.is_symlink()) and not is_phenolens_report(path):
+        raise PhenolensError(f"--out {path}: exists and is not a phenolens report; phenolens does not overwrite "
+                             "it: choose another file name")

@@ -25,6 +25,28 @@ def read_index(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def read_index_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number where the row ends, row) of index.csv, to name a damaged line."""
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return [(reader.line_num, row) for row in reader]
+
+
+def check_rows(index: Path, numbered: list[tuple[int, dict]]) -> None:
+    """Refuse a truncated or hand-damaged index.csv (a row cut short, fields missing or extra, an
+    empty path), naming its line, rather than failing somewhere later on a missing value."""
+    damaged = "the file is truncated or damaged: re-run `phenolens translate` into a new OUT"
+    for line, row in numbered:
+        short = [k for k, v in row.items() if k is not None and v is None]
+        if short:
+            raise PhenolensError(f"{index}: line {line} has fewer fields than the header (no {short[0]}); {damaged}")
+        if None in row:
+            raise PhenolensError(f"{index}: line {line} has more fields than the header; {damaged}")
+        empty = [c for c in ("source_path", "source_condition", "target_condition", "output_path") if not row[c].strip()]
+        if empty:
+            raise PhenolensError(f"{index}: line {line} has an empty {empty[0]}; {damaged}")
+
+
 def resolve_source(text: str, run_dir: Path) -> Path | None:
     """The source as given (absolute or relative to the current folder), then under RUN, then beside RUN."""
     p = Path(text)
@@ -74,14 +96,16 @@ def open_run(run_dir: Path) -> tuple[list[dict], dict | None, dict | None, Path 
     if not index.is_file():
         raise PhenolensError(f"{run_dir}: no index.csv in it; {hint}")
     try:
-        rows = read_index(index)
+        numbered = read_index_lines(index)
     except (OSError, csv.Error, UnicodeDecodeError) as err:
         raise PhenolensError(f"{index}: cannot read ({err})") from None
+    rows = [row for _, row in numbered]
     if not rows:
         raise PhenolensError(f"{index}: lists no images yet (did `phenolens translate` stop before its first batch?)")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
         raise PhenolensError(f"{index}: missing column(s) {', '.join(missing)}; {hint}")
+    check_rows(index, numbered)
     warnings: list[str] = []
     settings = None
     run_json = run_dir / "run.json"

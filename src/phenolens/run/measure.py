@@ -14,6 +14,10 @@ data the model was trained on), and writes into RUN_DIR/measure/:
 
 Images are measured in their own intensity scale (raw counts / dtype maximum), real and generated
 alike, so a feature means the same thing on both.
+
+RUN_DIR/measure/ is a phenolens output folder (`phenolens.folders.OutputFolder`, kind "measure"):
+phenolens writes only the files above into it and lists them in its marker; a measure/ folder
+that phenolens did not write is refused, and nothing else in RUN_DIR is ever removed.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from tqdm.auto import tqdm
 
 from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
+from phenolens.folders import MARKER, OutputFolder, check_apart
 from phenolens.run.index import open_run, resolve_source
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
                                        matched_iou, read_user_masks, segment)
 
 ID_COLUMNS = ["image", "condition", "kind", "role", "source_image", "target_condition"]
+MEASURE_FILES = ("features.csv", "centroids.npz", "segmentation_scores.json", "stats.csv", "ranked.csv",
+                 "dose_correlation.csv", "metrics.json", "measure.json")
 IDENTITY_DISTANCE = 3.0  # px: a source nucleus is "found again" if a translated one lies this close
 
 
@@ -171,10 +178,54 @@ def dose_order(conditions: Sequence[str], reference: Path | None) -> list[str]:
     return [c for c in listed if c in conditions] + [c for c in conditions if c not in listed]
 
 
-def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings(), *, progress: bool = True) -> Path:
-    """Measure a translate run; returns RUN_DIR/measure."""
+def check_settings(settings: MeasureSettings) -> None:
+    """Refuse option values that cannot work, before anything is read or written."""
+    if settings.max_reference < 1:
+        raise PhenolensError(f"--max-reference must be at least 1 (got {settings.max_reference}): it is the "
+                             "number of real images per condition to measure")
+    for option, value in (("--nuclei-channel", settings.nuclei_channel), ("--cell-channel", settings.cell_channel)):
+        if value < 0:
+            raise PhenolensError(f"{option} {value}: channels are counted from 0")
+    if settings.nucleus_diameter is not None and not settings.nucleus_diameter > 0:
+        raise PhenolensError(f"--nucleus-diameter must be above 0 px (got {settings.nucleus_diameter})")
+    if settings.workers is not None and settings.workers < 1:
+        raise PhenolensError(f"--workers must be at least 1 (got {settings.workers})")
+    if settings.judges and settings.judge_steps < 1:
+        raise PhenolensError(f"--judge-steps must be at least 1 (got {settings.judge_steps})")
+
+
+def check_channels(settings: MeasureSettings, n_ch: int) -> None:
+    """The segmentation channels must exist in the images measured (the model's channels)."""
+    for option, value in (("--nuclei-channel", settings.nuclei_channel), ("--cell-channel", settings.cell_channel)):
+        if not 0 <= value < n_ch:
+            raise PhenolensError(f"{option} {value}: the images have {n_ch} channel(s), counted from 0 "
+                                 f"(0..{n_ch - 1})")
+
+
+def open_measure_folder(run_dir: Path, overwrite: bool = False) -> OutputFolder:
+    """RUN_DIR/measure as an output folder; a measure/ of an older phenolens (measure.json, no marker)
+    is adopted with the files that phenolens writes there, never anything else."""
+    out = run_dir / "measure"
+    older = not (out / MARKER).is_file() and (out / "measure.json").is_file()
+    folder = OutputFolder.open(out, "measure", adopt=older, option="RUN_DIR/measure")
+    if older:
+        folder.record(*[f for f in MEASURE_FILES if (out / f).exists()])
+    if overwrite:
+        folder.clear()
+    folder.record(*MEASURE_FILES)
+    return folder
+
+
+def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings(), *, overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Measure a translate run; returns RUN_DIR/measure.
+
+    A re-run with the same settings reuses the rows already measured; OVERWRITE measures all again
+    (removing only measure/'s own files first).
+    """
     from phenolens.data.records import discover
 
+    check_settings(settings)
     run_dir = Path(run_dir)
     run = RunData(run_dir)
     if settings.profile not in PROFILES:
@@ -213,6 +264,10 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     names = settings.channel_names or [f"ch{i}" for i in range(n_ch)]
     if len(names) != n_ch:
         raise PhenolensError(f"--channel-names: {len(names)} name(s) for {n_ch} channel(s)")
+    check_channels(settings, n_ch)
+    out = run_dir / "measure"
+    check_apart(out, inputs=[p for p in (reference, settings.masks) if p and Path(p).is_dir()], option="RUN_DIR/measure")
+    open_measure_folder(run_dir, overwrite)
     diameter = settings.nucleus_diameter or estimate_nucleus_diameter(
         [r.path for recs in by_condition.values() for r in recs[:4]], channels, settings.nuclei_channel)
     seg = SegmentationSettings(nuclei_channel=settings.nuclei_channel, cell_channel=settings.cell_channel,
@@ -231,8 +286,6 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     jobs += [job(rec.path, c, "real", "reference") for c in conditions
              for rec in _pick_evenly(by_condition[c], settings.max_reference)]
 
-    out = run_dir / "measure"
-    out.mkdir(exist_ok=True)
     rows, centroids, scores = _measure_all(jobs, out, dict(settings.cache_key(), nucleus_diameter=diameter, channel_names=names),
                                            settings.workers, progress)
     columns = _feature_columns(rows)

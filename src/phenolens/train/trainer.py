@@ -37,13 +37,21 @@ import torch.nn.functional as F
 
 from phenolens.atomic import write_csv_atomic
 from phenolens.errors import PhenolensError
+from phenolens.folders import MARKER, OutputFolder, check_apart
+from phenolens.models.store import INFO_FILE, apply_umask
 
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ["step", "loss", "lr", "seconds"]
 STATE_NAME = "state.json"
 EMA_NAME = "ema.safetensors"
+TENSORBOARD = "tensorboard"
 _CKPT_RE = re.compile(r"^step-(\d{7,})$")
+MODEL_KIND = "model"  # the OutputFolder kind of a model folder (train and finetune)
+# Everything a phenolens before output-folder markers wrote into a model folder. When such a folder
+# is adopted, these (and only these) are recorded, so that --overwrite can replace them.
+LEGACY_OUTPUTS = (CHECKPOINTS, LOG_NAME, TENSORBOARD, "samples", "unet", "scheduler", "phenolens.json", "adapter",
+                  "condition_embeddings.safetensors", "skipped_files.csv")
 
 
 @dataclass
@@ -158,8 +166,15 @@ def _model_config(model) -> dict[str, Any]:
 
 def fingerprint(unet, noise_scheduler, dataset, config: TrainConfig, null_label: int,
                 num_processes: int) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resumption for the replay to be exact."""
+    """What must not change between a checkpoint and its resumption for the replay to be exact.
+
+    Besides the network and the loop, that is the data (which files, what they hold), how they
+    are normalised and cropped, the learning-rate schedule and the condition dropout: a resume
+    that changed any of them would continue another run than the one checkpointed (issue 9, item 8).
+    `steps` counts only where it shapes the schedule (cosine); a constant schedule may be extended.
+    """
     sched_cfg = getattr(noise_scheduler, "config", {})
+    normalizer = getattr(dataset, "normalizer", None)
     return _jsonable(dict(
         model=_model_config(unet),
         n_channels=getattr(dataset, "n_channels", None),
@@ -172,25 +187,55 @@ def fingerprint(unet, noise_scheduler, dataset, config: TrainConfig, null_label:
         augment=config.augment,
         prediction_type=sched_cfg.get("prediction_type") if hasattr(sched_cfg, "get") else None,
         num_train_timesteps=sched_cfg.get("num_train_timesteps") if hasattr(sched_cfg, "get") else None,
+        data=getattr(dataset, "data_fingerprint", None),
+        normalization=normalizer.to_dict() if hasattr(normalizer, "to_dict") else None,
+        crop_size=getattr(dataset, "size", None),
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        lr_schedule=config.lr_schedule,
+        schedule_steps=None if config.lr_schedule == "constant" else config.steps,
+        weight_decay=config.weight_decay,
+        cond_dropout=config.cond_dropout,
+        ema_decay=config.ema_decay if config.ema else None,
     ))
 
 
-# fingerprint keys added after checkpoints were first written, with the value those older runs used
+# fingerprint keys added after checkpoints were first written, with the value those older runs used;
+# other keys a checkpoint lacks were not recorded then and are not compared
 FINGERPRINT_DEFAULTS: dict[str, Any] = {"augment": True}
+
+# how a difference is said, for the keys whose name alone would not tell a user what to do
+_LABELS = {"crop_size": "--size (the training crop)", "schedule_steps": "--steps (the length of the cosine schedule)",
+           "lr": "--lr", "warmup_steps": "--warmup-steps", "lr_schedule": "--lr-schedule",
+           "cond_dropout": "--cond-dropout", "ema_decay": "--ema-decay", "weight_decay": "weight_decay"}
+
+
+def _data_difference(a: Any, b: Any) -> str:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"the training images differ ({a!r} -> {b!r})"
+    if a.get("n_images") != b.get("n_images"):
+        return f"the training images differ ({a.get('n_images')} at the checkpoint, {b.get('n_images')} now)"
+    if a.get("files") != b.get("files"):
+        return "the training images differ (other files, or files in another order or condition)"
+    return "the training images differ (same files, changed content)"
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     saved = {**FINGERPRINT_DEFAULTS, **saved}
     out = []
     for key in sorted(set(saved) | set(now)):
+        if key not in saved:
+            continue  # written by a phenolens that did not record it: unknown, not different
         a, b = saved.get(key), now.get(key)
         if a == b:
             continue
-        if isinstance(a, dict) and isinstance(b, dict):
+        if key == "data":
+            out.append(_data_difference(a, b))
+        elif isinstance(a, dict) and isinstance(b, dict):
             sub = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             out.append(", ".join(f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sub[:4]))
         else:
-            out.append(f"{key} {a!r} -> {b!r}")
+            out.append(f"{_LABELS.get(key, key)} {a!r} -> {b!r}")
     return out
 
 
@@ -214,6 +259,86 @@ def _load_ema(ema, folder: Path, scalars: dict[str, Any], device) -> None:
                              f"{len(ema.shadow_params)}")
     ema.load_state_dict({**scalars, "shadow_params": shadow})
     ema.to(device=device)
+
+
+# -------------------------------------------------------------------------------- model folder
+_SAMPLE_RE = re.compile(r"^step-\d{7,}\.png$")
+
+
+class _Unwritten(OutputFolder):
+    """The model folder as a process other than the main one sees it: it never writes the marker."""
+
+    def _save(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        self.files = []
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes the model folder's files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def holds_model(model_dir: Path) -> bool:
+    """Whether MODEL_DIR holds a phenolens model or training checkpoints (of any phenolens version)."""
+    model_dir = Path(model_dir)
+    return (model_dir / INFO_FILE).is_file() or (model_dir / CHECKPOINTS).is_dir()
+
+
+def _legacy_outputs(model_dir: Path) -> list[str]:
+    """The files an older phenolens wrote into MODEL_DIR (see LEGACY_OUTPUTS); samples/ and
+    tensorboard/ only when they hold nothing but what phenolens puts there."""
+    found = []
+    for name in LEGACY_OUTPUTS:
+        p = model_dir / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if name == "samples" and not (p.is_dir() and all(_SAMPLE_RE.match(c.name) for c in p.iterdir())):
+            continue
+        if name == TENSORBOARD and not (p.is_dir() and all(c.name.startswith("events.out.tfevents")
+                                                            for c in p.iterdir())):
+            continue
+        found.append(name)
+    return found
+
+
+def open_model_folder(model_dir: str | Path, *, inputs: Sequence[str | Path] = (), resume: bool = False,
+                      overwrite: bool = False, main: bool | None = None, option: str = "MODEL_DIR") -> OutputFolder:
+    """MODEL_DIR as the output folder of `train` / `finetune`, checked before anything is written.
+
+    - refused if it is, contains or lies inside an input (the data root or manifest, the training
+      files): training into the data would delete or pollute it (issue 9, items 1 and 3);
+    - refused if it holds checkpoints or a model and neither `resume` nor `overwrite` says what to
+      do with them;
+    - a folder that holds a model written before output-folder markers existed is adopted, its
+      phenolens files recorded; any other non-empty folder is refused (it is the user's).
+
+    Nothing is cleared here: the caller clears (`folder.clear()`) for `overwrite` once the data
+    have been read and checked, so a failed start never costs the old model.
+    """
+    model_dir = Path(model_dir)
+    main = is_main_process() if main is None else main
+    if resume and overwrite:
+        raise PhenolensError("pass either --resume or --overwrite, not both")
+    check_apart(model_dir, inputs=inputs, option=option)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise PhenolensError(f"{option} {model_dir}: exists and is not a folder")
+    if not resume and not overwrite:
+        existing = list_checkpoints(model_dir)
+        if existing:
+            raise PhenolensError(f"{model_dir / CHECKPOINTS} already holds checkpoints ({existing[-1][1].name}); pass "
+                                 "--resume to continue them or --overwrite to start again")
+        if (model_dir / INFO_FILE).is_file():
+            raise PhenolensError(f"{option} {model_dir}: already holds a trained model ({INFO_FILE}); pass --overwrite "
+                                 "to replace it, or choose another folder")
+    if not main:
+        return _Unwritten(model_dir, MODEL_KIND)
+    legacy = model_dir.is_dir() and not (model_dir / MARKER).is_file() and holds_model(model_dir)
+    folder = OutputFolder.open(model_dir, MODEL_KIND, adopt=legacy, option=option)
+    if legacy:
+        folder.record(*_legacy_outputs(model_dir))
+    return folder
 
 
 # ----------------------------------------------------------------------------------------- log
@@ -244,7 +369,7 @@ def _tensorboard(out_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # ImportError, or tensorboard present but broken
         return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(out_dir / TENSORBOARD))
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -261,10 +386,13 @@ def _fresh_copy(model):
 
 def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: TrainConfig, *,
           null_label: int, resume: bool = False, overwrite: bool = False, loss_fn: LossFn = diffusion_loss,
-          on_save: ModelHook | None = None, sample_fn: ModelHook | None = None, progress: bool = True):
+          on_save: ModelHook | None = None, sample_fn: ModelHook | None = None, progress: bool = True,
+          out_folder: OutputFolder | None = None):
     """Train `unet` on `dataset` into `out_dir` (checkpoints, train_log.csv); returns the trained model.
 
-    `null_label` is the label that condition dropout substitutes. `on_save(model, step)` is called once
+    `out_folder` is `out_dir` opened by `open_model_folder` (the caller's, when it writes there too);
+    without it the folder is opened here. Everything written is recorded in it, and `overwrite`
+    removes only what it recorded. `null_label` is the label that condition dropout substitutes. `on_save(model, step)` is called once
     at the end, on the main process, with an unwrapped copy holding the EMA weights (raw weights when
     `config.ema` is off); `sample_fn(model, step)` likewise every `config.sample_every` steps. The
     returned model (every process) is the unwrapped model with its raw, non-EMA final weights.
@@ -274,7 +402,7 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    _check_config(config)
+    check_config(config)
     if resume and overwrite:
         raise PhenolensError("pass either --resume or --overwrite, not both")
     if len(dataset) == 0:
@@ -291,6 +419,11 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     per_proc = config.batch_size // n_proc
     main = accelerator.is_main_process
     ckpt_root = out_dir / CHECKPOINTS
+    opened_here = out_folder is None
+    if opened_here:
+        records = getattr(dataset, "records", None) or []
+        out_folder = open_model_folder(out_dir, inputs=[r.path for r in records], resume=resume, overwrite=overwrite,
+                                   main=main)
 
     # ---- what to start from (every process reads the same files, so all raise alike)
     existing = list_checkpoints(out_dir)
@@ -312,9 +445,9 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     accelerator.wait_for_everyone()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        if overwrite and opened_here:  # a caller that opened the folder has cleared it already
+            out_folder.clear()  # only what phenolens recorded here; a user's own files stay
+        out_folder.record(CHECKPOINTS, LOG_NAME, TENSORBOARD)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for p in ckpt_root.glob(".tmp-*"):  # left by a kill mid-save or mid-prune: never complete
             shutil.rmtree(p, ignore_errors=True)
@@ -463,7 +596,17 @@ def _ema_copy(base, ema):
     return model
 
 
-def _check_config(config: TrainConfig) -> None:
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, each with one line naming the option (before any file is read)."""
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise PhenolensError(f"--lr {config.lr}: the learning rate must be a positive number, e.g. 2e-4")
+    if not (isinstance(config.ema_decay, (int, float)) and 0.0 <= config.ema_decay < 1.0):
+        raise PhenolensError(f"--ema-decay {config.ema_decay}: must be in [0, 1), e.g. 0.999 (1 would never "
+                             "update the saved weights)")
+    if config.warmup_steps < 0:
+        raise PhenolensError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise PhenolensError(f"weight_decay {config.weight_decay}: must be 0 or more")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise PhenolensError(f"--mixed-precision {config.mixed_precision!r}: choose no, bf16 or fp16")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -477,6 +620,9 @@ def _check_config(config: TrainConfig) -> None:
         raise PhenolensError("--keep-checkpoints must be at least 1 (resume needs one)")
     if not 0.0 <= config.cond_dropout < 1.0:
         raise PhenolensError(f"--cond-dropout {config.cond_dropout} must be in [0, 1)")
+
+
+_check_config = check_config  # the name used before it was public
 
 
 def _save_checkpoint(accelerator, ema, root: Path, step: int, fp: dict[str, Any], config: TrainConfig,
@@ -495,6 +641,7 @@ def _save_checkpoint(accelerator, ema, root: Path, step: int, fp: dict[str, Any]
         if ema is not None:
             state["ema"] = _save_ema(ema, tmp)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, default=str))
+        apply_umask(tmp)  # accelerate's and the EMA's safetensors come out 0600
         if final.exists():  # only an older, overwritten run could have left it
             shutil.rmtree(final)
         os.replace(tmp, final)
