@@ -29,9 +29,19 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
-def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
+                     *, only_if_changed: bool = False) -> None:
+    """`only_if_changed` leaves an identical file untouched (its mtime too), so that a re-run with
+    nothing to do changes nothing on disk."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    text = buf.getvalue()
+    if only_if_changed:
+        try:
+            if Path(path).read_bytes() == text.encode():
+                return
+        except OSError:
+            pass
+    write_text_atomic(path, text)

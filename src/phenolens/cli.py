@@ -122,7 +122,7 @@ def _add_train(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="training crop side in pixels; larger images are cropped, smaller resized (default 64)")
     p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
     p.add_argument("--conditions", type=_csv_list, default=None,
-                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: as found)")
+                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
     _add_loop_options(p, steps=2000, lr=2e-4)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
                    help="what the network predicts; ε and v invert equally exactly in bench/schedules.py, v was the "
@@ -171,7 +171,7 @@ def _add_finetune(sub) -> None:
                    help="file channels to use, in order, at most 3 (they become the VAE's R, G, B); 1 channel is "
                         "copied to R, G and B, 2 fill R and G (default: all)")
     p.add_argument("--conditions", type=_csv_list, default=None,
-                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: as found)")
+                   help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
     _add_loop_options(p, steps=1000, lr=1e-4)
     _add_config_options(p)
     p.set_defaults(func=cmd_finetune)
@@ -200,6 +200,11 @@ def _add_translate(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance of the targets (needs a model trained with --cond-dropout); the "
                         "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
+    p.add_argument("--max-clipped", type=float, default=0.5, metavar="FRACTION",
+                   help="refuse (or with --skip-bad skip) an image with more than this fraction of its pixel values "
+                        "outside the model's training range, e.g. an 8-bit or 0-1 float image into a 16-bit model; "
+                        "above 5%% a warning names the file; index.csv's clipped_fraction gives every image's "
+                        "fraction, 0 to 1 (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None,
@@ -264,6 +269,10 @@ def _add_measure(sub) -> None:
     p.add_argument("--judge-steps", type=int, default=300,
                    help="training steps for each oracle classifier (default 300)")
     p.add_argument("--workers", type=int, default=None, help="processes for measuring (default: CPU count, at most 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="measure again from scratch: remove what phenolens wrote into RUN_DIR/measure earlier (listed "
+                        "in its .phenolens.json); files phenolens did not write are never touched (default: reuse "
+                        "the features already measured with the same settings)")
     _add_config_options(p)
     p.set_defaults(func=cmd_measure)
 
@@ -614,6 +623,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
         model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()), targets=args.to,
         source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
         inversion_iters=args.inversion_iters, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
+        max_clipped=args.max_clipped,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device)
     print(f"wrote {index}")
@@ -628,7 +638,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
                                masks=str(args.masks) if args.masks else None, profile=args.profile,
                                max_reference=args.max_reference, judges=args.judges, judge_steps=args.judge_steps,
                                workers=args.workers)
-    out = run_measure(args.run_dir, settings)
+    out = run_measure(args.run_dir, settings, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 

@@ -551,7 +551,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
             r.update({k: "" for k in meta_names.values()}, **meta(rec))
 
     def write_index() -> None:
-        write_csv_atomic(index_path, [r for rec in records for r in done.get(record_key(rec), [])], columns)
+        write_csv_atomic(index_path, [r for rec in records for r in done.get(record_key(rec), [])], columns,
+                         only_if_changed=True)
 
     skipped: list[tuple[Path, str]] = []
     check = InputCheck(model, settings, notices)
