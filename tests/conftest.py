@@ -67,6 +67,32 @@ def tiny_model(tmp_path_factory, blob_data) -> Path:
     return model_dir
 
 
+def fails_with(code_out_err, *needles: str) -> str:
+    """The CLI's answer to a user mistake: exit 2, one line on stderr holding every NEEDLE, no traceback."""
+    code, _, err = code_out_err
+    assert code == 2, err
+    assert "Traceback" not in err
+    line = err.strip()
+    assert len(line.splitlines()) == 1, line
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def snapshot(root: Path, folders: bool = False) -> dict[str, str]:
+    """Every file under ROOT -> sha256 of its bytes (and with FOLDERS every folder -> '<dir>'), to
+    compare a tree before and after a command byte for byte."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif folders and p.is_dir():
+            out[p.relative_to(root).as_posix()] = "<dir>"
+    return out
+
+
 def run_cli(*argv) -> tuple[int, str, str]:
     """Run `phenolens ARGV` in-process; returns (exit code, stdout, stderr)."""
     import contextlib

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 
-
-from conftest import run_cli, write_blob_images
+from conftest import fails_with, run_cli, write_blob_images
 
 FAST = ["--steps", "2", "--inversion-iters", "1"]
 TRAIN = ["--steps", "2", "--size", "16", "--batch-size", "2", "--checkpoint-every", "1"]
-
-
-def fails_with(code_out_err, *needles: str) -> str:
-    code, _, err = code_out_err
-    assert code == 2, err
-    assert "Traceback" not in err
-    line = err.strip()
-    assert len(line.splitlines()) == 1, line
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 def test_missing_path(tiny_model, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import run_cli, write_blob_images
+from conftest import fails_with, run_cli, snapshot, write_blob_images
 
 from phenolens.errors import PhenolensError
 
@@ -31,23 +31,7 @@ MEASURE = ["--channel-names", "DNA,tubulin,actin,Golgi", "--no-judges", "--worke
 SIM_CONDS = ["control", "high"]
 
 
-def fails_with(code_out_err, *needles: str) -> str:
-    """Exit 2 with one line that holds every needle, and no traceback."""
-    code, _, err = code_out_err
-    assert code == 2, err
-    assert "Traceback" not in err
-    line = err.strip()
-    assert len(line.splitlines()) == 1, line
-    for needle in needles:
-        assert needle in line, line
-    return line
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def user_folder(path: Path) -> dict[str, bytes]:
+def user_folder(path: Path) -> dict[str, str]:
     """A folder of a user's own files (what --overwrite must never touch)."""
     (path / "plate1").mkdir(parents=True)
     (path / "plate1" / "A01.tif").write_bytes(b"irreplaceable image")

@@ -4,7 +4,6 @@ silently (issue 9: items 1, 2, 4, 6, 9, 10, 11 and the Unicode-names line, trans
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import CONDITIONS, run_cli, write_blob_images
+from conftest import CONDITIONS, fails_with, run_cli, snapshot, write_blob_images
 
 FAST = ["--steps", "2", "--inversion-iters", "1"]
 
@@ -26,25 +25,8 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under FOLDER and its content hash."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def mtimes(out: Path) -> dict[str, int]:
     return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*.tif")}
-
-
-def one_line_error(result, *needles: str) -> str:
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err
-    line = err.strip()
-    assert len(line.splitlines()) == 1, line
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 def write_tif(path: Path, size: int = 16, seed: int = 0, dtype=np.uint16, scale: float = 3000, offset: float = 200):
@@ -94,7 +76,7 @@ def small_data(tmp_path_factory) -> Path:
 def test_item1_overwrite_into_the_inputs_parent_is_refused_and_keeps_every_source(tiny_model, tmp_path):
     data = write_blob_images(tmp_path / "selfds", conditions=["ctrl", "dose1"], per_condition=2, size=16)
     before = snapshot(data)
-    one_line_error(run_cli("translate", tiny_model, data / "ctrl", data, "--to", "dose1", "--overwrite", *FAST),
+    fails_with(run_cli("translate", tiny_model, data / "ctrl", data, "--to", "dose1", "--overwrite", *FAST),
                    str(data))
     assert snapshot(data) == before
 
@@ -104,7 +86,7 @@ def test_item1_overwrite_into_the_model_folder_is_refused_and_keeps_the_model(ti
     (model / "checkpoints" / "step-0000010").mkdir(parents=True)
     (model / "checkpoints" / "step-0000010" / "state.json").write_text("{}")
     before = snapshot(model)
-    one_line_error(run_cli("translate", model, small_data / "ctrl", model, "--overwrite", *FAST), "model")
+    fails_with(run_cli("translate", model, small_data / "ctrl", model, "--overwrite", *FAST), "model")
     assert snapshot(model) == before
 
 
@@ -255,7 +237,7 @@ def test_item4_eight_bit_or_unit_float_input_into_a_sixteen_bit_model_is_refused
         img = write_tif(tmp_path / "ctrl" / "small.tif", dtype=np.uint8, scale=200, offset=0)
     else:
         img = write_tif(tmp_path / "ctrl" / "small.tif", dtype=np.float32, scale=1, offset=0)
-    one_line_error(run_cli("translate", tiny_model, tmp_path / "ctrl", tmp_path / "run", *FAST),
+    fails_with(run_cli("translate", tiny_model, tmp_path / "ctrl", tmp_path / "run", *FAST),
                    str(img), "training range", "--max-clipped")
 
 
@@ -345,7 +327,7 @@ def test_item9_manifest_column_named_like_an_output_column_is_renamed(tiny_model
 def test_item10_guidance_on_a_model_without_condition_dropout_is_refused(tiny_model, small_data, tmp_path):
     for i, change in enumerate([dict(cond_dropout=0.0), dict(training={"config": {"cond_dropout": 0.0}})]):
         model = copy_model(tiny_model, tmp_path / f"model{i}", **change)
-        one_line_error(run_cli("translate", model, small_data / "ctrl", tmp_path / f"run{i}", "--guidance-scale", "3",
+        fails_with(run_cli("translate", model, small_data / "ctrl", tmp_path / f"run{i}", "--guidance-scale", "3",
                                *FAST), "--guidance-scale", "dropout")
         assert not (tmp_path / f"run{i}").exists()
 
