@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import shlex
 import sys
@@ -17,16 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from phenolens import __version__
+from phenolens.cli_config import csv_list, parse_command, save_config, subcommands
 from phenolens.errors import PhenolensError
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 
 INVERSION_CHOICES = ("fixed-point", "ddim")
 FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
-NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
-
-
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +39,7 @@ def _add_simulate(sub) -> None:
                                    "a manifest and the ground truth (planted parameters, label masks) under OUT/_groundtruth/. "
                                    "Condition i plants every phenotype at strength i/(n-1).")
     p.add_argument("out", type=Path, help="output folder (a dataset that `phenolens train OUT` reads as it is)")
-    p.add_argument("--conditions", type=_csv_list, default=None,
+    p.add_argument("--conditions", type=csv_list, default=None,
                    help="comma-separated condition names, weakest first; the first is the untreated control "
                         "(default: control,low,mid,high)")
     p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
@@ -121,7 +116,7 @@ def _add_train(sub) -> None:
                    help="network size: tiny (1M parameters, CPU), small (27M), paper (65M, PhenDiff's U-Net) (default tiny)")
     p.add_argument("--size", type=int, default=64, help="training crop side in pixels; larger images are cropped, smaller resized (default 64)")
     p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
-    p.add_argument("--conditions", type=_csv_list, default=None,
+    p.add_argument("--conditions", type=csv_list, default=None,
                    help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
     _add_loop_options(p, steps=2000, lr=2e-4)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
@@ -170,7 +165,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--channels", default=None,
                    help="file channels to use, in order, at most 3 (they become the VAE's R, G, B); 1 channel is "
                         "copied to R, G and B, 2 fill R and G (default: all)")
-    p.add_argument("--conditions", type=_csv_list, default=None,
+    p.add_argument("--conditions", type=csv_list, default=None,
                    help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
     _add_loop_options(p, steps=1000, lr=1e-4)
     _add_config_options(p)
@@ -248,7 +243,7 @@ def _add_measure(sub) -> None:
     p.add_argument("--reference", type=Path, default=None,
                    help="real images of every condition (folder per condition or manifest CSV); default: the data "
                         "the model was trained on, as its phenolens.json records")
-    p.add_argument("--channel-names", type=_csv_list, default=None,
+    p.add_argument("--channel-names", type=csv_list, default=None,
                    help="comma-separated channel names for feature columns, e.g. DNA,tubulin,actin (default ch0,ch1,...)")
     p.add_argument("--nuclei-channel", type=int, default=0,
                    help="channel index with the nuclear stain, 0 to channels-1 (default 0)")
@@ -291,7 +286,7 @@ def _add_report(sub) -> None:
                    help="source images shown in the galleries, flicker and dose views (default 12)")
     p.add_argument("--top-features", type=int, default=6, metavar="K",
                    help="features from measure/ranked.csv to box-plot for the strongest target (default 6)")
-    p.add_argument("--order", type=_csv_list, default=None, metavar="A,B,C",
+    p.add_argument("--order", type=csv_list, default=None, metavar="A,B,C",
                    help="condition order for the dose strip, weakest first, e.g. DMSO,low,high; the last is the "
                         "strongest target (default: the model's condition order)")
     _add_config_options(p)
@@ -356,178 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_report, _add_memorization, _add_demo):
         add(sub)
     return parser
-
-
-class _ConfigValueError(Exception):
-    """A --config value that its option would not accept (the message says what was expected)."""
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    return _subcommands(parser)[command]
-
-
-def _convert_one(action: argparse.Action, value):
-    """One file value through the option's type, as argparse converts a command-line word.
-
-    Text goes through the option's `type` exactly as on the command line; JSON numbers and lists
-    (as --save-config writes them) are accepted only where the option's type would make them.
-    """
-    kind = action.type
-    if isinstance(value, str):
-        if kind is None:
-            return value
-        try:
-            return kind(value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            name = getattr(kind, "__name__", "value").lstrip("_")
-            raise _ConfigValueError(f"invalid {name} value {value!r}") from None
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is _csv_list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
-    expected = {int: "a whole number", float: "a number", _csv_list: "a list of names or comma-separated text"}
-    raise _ConfigValueError(f"expected {expected.get(kind, 'text')}, got {json.dumps(value)}")
-
-
-def _check_choice(action: argparse.Action, value) -> None:
-    if action.choices is not None and value not in action.choices:
-        raise _ConfigValueError(f"{json.dumps(value) if not isinstance(value, Path) else str(value)!s} is not one "
-                                f"of {', '.join(map(str, action.choices))}")
-
-
-def convert_config_value(action: argparse.Action, value):
-    """VALUE from a --config file as the option ACTION would have parsed it; _ConfigValueError if not."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise _ConfigValueError(f"expected true or false, got {json.dumps(value)}")
-        return value
-    if value is None:
-        if action.default is None and not action.required:
-            return None
-        raise _ConfigValueError("null is not allowed here (the option has no 'unset' value)")
-    many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
-    if many:
-        if not isinstance(value, list):
-            raise _ConfigValueError(f"expected a list, got {json.dumps(value)}")
-        if action.nargs == "+" and not value:
-            raise _ConfigValueError("expected at least one value, got an empty list")
-        out = [_convert_one(action, v) for v in value]
-        for v in out:
-            _check_choice(action, v)
-        return out
-    out = _convert_one(action, value)
-    _check_choice(action, out)
-    return out
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PhenolensError(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise PhenolensError(f"--config {path}: is a folder, not a JSON file") from None
-    except OSError as err:
-        raise PhenolensError(f"--config {path}: cannot read ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PhenolensError(f"--config {path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise PhenolensError(f"--config {path}: expected a JSON object of option values")
-    return values
-
-
-def config_defaults(sub: argparse.ArgumentParser, path: Path, values: dict, command: str) -> dict:
-    """The file's values converted and checked like the command line: {dest: value}.
-
-    Raises PhenolensError naming the file and the key for an unknown key or a value its option
-    would refuse (wrong type, not one of the choices, a non-boolean for a switch).
-    """
-    actions = {a.dest: a for a in sub._actions if a.dest not in NOT_OPTIONS and a.dest != argparse.SUPPRESS
-               and not isinstance(a, argparse._HelpAction)}
-    converted = {}
-    for key, value in values.items():
-        action = actions.get(key)
-        if action is None:
-            raise PhenolensError(f"--config {path}: unknown option {key!r} for `phenolens {command}`")
-        try:
-            converted[key] = convert_config_value(action, value)
-        except _ConfigValueError as err:
-            flag = action.option_strings[0] if action.option_strings else key.upper()
-            raise PhenolensError(f"--config {path}: {key!r} ({flag}): {err}") from None
-    return converted
-
-
-def parse_command(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse ARGV; with --config FILE, the file's values become the defaults, so the command line wins.
-
-    Why defaults and not a merge afterwards: argparse then decides what the command line set, so
-    abbreviations (`--ste 3`) and flags unlike their destination (`--from` -> source, `--no-judges` ->
-    judges) win over the file as they should, and the file's values are checked like typed ones.
-    """
-    parser = parser or build_parser()
-    # first pass: only to learn the command and --config (options the file may supply are not yet required)
-    relaxed = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                relaxed += [a for a in sub._actions if a.required and a.option_strings]
-    for a in relaxed:
-        a.required = False
-    try:
-        first = parser.parse_args(argv)
-    finally:
-        for a in relaxed:
-            a.required = True
-    path = getattr(first, "config", None)
-    if path is None:
-        args = parser.parse_args(argv)
-    else:
-        sub = _subparser(parser, first.command)
-        defaults = config_defaults(sub, path, _read_config(path), first.command)
-        saved = {a.dest: (a.default, a.required) for a in sub._actions}
-        try:
-            for a in sub._actions:
-                if a.dest in defaults:
-                    a.default = defaults[a.dest]
-                    if a.option_strings:  # a positional is always named on the command line
-                        a.required = False
-            args = parser.parse_args(argv)
-        finally:
-            for a in sub._actions:
-                a.default, a.required = saved[a.dest]
-    args.invocation = argv
-    return args
-
-
-def save_config(args: argparse.Namespace) -> None:
-    """Write the options to --save-config FILE (a missing parent folder is created)."""
-    path = getattr(args, "save_config", None)
-    if path is None:
-        return
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in NOT_OPTIONS}
-    from phenolens.atomic import write_json_atomic
-
-    path = Path(path)
-    if path.is_dir():
-        raise PhenolensError(f"--save-config {path}: is a folder; give a file name, e.g. {path / 'config.json'}")
-    blocker = next((p for p in path.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise PhenolensError(f"--save-config {path}: {blocker} is a file, not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, values)
-    except OSError as err:
-        raise PhenolensError(f"--save-config {path}: cannot write there ({err.strerror or err})") from None
 
 
 def check_device(device: str | None, option: str = "--device") -> None:
@@ -718,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # the command's name before parsing, for messages about --config itself
-    command = next((a for a in argv if a in _subcommands(parser)), "?")
+    command = next((a for a in argv if a in subcommands(parser)), "?")
     args: argparse.Namespace | None = None
     try:
         args = parse_command(argv, parser)
