@@ -23,32 +23,34 @@ Guarantees (issue 9):
   is its readable stem plus a hash of its resolved path and its condition (never its row), and a
   target's file is `to-<target>` (plus a hash of the target when its name is not already a plain,
   lower-case file name), so no two conditions and no condition named `reconstruction` can share a
-  file. Unicode letters are kept. A row always points at its own files.
+  file. Unicode letters are kept. A row always points at its own files (:mod:`phenolens.run.naming`).
 - Inputs are checked against the training set: `clipped_fraction` (pixel values outside the model's
   normalisation range, which the model sees clipped), `recon_mae_raw` / `recon_mse_raw` (the
   reconstruction error in the file's units, as written) are in index.csv; an input whose dtype
   differs from the training images', or with more than 5% clipped values, gets a warning naming the
-  file, and one with more than `max_clipped` (default 50%) is refused (skipped with --skip-bad).
+  file, and one with more than `max_clipped` (default 50%) is refused (skipped with --skip-bad)
+  (:mod:`phenolens.run.input_check`).
 - Results are never stale: each row records the model's hash (`model_hash`) and its source's
   `source_size` / `source_mtime_ns`; a re-run redoes (and says so) the images whose model or source
-  changed, and those whose rows are damaged or missing files, instead of keeping them as done.
+  changed, and those whose rows are damaged or missing files, instead of keeping them as done
+  (:mod:`phenolens.run.provenance`).
 
 Outputs are written atomically and `index.csv` is rewritten after every batch, so a killed run
 resumes where it stopped; a re-run with the same settings skips what is done. Later stages
 (measure, report) consume `index.csv` whatever method made the images.
+
+This module holds the settings, the run folder and the run itself; output names are in
+:mod:`phenolens.run.naming`, the input check in :mod:`phenolens.run.input_check`, the model and source
+fingerprints and the reading of an earlier index.csv in :mod:`phenolens.run.provenance`, and the
+stderr warnings in :mod:`phenolens.run.notices`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
-import re
 import sys
-import unicodedata
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -62,10 +64,15 @@ from phenolens.data.io import ImageLayout, read_image, write_image
 from phenolens.data.records import ImageRecord, discover
 from phenolens.errors import PhenolensError
 from phenolens.folders import MARKER, OutputFolder, check_apart
-from phenolens.methods.core import CounterfactualModel, clipped_fraction, load_model_for, psnr_from_mse, raw_errors
+from phenolens.methods.core import load_model_for, psnr_from_mse, raw_errors
 from phenolens.methods.phendiff import write_skipped
-from phenolens.models.store import INFO_FILE, ModelInfo
-from phenolens.run.index import INDEX_COLUMNS, REQUIRED_COLUMNS
+from phenolens.models.store import ModelInfo
+from phenolens.run.index import INDEX_COLUMNS
+from phenolens.run.input_check import InputCheck
+from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs, record_key, safe_name, target_file,
+                                  unique_targets)
+from phenolens.run.notices import Notices, warn
+from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
 
 KIND = "translate"
 # extra index.csv columns of a latent model (Phen-LDiff): the same errors in the diffusion space, and
@@ -76,9 +83,6 @@ STAT_COLUMNS = ["clipped_fraction", "recon_mae_raw", "recon_mse_raw", "source_dt
 # what each row was made from: a re-run redoes rows whose model or source changed
 PROVENANCE_COLUMNS = ["model_hash", "source_size", "source_mtime_ns"]
 RUN_FILES = ("run.json", "provenance.json", "index.csv", "skipped.csv")
-# the files that make a model (phendiff: unet/ + scheduler/; phenldiff: adapter/ + embeddings + scheduler/)
-MODEL_PARTS = (INFO_FILE, "unet", "scheduler", "adapter", "condition_embeddings.safetensors")
-WARN_CLIPPED = 0.05  # a clipped fraction above this earns a warning (training images stay under ~2%)
 NOT_COMPARED = ("max_clipped",)  # settings that decide which images run, not their numbers
 
 
@@ -98,111 +102,6 @@ class TranslateSettings:
     guidance_scale: float = 1.0  # classifier-free guidance of the targets; 1 = none (exact inversion)
     # refuse an input with more of its pixel values outside the model's training range (they are clipped)
     max_clipped: float = 0.5
-
-
-# ------------------------------------------------------------------------------------------ names
-_UNSAFE = re.compile(r"[^\w.-]+")  # \w keeps letters and digits of every script
-_HASHED = re.compile(r".*-[0-9a-f]{10}")
-
-
-def safe_name(text: str, limit: int = 60) -> str:
-    """A readable file name from TEXT: Unicode letters and digits kept, anything else '_'.
-
-    Readable only: names are made unique by the hash that `plan_outputs` / `target_file` add.
-    """
-    text = unicodedata.normalize("NFC", str(text))
-    return _UNSAFE.sub("_", text).strip("._-")[:limit].rstrip("._-") or "image"
-
-
-def short_hash(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
-
-
-def output_extension(path: Path) -> str:
-    return ".png" if path.suffix.lower() == ".png" else ".tif"
-
-
-def record_key(rec: ImageRecord) -> tuple[str, str]:
-    """What identifies a source in index.csv: its path and its condition (the same file may be listed
-    under two conditions, and then has two reconstructions)."""
-    return str(rec.path), rec.condition
-
-
-def plan_outputs(records: Sequence[ImageRecord]) -> dict[tuple[str, str], Path]:
-    """A folder per (source file, condition): readable stem plus a hash of the resolved path and the
-    condition, so it is unique by construction and does not move when a manifest's rows do."""
-    folders: dict[tuple[str, str], Path] = {}
-    owner: dict[str, tuple[str, str]] = {}
-    for rec in records:
-        resolved = os.path.realpath(rec.path)
-        folder = Path(safe_name(rec.condition)) / f"{safe_name(rec.path.stem)}-{short_hash(resolved, rec.condition)}"
-        key = record_key(rec)
-        taken = owner.setdefault(folder.as_posix().lower(), key)
-        if taken != key and os.path.realpath(taken[0]) != resolved:  # a hash collision: never in practice
-            raise PhenolensError(f"{rec.path}: its output folder name {folder} collides with {taken[0]}'s; "
-                                 "rename one of the files")
-        folders[key] = folder
-    return folders
-
-
-def target_file(target: str, ext: str) -> str:
-    """`to-<target>.tif`, with a hash of the target unless its name is already a plain lower-case file
-    name: `dose 1` and `dose_1`, or `High` and `high` (one file on macOS), never share a file."""
-    readable = safe_name(target)
-    if readable != target or readable != readable.lower() or _HASHED.fullmatch(readable):
-        return f"to-{readable}-{short_hash(target)}{ext}"
-    return f"to-{readable}{ext}"
-
-
-def unique_targets(targets: Sequence[str]) -> list[str]:
-    """--to once per condition: a repeated target would duplicate rows (and files)."""
-    counts = Counter(targets)
-    twice = [t for t, n in counts.items() if n > 1]
-    if twice:
-        warn(f"--to lists {', '.join(twice)} more than once; each target is translated once")
-    return list(dict.fromkeys(targets))
-
-
-def meta_column_names(records: Sequence[ImageRecord], reserved: Sequence[str], source: str) -> dict[str, str]:
-    """Manifest column -> index.csv column. A manifest column named like an output column is renamed
-    (`manifest_<name>`) rather than dropped or allowed to overwrite ours; said on stderr."""
-    taken = set(reserved)
-    names: dict[str, str] = {}
-    for col in dict.fromkeys(k for r in records for k in r.meta):
-        new = col
-        while new in taken:
-            new = f"manifest_{new}"
-        if new != col:
-            warn(f"{source}: manifest column {col!r} is also an index.csv column; written as {new!r}")
-        taken.add(new)
-        names[col] = new
-    return names
-
-
-# -------------------------------------------------------------------------------------- messages
-def warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
-
-
-class Notices:
-    """Per-file messages: the first few of each kind in full, then a count (thousands of identical
-    lines would bury the one that matters)."""
-
-    def __init__(self, limit: int = 3) -> None:
-        self.limit = limit
-        self.counts: Counter[str] = Counter()
-        self.summaries: dict[str, str] = {}
-
-    def add(self, kind: str, line: str, summary: str, prefix: str = "warning: ") -> None:
-        self.counts[kind] += 1
-        self.summaries[kind] = prefix + summary
-        if self.counts[kind] <= self.limit:
-            print(prefix + line, file=sys.stderr)
-
-    def close(self) -> None:
-        for kind, n in self.counts.items():
-            if n > self.limit:
-                print(self.summaries[kind].replace("{n}", str(n)), file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -231,56 +130,6 @@ def check_settings(settings: TranslateSettings) -> None:
         raise PhenolensError(f"--steps must be at least 1, got {settings.steps}")
     if not 0 <= settings.max_clipped <= 1:
         raise PhenolensError(f"--max-clipped must be a fraction in [0, 1], got {settings.max_clipped}")
-
-
-class InputCheck:
-    """Compares each source with the training set: dtype, and how much of it the normaliser clips."""
-
-    def __init__(self, model: CounterfactualModel, settings: TranslateSettings, notices: Notices) -> None:
-        self.normalizer = model.normalizer
-        stats = model.info.input_stats if isinstance(model.info.input_stats, dict) else {}
-        self.dtype = stats.get("dtype") if isinstance(stats.get("dtype"), str) else None
-        self.max_clipped = settings.max_clipped
-        self.notices = notices
-
-    def __call__(self, path: Path, raw: np.ndarray, layout: ImageLayout) -> float:
-        """The clipped fraction of RAW; warns or raises (one line naming PATH)."""
-        clipped = clipped_fraction(raw, self.normalizer)
-        span = self._range()
-        if clipped > self.max_clipped:
-            raise PhenolensError(
-                f"{path}: {clipped:.0%} of its pixel values ({layout.dtype}, {float(np.nanmin(raw)):g}.."
-                f"{float(np.nanmax(raw)):g}) lie outside the model's training range ({span}) and would be clipped; "
-                f"it is unlike the training images (other bit depth or scaling?). Convert it like the training "
-                f"set, or raise --max-clipped (now {self.max_clipped:g}) to translate it anyway")
-        problem = self._dtype_problem(layout.dtype)
-        if problem:
-            self.notices.add("dtype", f"{path}: {problem}; results may be meaningless",
-                             f"{{n}} images in all with that problem ({problem})")
-        if clipped > WARN_CLIPPED:
-            self.notices.add("clipped", f"{path}: {clipped:.1%} of its pixel values lie outside the model's "
-                             f"training range ({span}) and are clipped (column clipped_fraction in index.csv)",
-                             f"{{n}} images in all have more than {WARN_CLIPPED:.0%} of their values clipped")
-        return clipped
-
-    def _range(self) -> str:
-        lo, hi = self.normalizer.low, self.normalizer.high
-        return ", ".join(f"{a:g}..{b:g}" for a, b in zip(lo, hi))
-
-    def _dtype_problem(self, dtype: str) -> str | None:
-        if self.dtype is not None:
-            if dtype != self.dtype:
-                return f"{dtype} pixels, the model was trained on {self.dtype} images"
-            return None
-        # an older model: only its normalisation range is known
-        try:
-            kind = np.dtype(dtype)
-        except TypeError:
-            return None
-        if kind.kind in "iu" and max(self.normalizer.high) > np.iinfo(kind).max:
-            return (f"{dtype} pixels cannot reach the model's training range (up to "
-                    f"{max(self.normalizer.high):g})")
-        return None
 
 
 # --------------------------------------------------------------------------------- the folder
@@ -345,151 +194,12 @@ def adopt_legacy(folder: OutputFolder) -> None:
     rows, _ = read_previous_rows(out / "index.csv")
     for row in rows:
         for col in ("output_path", "reconstruction_path"):
-            rel = _inside(folder, row.get(col))
+            rel = inside(folder, row.get(col))
             if rel is not None and (out / rel).is_file() and not (out / rel).is_symlink():
                 paths.append(rel)
     folder.record(*paths)
     print(f"{out}: a run folder of an older phenolens; adopted it (only the {len(set(paths))} files it lists can "
           "ever be replaced)", file=sys.stderr)
-
-
-def _inside(folder: OutputFolder, text: str | None) -> str | None:
-    """TEXT as a path inside the folder, or None (empty, absolute elsewhere, or climbing out)."""
-    if not text:
-        return None
-    try:
-        rel = folder.relative(text)
-    except ValueError:
-        return None
-    return None if rel.startswith("/") or "/../" in f"/{rel}/" else rel
-
-
-# -------------------------------------------------------------------------------- provenance
-def _model_files(model_dir: Path) -> list[Path]:
-    files: list[Path] = []
-    for part in MODEL_PARTS:
-        p = model_dir / part
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return files
-
-
-def model_fingerprint(model_dir: Path, cache: dict) -> tuple[str, dict, int]:
-    """(hash of the model's files, {file: [size, mtime_ns, sha256]}, newest mtime_ns).
-
-    A file whose size and modification time match CACHE (the previous run's) is not read again, so a
-    re-run of a large model costs a few stat calls.
-    """
-    entries: dict[str, list] = {}
-    newest = 0
-    total = hashlib.sha256()
-    for f in _model_files(model_dir):
-        rel = f.relative_to(model_dir).as_posix()
-        st = f.stat()
-        newest = max(newest, st.st_mtime_ns)
-        old = cache.get(rel)
-        if isinstance(old, list) and len(old) == 3 and old[:2] == [st.st_size, st.st_mtime_ns]:
-            digest = str(old[2])
-        else:
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()
-        entries[rel] = [st.st_size, st.st_mtime_ns, digest]
-        total.update(f"{rel}\0{digest}\n".encode())
-    return total.hexdigest()[:16], entries, newest
-
-
-def source_stamp(path: Path) -> tuple[str, str]:
-    st = os.stat(path)
-    return str(st.st_size), str(st.st_mtime_ns)
-
-
-# ------------------------------------------------------------------------------ the old index
-def read_previous_rows(index_path: Path) -> tuple[list[dict], str | None]:
-    """index.csv rows as dicts and a note when it cannot be read whole; never raises.
-
-    A damaged file (truncated, garbled) costs the rows it damaged, which are then redone.
-    """
-    if not index_path.is_file():
-        return [], None
-    try:
-        text = index_path.read_text(encoding="utf-8")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        return [], f"{index_path}: cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); every image is redone"
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if rows and missing:
-        return [], f"{index_path}: lacks column(s) {', '.join(missing)}; every image is redone"
-    good = [r for r in rows if None not in r and all(r.get(c) is not None for c in columns)
-            and all(r.get(c) for c in REQUIRED_COLUMNS)]
-    note = None
-    if len(good) < len(rows):
-        note = f"{index_path}: {len(rows) - len(good)} damaged row(s) (truncated file?); their images are redone"
-    return good, note
-
-
-class Previous:
-    """What an earlier run in this folder already did, and whether each of its images still holds."""
-
-    def __init__(self, folder: OutputFolder, rows: list[dict], model_hash: str, model_mtime: int) -> None:
-        self.folder = folder
-        self.model_hash = model_hash
-        self.model_mtime = model_mtime
-        self.by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for r in rows:
-            self.by_key[(r["source_path"], r["source_condition"])].append(r)
-        # a file claimed by rows of two sources (older phenolens collided names): neither row is its own
-        claims: dict[str, set] = defaultdict(set)
-        for key, rs in self.by_key.items():
-            for r in rs:
-                for col in ("output_path", "reconstruction_path"):
-                    claims[r[col]].add(key)
-        self.shared = {p for p, keys in claims.items() if len(keys) > 1}
-
-    def done(self, rec: ImageRecord, targets: Sequence[str], notices: Notices) -> list[dict] | None:
-        """The rows of REC if they are complete and current, else None (with a notice saying why)."""
-        rows = self.by_key.get(record_key(rec))
-        if not rows:
-            return None
-        if sorted(r["target_condition"] for r in rows) != sorted(targets):
-            return None
-        out = self.folder.path
-        files = {r[c] for r in rows for c in ("output_path", "reconstruction_path")}
-        if any(_inside(self.folder, f) is None or not (out / f).is_file() for f in files):
-            return None
-        if files & self.shared:
-            notices.add("shared", f"{rec.path}: its rows in index.csv share output files with another image "
-                        "(names made by an older phenolens); redoing it",
-                        "{n} images in all shared output files with another image; redone", prefix="")
-            return None
-        stamp = source_stamp(rec.path)
-        row = rows[0]
-        oldest = min((out / f).stat().st_mtime_ns for f in files)
-        if row.get("model_hash"):
-            model_changed = row["model_hash"] != self.model_hash
-        else:  # written by an older phenolens: outputs older than the model's files are stale
-            model_changed = self.model_mtime > oldest
-        if model_changed:
-            notices.add("model", f"{rec.path}: was translated with an earlier version of the model (its files "
-                        "changed since); redoing it", "{n} images in all were made with an earlier version of "
-                        "the model; redone", prefix="")
-            return None
-        if row.get("source_size") and row.get("source_mtime_ns"):
-            source_changed = (row["source_size"], row["source_mtime_ns"]) != stamp
-        else:
-            source_changed = int(stamp[1]) > oldest
-        if source_changed:
-            notices.add("source", f"{rec.path}: changed since it was translated (size or modification time); "
-                        "redoing it", "{n} source images in all changed since they were translated; redone",
-                        prefix="")
-            return None
-        return rows
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -514,7 +224,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     folder = open_run_folder(out, settings, overwrite)
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
-    cache = _read_cache(provenance_path)
+    cache = read_cache(provenance_path)
     model_hash, model_files, model_mtime = model_fingerprint(Path(settings.model_dir), cache)
     folder.record(provenance_path.name, run_json.name, index_path.name)
     write_json_atomic(provenance_path, dict(model_dir=settings.model_dir, model_hash=model_hash, model_files=model_files))
@@ -555,7 +265,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                          only_if_changed=True)
 
     skipped: list[tuple[Path, str]] = []
-    check = InputCheck(model, settings, notices)
+    check = InputCheck(model, settings.max_clipped, notices)
     torch.manual_seed(settings.seed)
     bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
     for batch in batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
@@ -608,14 +318,6 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     return index_path
 
 
-def output_paths(folder: Path, rec: ImageRecord, targets: Sequence[str]) -> tuple[Path, dict[str, Path]]:
-    """(reconstruction, {target: file}) of one source, relative to the run folder; the source's own
-    condition maps to its reconstruction."""
-    ext = output_extension(rec.path)
-    recon = folder / f"reconstruction{ext}"
-    return recon, {t: recon if t == rec.condition else folder / target_file(t, ext) for t in targets}
-
-
 def _unique_records(records: list[ImageRecord]) -> list[ImageRecord]:
     """One record per (file, condition): a file listed twice under one condition would write the same
     outputs twice and duplicate its rows."""
@@ -625,15 +327,6 @@ def _unique_records(records: list[ImageRecord]) -> list[ImageRecord]:
     if len(seen) < len(records):
         warn(f"{len(records) - len(seen)} image(s) are listed twice under the same condition; each is translated once")
     return list(seen.values())
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        files = data.get("model_files") if isinstance(data, dict) else None
-        return files if isinstance(files, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def as_stored(raw: np.ndarray, dtype: str) -> np.ndarray:
