@@ -16,7 +16,6 @@ from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel, clipped_fraction
 from phenolens.run.notices import Notices
 
-
 WARN_CLIPPED = 0.05  # a clipped fraction above this earns a warning (training images stay under ~2%)
 
 
