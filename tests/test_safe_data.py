@@ -380,3 +380,25 @@ def test_also_simulated_dataset_comes_back_in_dose_order(tmp_path):
     assert DEFAULT_CONDITIONS == ["control", "low", "mid", "high"]
     assert conditions_in_order(discover(out)) == DEFAULT_CONDITIONS
     assert training_records(out)[1] == DEFAULT_CONDITIONS
+
+
+def test_item1_demo_folder_of_an_older_phenolens_is_adopted_only_when_it_holds_nothing_else(tmp_path):
+    """`make demo` (= demo OUT --overwrite) on a demo_out written before markers: replaced, not refused;
+    the same folder with one file of the user's in it is refused, and that file kept."""
+    from phenolens.demo import _open_demo_folder
+
+    old = tmp_path / "demo_out"
+    old.mkdir()
+    for name in ("summary.json", "summary.txt", "grids.png", "report.html"):
+        (old / name).write_text("from an older demo")
+    folder = _open_demo_folder(old, overwrite=True)
+    assert folder.kind == "demo"
+    assert not (old / "summary.json").exists() and not (old / "grids.png").exists()
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "summary.json").write_text("{}")
+    (mixed / "thesis.docx").write_text("the user's")
+    with pytest.raises(PhenolensError, match="not written by phenolens"):
+        _open_demo_folder(mixed, overwrite=True)
+    assert (mixed / "thesis.docx").read_text() == "the user's" and (mixed / "summary.json").exists()
