@@ -93,6 +93,41 @@ def snapshot(root: Path, folders: bool = False) -> dict[str, str]:
     return out
 
 
+def write_fake_run(sim: Path, run: Path, model_dir: Path, conditions, n_sources: int, targets=("high",)) -> Path:
+    """A translate run over simulated data (a `phenolens simulate` folder) whose 'translations' are real
+    images: to `high` = a real high image, to any other target = the source itself. Measure and report
+    tests use it to know the truth without running a model."""
+    import csv
+    import json
+    import shutil
+
+    run.mkdir(parents=True)
+    model_dir.mkdir(parents=True)
+    (model_dir / "phenolens.json").write_text(json.dumps(dict(conditions=list(conditions), n_channels=4,
+                                                              training=dict(data=str(sim)))))
+    (run / "run.json").write_text(json.dumps(dict(model_dir=str(model_dir), steps=50)))
+    rows = []
+    sources = sorted((sim / "control").glob("*.tif"))[:n_sources]
+    highs = sorted((sim / "high").glob("*.tif"))[-n_sources:]
+    for src, high in zip(sources, highs):
+        folder = run / "control" / src.stem
+        folder.mkdir(parents=True)
+        shutil.copy(src, folder / "reconstruction.tif")
+        outputs = [("control", "reconstruction", "reconstruction")]
+        for target in targets:
+            shutil.copy(high if target == "high" else src, folder / f"{target}.tif")
+            outputs.append((target, target, "translation"))
+        for target, name, kind in outputs:
+            rows.append(dict(source_path=str(src), source_condition="control", target_condition=target,
+                             output_path=f"control/{src.stem}/{name}.tif", recon_mse="0", recon_psnr="100",
+                             change_mse="0.01", kind=kind, reconstruction_path=f"control/{src.stem}/reconstruction.tif"))
+    with open(run / "index.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return run
+
+
 def run_cli(*argv) -> tuple[int, str, str]:
     """Run `phenolens ARGV` in-process; returns (exit code, stdout, stderr)."""
     import contextlib

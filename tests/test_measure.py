@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from conftest import run_cli
+from conftest import run_cli, write_fake_run
 
 CONDS = ["control", "low", "high"]
 
@@ -110,30 +109,7 @@ def test_features_see_the_planted_nucleus_growth(sim):
 
 def _fake_run(sim: Path, run: Path, model_dir: Path) -> Path:
     """A translate run whose 'translations' are real images: to high = a real high image, to low = the source."""
-    run.mkdir(parents=True)
-    model_dir.mkdir(parents=True)
-    (model_dir / "phenolens.json").write_text(json.dumps(dict(conditions=CONDS, n_channels=4,
-                                                              training=dict(data=str(sim)))))
-    (run / "run.json").write_text(json.dumps(dict(model_dir=str(model_dir), steps=50)))
-    rows = []
-    sources = sorted((sim / "control").glob("*.tif"))[:5]
-    highs = sorted((sim / "high").glob("*.tif"))[-5:]
-    for src, high in zip(sources, highs):
-        folder = run / "control" / src.stem
-        folder.mkdir(parents=True)
-        shutil.copy(src, folder / "reconstruction.tif")
-        shutil.copy(src, folder / "low.tif")
-        shutil.copy(high, folder / "high.tif")
-        for target, name, kind in (("control", "reconstruction", "reconstruction"), ("low", "low", "translation"),
-                                   ("high", "high", "translation")):
-            rows.append(dict(source_path=str(src), source_condition="control", target_condition=target,
-                             output_path=f"control/{src.stem}/{name}.tif", recon_mse="0", recon_psnr="100",
-                             change_mse="0.01", kind=kind, reconstruction_path=f"control/{src.stem}/reconstruction.tif"))
-    with open(run / "index.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return run
+    return write_fake_run(sim, run, model_dir, CONDS, 5, targets=("low", "high"))
 
 
 def test_measure_cli_on_a_known_run(sim, tmp_path, monkeypatch):

@@ -8,10 +8,8 @@ Each test is named after the issue item it checks and fails on the code before i
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import fails_with, run_cli, snapshot, write_blob_images
+from conftest import fails_with, run_cli, snapshot, write_blob_images, write_fake_run
 
 from phenolens.errors import PhenolensError
 
@@ -61,28 +59,8 @@ def sim(tmp_path_factory) -> Path:
 
 
 def fake_run(sim: Path, run: Path) -> Path:
-    """A translate run whose 'translations' are real images (as tests/test_measure.py builds one)."""
-    model_dir = run.parent / f"{run.name}_model"
-    run.mkdir(parents=True)
-    model_dir.mkdir(parents=True)
-    (model_dir / "phenolens.json").write_text(json.dumps(dict(conditions=SIM_CONDS, n_channels=4,
-                                                              training=dict(data=str(sim)))))
-    (run / "run.json").write_text(json.dumps(dict(model_dir=str(model_dir), steps=50)))
-    rows = []
-    for src, high in zip(sorted((sim / "control").glob("*.tif"))[:2], sorted((sim / "high").glob("*.tif"))[:2]):
-        folder = run / "control" / src.stem
-        folder.mkdir(parents=True)
-        shutil.copy(src, folder / "reconstruction.tif")
-        shutil.copy(high, folder / "high.tif")
-        for target, name, kind in (("control", "reconstruction", "reconstruction"), ("high", "high", "translation")):
-            rows.append(dict(source_path=str(src), source_condition="control", target_condition=target,
-                             output_path=f"control/{src.stem}/{name}.tif", recon_mse="0", recon_psnr="100",
-                             change_mse="0.01", kind=kind, reconstruction_path=f"control/{src.stem}/reconstruction.tif"))
-    with open(run / "index.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return run
+    """A translate run whose 'translations' are real images (conftest.write_fake_run)."""
+    return write_fake_run(sim, run, run.parent / f"{run.name}_model", SIM_CONDS, 2)
 
 
 # =================================================================== item 1: output folders
