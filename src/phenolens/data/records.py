@@ -94,7 +94,7 @@ def order_condition_folders(root: Path, names: Sequence[str]) -> tuple[list[str]
     if listed:
         how = f"as listed in {root / 'manifest.csv'}" + (", then natural order" if rest else "")
         return listed + rest, how
-    return rest, "control-like name first, then natural order (numbers compared as numbers)"
+    return rest, "control-like name first, then natural order with numbers compared as numbers"
 
 
 def condition_order_source(input: Path | str) -> str:

@@ -152,18 +152,13 @@ def training_inputs(data: str | Path, records: Sequence) -> list[Path]:
 
 def condition_order_line(data: str | Path, conditions: Sequence[str], wanted: Sequence[str] | None) -> str:
     """One line saying in which order the conditions are stored (a dose series keeps its order in
-    phenolens.json and the report's strips), and where that order came from."""
+    phenolens.json and the report's strips), and which rule gave that order."""
+    from phenolens.data.records import condition_order_source
+
     order = ", ".join(conditions)
     if wanted:
         return f"conditions, in this order: {order} (from --conditions)"
-    data = Path(data)
-    if data.is_file():
-        where = f"as first listed in {data.name}"
-    elif (data / "manifest.csv").is_file():
-        where = "from manifest.csv"
-    else:
-        where = "folder names in natural order"
-    return f"conditions, in this order: {order} ({where}; pass --conditions to change)"
+    return f"conditions, in this order: {order} ({condition_order_source(data)}; pass --conditions to change)"
 
 
 def write_skipped(path: Path, bad: Sequence[tuple[Path, str]]) -> None:
