@@ -20,7 +20,7 @@ import torch
 
 from phenolens.atomic import write_json_atomic, write_text_atomic
 from phenolens.errors import PhenolensError
-from phenolens.folders import MARKER, OutputFolder, check_apart
+from phenolens.folders import OutputFolder, check_apart
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_CONDITIONS = ["control", "low", "mid", "high"]
@@ -55,11 +55,12 @@ def _open_demo_folder(out: Path, overwrite: bool) -> OutputFolder:
     writes) is adopted, so that `make demo` keeps working on it; its sub-folders are adopted by
     simulate / translate / train in turn, each recording only its own files.
     """
-    legacy = (out / "summary.json").is_file() and not (out / MARKER).exists() and all(
-        child.name in (*DEMO_FILES, *DEMO_FOLDERS) for child in out.iterdir())
-    folder = OutputFolder.open(out, "demo", adopt=legacy, option="OUT")
-    if legacy:
-        folder.record(*(name for name in DEMO_FILES if (out / name).is_file()))
+    def older(out: Path) -> list[str] | None:
+        legacy = (out / "summary.json").is_file() and all(
+            child.name in (*DEMO_FILES, *DEMO_FOLDERS) for child in out.iterdir())
+        return [name for name in DEMO_FILES if (out / name).is_file()] if legacy else None
+
+    folder = OutputFolder.open(out, "demo", older=older, option="OUT")
     earlier = [name for name in (*folder.files, *DEMO_FOLDERS) if (out / name).exists()]
     if earlier and not overwrite:
         raise PhenolensError(f"OUT {out}: holds an earlier demo ({', '.join(earlier[:3])}); pass --overwrite to "

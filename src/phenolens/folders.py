@@ -6,8 +6,9 @@ through :class:`OutputFolder`. Why: a biologist's images and models are irreplac
 
 - a folder phenolens writes holds a marker file (``.phenolens.json``) listing the kind of output and
   every path phenolens wrote into it; `--overwrite` removes *only* those paths, nothing else;
-- a non-empty folder without the marker is never written into (nor cleared), except by a command
-  that adds to a folder the user owns and says so (``adopt=True``: a model folder laid out by hand);
+- a non-empty folder without the marker is never written into (nor cleared), except one that an
+  older phenolens wrote (before markers): the command says how to recognise it and which files
+  it wrote there (``older=``), and only those become the inventory;
 - an output folder may not be, contain, or lie inside an input (images, a manifest) or a model
   folder: :func:`check_apart`.
 
@@ -20,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from phenolens.atomic import write_json_atomic
 from phenolens.errors import PhenolensError
@@ -68,16 +69,16 @@ class OutputFolder:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, kind: str, *, overwrite: bool = False, adopt: bool = False,
-             option: str = "OUT") -> "OutputFolder":
+             older: Callable[[Path], Iterable[str] | None] | None = None, option: str = "OUT") -> "OutputFolder":
         """Create or reopen PATH as an output folder of KIND.
 
         - new or empty folder: created, marked;
         - marked by phenolens with the same kind: reopened (resume); with `overwrite`, the files it
           recorded are removed first (and nothing else);
         - marked with another kind: refused (a translate run is not a model folder);
-        - not empty and unmarked: refused, unless `adopt` (the caller knows the folder is its own
-          kind of thing, e.g. a model folder written before markers existed); then only files
-          recorded from now on can ever be removed.
+        - not empty and unmarked: refused, unless `older(path)` names the files an older phenolens
+          wrote there (None: it is not such a folder); those are recorded, nothing else of the
+          folder ever is (`adopt=True`: adopt without naming any). With `overwrite` they are removed.
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -89,11 +90,14 @@ class OutputFolder:
             if folder.kind != kind:
                 raise PhenolensError(f"{option} {path}: holds a phenolens {folder.kind} output, not a {kind}; "
                                      "choose another folder")
-            if overwrite:
-                folder.clear()
-        elif path.is_dir() and any(path.iterdir()) and not adopt:
-            raise PhenolensError(f"{option} {path}: folder is not empty and was not written by phenolens; "
-                                 "phenolens never writes into or clears such a folder: choose a new or empty one")
+        elif path.is_dir() and any(path.iterdir()):
+            files = older(path) if older is not None else None
+            if files is None and not adopt:
+                raise PhenolensError(f"{option} {path}: folder is not empty and was not written by phenolens; "
+                                     "phenolens never writes into or clears such a folder: choose a new or empty one")
+            folder = cls(path, kind, files or ())
+        if folder is not None and overwrite:
+            folder.clear()
         if folder is None:
             folder = cls(path, kind)
         try:

@@ -84,11 +84,7 @@ class ImageSet:
                 raise PhenolensError(f"{rec.path}: condition '{rec.condition}' is not one of the model's "
                                      f"conditions ({', '.join(self.conditions)})")
             try:
-                raw, layout = read_image(rec.path, channels=channels)
-                if not np.isfinite(raw).all():
-                    bad = int((~np.isfinite(raw)).sum())
-                    raise PhenolensError(f"{rec.path}: has {bad} NaN or infinite pixel(s); a model cannot learn "
-                                         "from them (fix or remove the file, or pass --skip-bad)")
+                raw, layout = read_image(rec.path, channels=channels)  # refuses NaN/inf pixels, naming the file
             except PhenolensError as err:
                 if not skip_bad:
                     raise

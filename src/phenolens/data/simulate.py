@@ -519,12 +519,15 @@ def _planned_files(conds: Sequence[str], per_condition: int) -> list[str]:
     return files + [f"{GROUNDTRUTH}/planted.csv", f"{GROUNDTRUTH}/cells.csv", "manifest.csv"]
 
 
-def _older_dataset_files(out: Path) -> list[str]:
-    """What an older simulator (before the marker file) wrote into OUT, from its own manifest.
+def _older_dataset_files(out: Path) -> list[str] | None:
+    """What an older simulator (before the marker file) wrote into OUT, from its own manifest; None
+    when OUT holds no simulated dataset (no ground truth folder).
 
     Only files the simulator names itself are listed: the images of its manifest, their masks and
     its tables. A user's file added beside them is not, so `--overwrite` never removes it.
     """
+    if not (out / GROUNDTRUTH).is_dir():
+        return None
     files = [f"{GROUNDTRUTH}/planted.csv", f"{GROUNDTRUTH}/cells.csv", "manifest.csv"]
     manifest = out / "manifest.csv"
     if manifest.is_file():
@@ -553,9 +556,7 @@ def _prepare_out(out: Path, conditions: Sequence[str], per_condition: int, overw
                             "(only the files the simulator wrote are removed) or choose another folder")
     if older and not overwrite:
         raise exists
-    folder = OutputFolder.open(out, "dataset", adopt=older)
-    if older:
-        folder.record(*_older_dataset_files(out))
+    folder = OutputFolder.open(out, "dataset", older=_older_dataset_files)
     if any((out / f).exists() for f in folder.files):
         if not overwrite:
             raise exists

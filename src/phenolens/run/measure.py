@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
-from phenolens.folders import MARKER, OutputFolder, check_apart
+from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, resolve_source
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
@@ -205,13 +205,11 @@ def check_channels(settings: MeasureSettings, n_ch: int) -> None:
 def open_measure_folder(run_dir: Path, overwrite: bool = False) -> OutputFolder:
     """RUN_DIR/measure as an output folder; a measure/ of an older phenolens (measure.json, no marker)
     is adopted with the files that phenolens writes there, never anything else."""
-    out = run_dir / "measure"
-    older = not (out / MARKER).is_file() and (out / "measure.json").is_file()
-    folder = OutputFolder.open(out, "measure", adopt=older, option="RUN_DIR/measure")
-    if older:
-        folder.record(*[f for f in MEASURE_FILES if (out / f).exists()])
-    if overwrite:
-        folder.clear()
+    def older(out: Path) -> list[str] | None:
+        return [f for f in MEASURE_FILES if (out / f).exists()] if (out / "measure.json").is_file() else None
+
+    folder = OutputFolder.open(run_dir / "measure", "measure", overwrite=overwrite, older=older,
+                               option="RUN_DIR/measure")
     folder.record(*MEASURE_FILES)
     return folder
 

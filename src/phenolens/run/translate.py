@@ -179,27 +179,25 @@ def open_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) -> 
             if diff:
                 raise PhenolensError(f"{out}: holds a run with other settings ({', '.join(diff)}); pass --overwrite "
                                      "to replace it or choose another OUT")
-    folder = OutputFolder.open(out, KIND, overwrite=overwrite and not legacy, adopt=legacy)
-    if legacy:
-        adopt_legacy(folder)
-        if overwrite:
-            folder.clear()
-    return folder
+    return OutputFolder.open(out, KIND, overwrite=overwrite, older=legacy_run_files)
 
 
-def adopt_legacy(folder: OutputFolder) -> None:
-    """Record what an older phenolens wrote: its run files and the outputs its index lists."""
-    out = folder.path
+def legacy_run_files(out: Path) -> list[str] | None:
+    """What an older phenolens wrote into OUT (its run files and the outputs its index lists), or
+    None when OUT is not such a run folder."""
+    if not _is_legacy_run(out):
+        return None
+    probe = OutputFolder(out, KIND)  # only to resolve paths inside OUT
     paths = [name for name in RUN_FILES if (out / name).is_file()]
     rows, _ = read_previous_rows(out / "index.csv")
     for row in rows:
         for col in ("output_path", "reconstruction_path"):
-            rel = inside(folder, row.get(col))
+            rel = inside(probe, row.get(col))
             if rel is not None and (out / rel).is_file() and not (out / rel).is_symlink():
                 paths.append(rel)
-    folder.record(*paths)
     print(f"{out}: a run folder of an older phenolens; adopted it (only the {len(set(paths))} files it lists can "
           "ever be replaced)", file=sys.stderr)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from phenolens.atomic import write_csv_atomic
 from phenolens.errors import PhenolensError
-from phenolens.folders import MARKER, OutputFolder, check_apart
+from phenolens.folders import OutputFolder, check_apart
 from phenolens.models.store import INFO_FILE, apply_umask
 
 CHECKPOINTS = "checkpoints"
@@ -286,9 +286,12 @@ def holds_model(model_dir: Path) -> bool:
     return (model_dir / INFO_FILE).is_file() or (model_dir / CHECKPOINTS).is_dir()
 
 
-def _legacy_outputs(model_dir: Path) -> list[str]:
-    """The files an older phenolens wrote into MODEL_DIR (see LEGACY_OUTPUTS); samples/ and
-    tensorboard/ only when they hold nothing but what phenolens puts there."""
+def _legacy_outputs(model_dir: Path) -> list[str] | None:
+    """The files an older phenolens wrote into MODEL_DIR (see LEGACY_OUTPUTS; samples/ and
+    tensorboard/ only when they hold nothing but what phenolens puts there), or None when MODEL_DIR
+    holds no model of an older phenolens."""
+    if not holds_model(model_dir):
+        return None
     found = []
     for name in LEGACY_OUTPUTS:
         p = model_dir / name
@@ -334,11 +337,7 @@ def open_model_folder(model_dir: str | Path, *, inputs: Sequence[str | Path] = (
                                  "to replace it, or choose another folder")
     if not main:
         return _Unwritten(model_dir, MODEL_KIND)
-    legacy = model_dir.is_dir() and not (model_dir / MARKER).is_file() and holds_model(model_dir)
-    folder = OutputFolder.open(model_dir, MODEL_KIND, adopt=legacy, option=option)
-    if legacy:
-        folder.record(*_legacy_outputs(model_dir))
-    return folder
+    return OutputFolder.open(model_dir, MODEL_KIND, older=_legacy_outputs, option=option)
 
 
 # ----------------------------------------------------------------------------------------- log
@@ -622,7 +621,6 @@ def check_config(config: TrainConfig) -> None:
         raise PhenolensError(f"--cond-dropout {config.cond_dropout} must be in [0, 1)")
 
 
-_check_config = check_config  # the name used before it was public
 
 
 def _save_checkpoint(accelerator, ema, root: Path, step: int, fp: dict[str, Any], config: TrainConfig,
