@@ -53,7 +53,7 @@ import torch
 
 from phenolens.atomic import write_csv_atomic, write_text_atomic
 from phenolens.data.simulate import simulate
-from phenolens.measure.memorization import memorization_check
+from phenolens.run.memorization import memorization_check
 
 COLUMNS = ["images_per_condition", "training_images_per_model", "memorization_mean", "memorization_median",
            "fraction_memorized", "real_unseen_mean", "memorization_minus_real_unseen", "generalization_mean", "generalization_median",

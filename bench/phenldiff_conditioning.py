@@ -85,7 +85,7 @@ import torch
 
 from phenolens.atomic import write_text_atomic
 from phenolens.data.normalize import load_normalized
-from phenolens.methods.core import psnr_from_mse
+from phenolens.measure.image_metrics import psnr_from_mse
 
 CONDITIONINGS = ("prompt", "learned")
 SOURCE, TARGET = "control", "high"

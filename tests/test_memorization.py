@@ -13,8 +13,8 @@ import torch
 from conftest import CONDITIONS, run_cli, write_blob_images
 from phenolens.data.records import discover
 from phenolens.errors import PhenolensError
-from phenolens.measure.memorization import (dihedral, memorization_check, nearest_training, paired_cosine,
-                                            split_halves)
+from phenolens.measure.memorization import dihedral, nearest_training, paired_cosine
+from phenolens.run.memorization import memorization_check, split_halves
 
 
 def _paths(records) -> set[Path]:
@@ -122,7 +122,7 @@ def test_rerun_on_another_split_is_refused(tmp_path, blob_data):
     out = tmp_path / "out"
     (out / "model_a").mkdir(parents=True)  # as left by an earlier run with another --seed
     a, _ = split_halves(discover(blob_data), seed=1)
-    from phenolens.measure.memorization import write_manifest
+    from phenolens.run.memorization import write_manifest
 
     write_manifest(out / "half_a.csv", a)
     with pytest.raises(PhenolensError, match="another split"):
@@ -145,7 +145,7 @@ def test_no_augment_trains_both_models_without_flips_and_records_it(tmp_path, bl
 
 def test_models_trained_before_the_option_count_as_augmented(tmp_path, blob_data):
     """A model whose phenolens.json predates `augment` (always augmented) is reused only for augment=True."""
-    from phenolens.measure.memorization import MemorizationSettings, _train_or_reuse, write_manifest
+    from phenolens.run.memorization import MemorizationSettings, _train_or_reuse, write_manifest
     from phenolens.models.store import load_info, save_info
 
     manifest = tmp_path / "half_a.csv"

@@ -18,9 +18,11 @@ from typing import Callable
 from phenolens import __version__
 from phenolens.cli_config import csv_list, parse_command, save_config, subcommands
 from phenolens.errors import PhenolensError
+from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT_TOL
+from phenolens.logs import setup_cli_logging
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 
-INVERSION_CHOICES = ("fixed-point", "ddim")
+INVERSION_CHOICES = ("fixed-point", "ddim", "ef-ddpm")
 FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
 
 
@@ -183,15 +185,33 @@ def _add_translate(sub) -> None:
                         "per condition, or a manifest CSV")
     p.add_argument("out", type=Path, help="run folder for the outputs and index.csv")
     p.add_argument("--to", nargs="+", default=None, metavar="COND",
-                   help="target condition(s) (default: every condition of the model)")
+                   help="target condition(s) (default: every condition of the model); index.csv's edit column "
+                        "writes each as to=COND")
+    p.add_argument("--edit", action="append", default=None, metavar="EDIT",
+                   help="an edit as index.csv's edit column writes it, e.g. to=high (repeat for several); "
+                        "the same as --to for the methods of this version")
     p.add_argument("--from", dest="source", default=None, metavar="COND",
                    help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and for generation (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
     p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
-                   help="fixed-point: each inversion step solved implicitly, exact; ddim: plain DDIM inversion (default fixed-point)")
-    p.add_argument("--inversion-iters", type=int, default=5,
-                   help="fixed-point iterations per step, at least 1 (unused by --inversion ddim); 5 measured best at 50 "
-                        "steps in bench/inversion.py (default 5)")
+                   help="fixed-point: deterministic DDIM, each inversion step solved implicitly (exact); ddim: plain "
+                        "DDIM inversion (one network call per step, inexact); ef-ddpm: edit-friendly DDPM inversion, "
+                        "per-step noise maps drawn from --seed (exact by construction; see --skip) (default fixed-point)")
+    p.add_argument("--skip", type=int, default=0, metavar="K",
+                   help="T_skip: invert only to step K of --steps and render the last steps-K steps under the target; "
+                        "larger K keeps more of the source image (weaker edits); 0 = the whole schedule (default 0)")
+    p.add_argument("--inversion-iters", type=int, default=DEFAULT_ITERS,
+                   help="fixed-point: at most this many network calls per step after the first guess, at least 1 "
+                        f"(default {DEFAULT_ITERS})")
+    p.add_argument("--inversion-tol", type=float, default=DEFAULT_TOL, metavar="TOL",
+                   help="fixed-point: an image's iteration stops when its residual (root mean square, model units) "
+                        f"falls below TOL; 0 = always --inversion-iters calls (default {DEFAULT_TOL:g}; chosen in "
+                        "bench/inversion.py)")
+    p.add_argument("--solver", choices=("anderson", "picard"), default=DEFAULT_SOLVER,
+                   help=f"fixed-point: anderson (accelerated) or picard (plain iteration) (default {DEFAULT_SOLVER})")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="fixed-point: start each step from plain DDIM inversion (one more call per step) instead of "
+                        "from the previous step's noise estimate")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance of the targets (needs a model trained with --cond-dropout); the "
                         "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
@@ -201,7 +221,9 @@ def _add_translate(sub) -> None:
                         "above 5%% a warning names the file; index.csv's clipped_fraction gives every image's "
                         "fraction, 0 to 1 (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its path, so "
+                        "batching and resuming do not change it); deterministic inversions draw nothing (default 0)")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:N or mps; refused when this machine lacks it "
                         "(default: cuda if available)")
@@ -432,6 +454,23 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"model saved in {args.model_dir}")
 
 
+def _targets_with_edits(targets: list[str] | None, edits: list[str] | None) -> list[str] | None:
+    """--to and --edit together: the methods of this version edit by condition (to=COND) only."""
+    from phenolens.methods.edits import parse_fields
+
+    out = list(targets or [])
+    for text in edits or []:
+        try:
+            fields = parse_fields(text)
+        except ValueError as err:
+            raise PhenolensError(f"--edit: {err}") from None
+        if set(fields) != {"to"} or not fields["to"]:
+            raise PhenolensError(f"--edit {text!r}: write to=<condition>; the methods of this version edit by "
+                                 "condition only")
+        out.append(fields["to"])
+    return out or None
+
+
 def cmd_translate(args: argparse.Namespace) -> None:
     from phenolens.run.translate import TranslateSettings, run_translate
 
@@ -443,10 +482,12 @@ def cmd_translate(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise PhenolensError("--batch-size must be at least 1")
     settings = TranslateSettings(
-        model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()), targets=args.to,
+        model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()),
+        targets=_targets_with_edits(args.to, args.edit),
         source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
         inversion_iters=args.inversion_iters, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
-        max_clipped=args.max_clipped,
+        max_clipped=args.max_clipped, skip=args.skip, inversion_tol=args.inversion_tol, solver=args.solver,
+        warm_start=args.warm_start,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device)
     print(f"wrote {index}")
@@ -475,7 +516,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_memorization(args: argparse.Namespace) -> None:
     from phenolens.data.io import parse_channels
-    from phenolens.measure.memorization import memorization_check
+    from phenolens.run.memorization import memorization_check
 
     summary = memorization_check(args.data, args.out, preset=args.preset, size=args.size, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, n_per_condition=args.n_per_condition,
@@ -539,6 +580,7 @@ def describe_memory_error(err: BaseException, args: argparse.Namespace | None) -
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_cli_logging()
     parser = build_parser()
     # the command's name before parsing, for messages about --config itself
     command = next((a for a in argv if a in subcommands(parser)), "?")

@@ -20,7 +20,9 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
+
+import numpy as np
 
 from phenolens.data.io import IMAGE_SUFFIXES
 from phenolens.errors import PhenolensError
@@ -204,6 +206,18 @@ def _read_manifest(manifest: Path) -> list[ImageRecord]:
     if not records:
         raise PhenolensError(f"{manifest}: no rows")
     return records
+
+
+T = TypeVar("T")
+
+
+def pick_evenly(items: Sequence[T], n: int) -> list[T]:
+    """At most N of ITEMS, spread evenly from first to last (both kept), so a capped sample of a
+    condition's images still covers every plate or well the listing walks through."""
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
 
 
 def conditions_in_order(records: Iterable[ImageRecord]) -> list[str]:

@@ -20,15 +20,14 @@ For every prediction type the step is affine in (x_t, model output o):  x_s = A 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""(x, t, labels) -> raw model output (ε, v or x_0, following `scheduler.config.prediction_type`).
-`t` is a long tensor of shape (B,) (the same value for every image); `labels` is long (B,)."""
+from phenolens.diffusion.code import Code
+from phenolens.diffusion.conditions import Condition, ModelFn, cat, take
+from phenolens.diffusion.solvers import solve
 
 INVERSION_METHODS = ("ddim", "fixed-point")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -76,15 +75,6 @@ def make_scheduler(
         timestep_spacing=timestep_spacing,
         rescale_betas_zero_snr=zero_terminal_snr,
     )
-
-
-def unet_fn(unet) -> ModelFn:
-    """Wrap a class-conditional `UNet2DModel` as a `ModelFn` (labels are its `class_labels`)."""
-
-    def fn(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        return unet(x, t, class_labels=labels).sample
-
-    return fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,8 +169,13 @@ def sampling_schedule(scheduler, steps: int) -> list[tuple[int, float, float]]:
     return [(t, _alpha_bar(work, t), _alpha_bar(work, _previous_timestep(work, t))) for t in map(int, work.timesteps)]
 
 
-def inversion_schedule(scheduler, steps: int) -> list[tuple[int, float, float]]:
-    """The sampling steps in reverse order: inversion step k undoes sampling step steps-1-k.
+def check_skip(steps: int, skip: int) -> None:
+    if not 0 <= skip < steps:
+        raise ValueError(f"skip must be in [0, {steps - 1}] for {steps} steps, got {skip}")
+
+
+def inversion_schedule(scheduler, steps: int, skip: int = 0) -> list[tuple[int, float, float]]:
+    """The sampling steps from `skip` on, in reverse order: inversion step k undoes sampling step steps-1-k.
 
     Why not `DDIMInverseScheduler`: in diffusers 0.42 its `set_timesteps` ("leading"/"trailing") and
     `step` do give the reversed trajectory when `steps` divides T_train, and `invert(method="ddim")`
@@ -188,7 +183,7 @@ def inversion_schedule(scheduler, steps: int) -> list[tuple[int, float, float]]:
     both directions from one `DDIMScheduler` guarantees the same grid even where the two classes
     would differ (e.g. "linspace" spacing, which DDIMInverseScheduler does not implement).
     """
-    return sampling_schedule(scheduler, steps)[::-1]
+    return sampling_schedule(scheduler, steps)[skip:][::-1]
 
 
 def _check(schedule: list[tuple[int, float, float]], prediction_type: str) -> None:
@@ -214,42 +209,53 @@ def _timestep(t: int, x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Inversion and sampling
+# Inversion and rendering
 # --------------------------------------------------------------------------------------------------
+
+
+def _ddim_update(x_s: Tensor, eps: Tensor, a_t: float, a_s: float) -> Tensor:
+    """x_t from x_s and a noise estimate: PhenDiff eq. 6, x_t = √ᾱ_t (x_s − √(1−ᾱ_s) ε)/√ᾱ_s + √(1−ᾱ_t) ε."""
+    return math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
 
 
 @torch.no_grad()
 def invert(
     model: ModelFn,
     x0: Tensor,
-    labels: Tensor,
+    condition: Condition,
     scheduler,
     steps: int = 50,
     method: str = "fixed-point",
     iters: int = 5,
     progress: bool = False,
-) -> Tensor:
-    """x_T such that `sample(model, x_T, labels, scheduler, steps)` regenerates x0 (PhenDiff §2.3).
+    *,
+    tol: float = 0.0,
+    solver: str = "picard",
+    warm_start: bool = False,
+    skip: int = 0,
+) -> Code:
+    """The code that `render(model, code, condition, scheduler)` regenerates x0 from (PhenDiff §2.3).
 
     method="ddim": PhenDiff eq. 6 (= `DDIMInverseScheduler` for ε-models): the step s -> t uses
         ε = ε_θ(x_s, t) at the old point:  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε.
         One network call per step; exact only in the limit of small steps.
-    method="fixed-point": start from that estimate, then `iters` times
-        ε = ε_θ(x_t, t, y) at the current x_t;  x_t = √ᾱ_t (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε
-        whose fixed point is the exact inverse of the sampling step (AIDI / ReNoise). At ᾱ_t = 0 (zero
-        terminal SNR, v-model) ε̂ = x_t whatever the network says, so that map is the identity; that
-        one step solves the affine sampling step x_s = A x_t + B v(x_t) for x_t instead
-        (`_step_coefficients`), which is well defined and contracts by √ᾱ_s/√(1-ᾱ_s)·Lip(x̂_0).
-        1 + iters network calls per step.
-    Inversion is always unguided (scale 1), under each image's own label. Every image in the batch may
-    have its own label; all share the timestep. Deterministic: no noise is drawn.
+    method="fixed-point": each step is solved implicitly, x_t = F(x_t) with ε = ε_θ(x_t, t, y) at the
+        *new* point, whose solution is the exact inverse of the sampling step (AIDI / ReNoise); see
+        `phenolens.diffusion.solvers`. The first guess is plain eq. 6 (one call), or with
+        `warm_start` the ε the previous step converged to (no call); then at most `iters` calls per step,
+        fewer where the residual falls below `tol`. At ᾱ_t = 0 (zero terminal SNR, v-model) ε̂ = x_t
+        whatever the network says, so that map is the identity; that one step solves the affine
+        sampling step x_s = A x_t + B v(x_t) for x_t instead (`_step_coefficients`).
+    skip: stop at sampling step `skip` (T_skip): rendering then runs only the last steps - skip steps.
+    Inversion is unguided, under each image's own condition. Deterministic: no noise is drawn.
     """
     if method not in INVERSION_METHODS:
         raise ValueError(f"inversion method {method!r} must be one of {', '.join(INVERSION_METHODS)}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    check_skip(steps, skip)
     prediction_type = scheduler.config.prediction_type
-    schedule = inversion_schedule(scheduler, steps)
+    schedule = inversion_schedule(scheduler, steps, skip)
     _check(schedule, prediction_type)
     if prediction_type == "sample":
         # its ε̂ = (x - √ᾱ o)/√(1-ᾱ) is undefined at the clean image, where inversion starts
@@ -257,92 +263,112 @@ def invert(
     if any(a_s <= 0.0 for _, _, a_s in schedule):
         raise ValueError("cannot invert a step that starts from ᾱ = 0")
 
+    n = x0.shape[0]
+    forwards = torch.zeros(n, dtype=torch.long)
     x = x0
+    eps_prev: Tensor | None = None  # ε_θ at the previous step's solution (warm start)
     for t, a_t, a_s in _progress(schedule, progress, f"invert ({method})", len(schedule)):
         tt = _timestep(t, x)
         x_s = x
-        # plain DDIM inversion (PhenDiff eq. 6): ε = ε_θ(x_s, t, y), the model at the *old* point but
-        # told the *new* timestep, read as an output at noise level t; then
-        #   x_t = √ᾱ_t · (x_s - √(1-ᾱ_s) ε)/√ᾱ_s + √(1-ᾱ_t) ε
-        # For ε-models this is DDIMInverseScheduler.step. For v-models diffusers converts v to ε at ᾱ_s
-        # instead; reading it at ᾱ_t (the level the network was told) keeps the step exact for any
-        # model whose ε does not depend on x, as eq. 6 intends (see the tests).
-        eps = to_epsilon(model(x_s, tt, labels), x_s, a_t, prediction_type)
-        x = math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
+        if method == "fixed-point" and warm_start and eps_prev is not None and a_t > 0.0:
+            x = _ddim_update(x_s, eps_prev, a_t, a_s)
+        else:
+            # plain DDIM inversion (PhenDiff eq. 6): ε = ε_θ(x_s, t, y), the model at the *old* point but
+            # told the *new* timestep, read as an output at noise level t. For ε-models this is
+            # DDIMInverseScheduler.step. For v-models diffusers converts v to ε at ᾱ_s instead; reading
+            # it at ᾱ_t (the level the network was told) keeps the step exact for any model whose ε does
+            # not depend on x, as eq. 6 intends (see the tests).
+            eps = to_epsilon(model(x_s, tt, condition), x_s, a_t, prediction_type)
+            forwards += 1
+            x = _ddim_update(x_s, eps, a_t, a_s)
+            eps_prev = eps
         if method == "fixed-point":
             A, B = _step_coefficients(a_t, a_s, prediction_type)
             if not abs(A) > 1e-12:
                 raise ValueError(f"the DDIM step {t} -> s is not invertible for a {prediction_type!r} model (A = 0)")
-            x = _fixed_point(lambda g: _implicit_step(model, g, x_s, tt, labels, a_t, a_s, A, B, prediction_type),
-                             x, iters)
-    return x
+            eps_last = eps_prev.clone() if eps_prev is not None else torch.zeros_like(x)
+
+            def update(guess: Tensor, index: Tensor, t=t, a_t=a_t, a_s=a_s, A=A, B=B, x_s=x_s, eps_last=eps_last):
+                cond = take(condition, index) if len(index) < n else condition
+                out = model(guess, _timestep(t, guess), cond)
+                if a_t > 0.0:
+                    eps = to_epsilon(out, guess, a_t, prediction_type)
+                    eps_last[index] = eps
+                    return _ddim_update(x_s[index], eps, a_t, a_s)
+                # ᾱ_t = 0: solve the affine step x_s = A·x_t + B·v(x_t) (A = √(1-ᾱ_s), B = -√ᾱ_s)
+                return (x_s[index] - B * out) / A
+
+            x, calls = solve(update, x, iters=iters, tol=tol, solver=solver)
+            forwards += calls
+            eps_prev = eps_last
+    return Code(x=x, steps=steps, start=skip, noise=None, forwards=forwards)
 
 
-def _implicit_step(model: ModelFn, x: Tensor, x_s: Tensor, tt: Tensor, labels: Tensor, a_t: float, a_s: float,
-                   A: float, B: float, prediction_type: str) -> Tensor:
-    """One fixed-point update of the inversion step s -> t, from the current guess x of x_t."""
-    if a_t > 0.0:
-        # AIDI / ReNoise: ε = ε_θ(x_t, t, y) at the current guess, then the same x_t formula
-        eps = to_epsilon(model(x, tt, labels), x, a_t, prediction_type)
-        return math.sqrt(a_t / a_s) * (x_s - math.sqrt(1.0 - a_s) * eps) + math.sqrt(1.0 - a_t) * eps
-    # ᾱ_t = 0 (zero terminal SNR, v-model): ε = x_t identically, the ε-form is the identity map. Solve
-    # the affine step x_s = A·x_t + B·v(x_t) for x_t instead (A = √(1-ᾱ_s), B = -√ᾱ_s).
-    return (x_s - B * model(x, tt, labels)) / A
+def ddpm_sigma(a_t: float, a_s: float) -> float:
+    """σ_t of the η = 1 step from t to s (DDIM eq. 16 = the DDPM posterior's standard deviation on the
+    strided schedule): √((1−ᾱ_s)/(1−ᾱ_t)) · √(1 − ᾱ_t/ᾱ_s), exactly what `DDIMScheduler.step` uses."""
+    if a_t >= 1.0:
+        return 0.0
+    return math.sqrt(max((1.0 - a_s) / (1.0 - a_t), 0.0) * max(1.0 - a_t / a_s, 0.0))
 
 
-def _fixed_point(update: Callable[[Tensor], Tensor], x: Tensor, iters: int) -> Tensor:
-    """Iterate x <- update(x) `iters` times, safeguarded per image.
+@torch.no_grad()
+def render(
+    model: ModelFn,
+    code: Code,
+    condition: Condition,
+    scheduler,
+    *,
+    guidance_scale: float = 1.0,
+    null_condition: Condition | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """x_0 from a code under CONDITION, starting at the code's step, with `DDIMScheduler.step`.
 
-    The residual r_k = |update(g_k) - g_k| measures how far guess g_k is from the fixed point. Where
-    the map contracts (the usual case) the last iterate is returned. Where it stops contracting for
-    an image (the residual grows: the network is too steep there for the iteration), that image keeps
-    the guess with the smallest residual instead, so an iteration can never make an inversion worse
-    than plain DDIM's starting guess.
+    A deterministic code runs DDIM (η = 0, PhenDiff eq. 5). A code with noise maps runs DDPM (η = 1)
+    with those maps as `variance_noise` (DIFFusion eq. 8); on the last step, where σ = 0, the map is the
+    residual that inversion measured and is added to the step's mean.
+    guidance_scale != 1: classifier-free guidance, o = o_u + s·(o_c - o_u) with o_u under NULL_CONDITION.
+    Mixing raw outputs is the same as mixing ε (ε̂ is affine in o at a fixed x_t), for any prediction type.
     """
-    best_x, best_r = x, torch.full((x.shape[0],), float("inf"), device=x.device, dtype=torch.float64)
-    improved = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(iters):
-        x_new = update(x)
-        r = (x_new - x).double().flatten(1).norm(dim=1)
-        improved = r < best_r
-        best_r = torch.where(improved, r, best_r)
-        best_x = torch.where(improved.view(-1, *[1] * (x.dim() - 1)), x, best_x)
-        x = x_new
-    return torch.where(improved.view(-1, *[1] * (x.dim() - 1)), x, best_x)
+    guided = guidance_scale != 1.0
+    if guided and null_condition is None:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs null_condition")
+    work = _working_scheduler(scheduler, code.steps)
+    _check(sampling_schedule(scheduler, code.steps), work.config.prediction_type)
+    both = cat([condition, null_condition]) if guided else None
+    x = code.x
+    timesteps = [int(t) for t in work.timesteps][code.start:]
+    for k, t in enumerate(_progress(timesteps, progress, "render", len(timesteps))):
+        if guided:
+            out = model(torch.cat([x, x]), _timestep(t, torch.cat([x, x])), both)
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = model(x, _timestep(t, x), condition)
+        if code.noise is None:
+            x = work.step(out, t, x, eta=0.0).prev_sample
+            continue
+        z = code.noise[k].to(x.device, x.dtype)
+        sigma = ddpm_sigma(_alpha_bar(work, t), _alpha_bar(work, _previous_timestep(work, t)))
+        if sigma > 0.0:
+            x = work.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
+        else:  # σ = 0: the mean, plus the residual inversion stored for this step
+            x = work.step(out, t, x, eta=0.0).prev_sample + z
+    return x
 
 
 @torch.no_grad()
 def sample(
     model: ModelFn,
     xT: Tensor,
-    labels: Tensor,
+    condition: Condition,
     scheduler,
     steps: int = 50,
     progress: bool = False,
     guidance_scale: float = 1.0,
-    null_label: int | None = None,
+    null_condition: Condition | None = None,
 ) -> Tensor:
-    """x_0 from x_T by deterministic DDIM (η = 0, PhenDiff eq. 5) with `DDIMScheduler.step`.
-
-    guidance_scale != 1: classifier-free guidance, o = o_u + s·(o_c - o_u) with o_u under `null_label`.
-    Mixing raw outputs is the same as mixing ε (ε̂ is affine in o at a fixed x_t), for any prediction type.
-    """
-    if guidance_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance (guidance_scale != 1) needs null_label")
-    work = _working_scheduler(scheduler, steps)
-    _check(sampling_schedule(scheduler, steps), work.config.prediction_type)
-    x = xT
-    guided = guidance_scale != 1.0
-    if guided:
-        null = torch.full_like(labels, int(null_label))
-    for t in _progress(work.timesteps, progress, "sample", len(work.timesteps)):
-        t = int(t)
-        if guided:
-            out = model(torch.cat([x, x]), _timestep(t, torch.cat([x, x])), torch.cat([labels, null]))
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = model(x, _timestep(t, x), labels)
-        x = work.step(out, t, x, eta=0.0).prev_sample
-    return x
-
+    """x_0 from x_T by deterministic DDIM over the whole schedule (PhenDiff eq. 5): `render` of a full code."""
+    return render(model, Code(x=xT, steps=steps), condition, scheduler, guidance_scale=guidance_scale,
+                  null_condition=null_condition, progress=progress)

@@ -64,6 +64,12 @@ def psnr(a, b, data_range: float = DATA_RANGE) -> float | np.ndarray:
     return _out(values, single)
 
 
+def psnr_from_mse(mse: np.ndarray | float, data_range: float = DATA_RANGE) -> np.ndarray:
+    """PSNR in dB from MSEs already measured (for images in [-1, 1] the data range is 2)."""
+    mse = np.maximum(np.asarray(mse, dtype=np.float64), 1e-20)
+    return 10.0 * np.log10(data_range ** 2 / mse)
+
+
 def _ssim_window(height: int, width: int) -> int:
     """skimage's default 7×7 window, or the largest odd window that fits a smaller image."""
     side = min(height, width, 7)

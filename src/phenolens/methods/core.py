@@ -1,41 +1,43 @@
 """The one idea every method shares (DESIGN.md): invert -> edit the condition -> render.
 
 A method says how an image enters the diffusion space (`encode`: identity for a pixel model, the VAE
-for a latent one), what network predicts the noise under a condition (`model_fn`), and how it leaves
-(`decode`). This module does the rest once: normalise raw images, pad them to a size the networks
-accept, DDIM-invert under the source condition, render under the source (the reconstruction, whose
-error is the floor under which no change can be believed) and under every target, and return the
-images in the files' raw units. `translate`, `measure`, `report` and the memorisation check consume
-this interface and never ask which method made the images.
+for a latent one) and how it leaves (`decode`), which network predicts the noise (`network`: called
+with the condition as diffusers keyword tensors), how an image gets its condition
+(`condition(x0, source)`), what the unconditional condition is (`null_condition`), and how an edit
+changes a condition (`edited`). This module does the rest once: normalise raw images, pad them to a
+size the networks accept, invert under the source condition (`phenolens.diffusion.inversion`: exact
+DDIM or edit-friendly DDPM), render the code under the source (the reconstruction, whose error is the
+floor under which no change can be believed) and under every edit (never rendering an edit that leaves
+an image as it is: that is its reconstruction), and return the images in the files' raw units.
+`translate`, `measure`, `report` and the memorisation check consume this interface and never ask which
+method made the images. Which class loads a model folder is `phenolens.methods.registry`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from phenolens.data.normalize import Normalizer
-from phenolens.diffusion.ddim import ModelFn, invert, sample
+from phenolens.diffusion.code import Code
+from phenolens.diffusion.conditions import Condition, ModelFn, take
+from phenolens.diffusion.ddim import render
+from phenolens.diffusion.ef_ddpm import Generators
+from phenolens.diffusion.inversion import InversionSettings, invert_image
 from phenolens.errors import PhenolensError
-from phenolens.models.store import INFO_FILE, ModelInfo, load_info
+from phenolens.methods.edits import Edit, ToCondition
+from phenolens.models.store import ModelInfo
 
 
 def pick_device(device: str | None = None) -> str:
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def psnr_from_mse(mse: np.ndarray | float) -> np.ndarray:
-    """PSNR in dB for images in [-1, 1] (data range 2)."""
-    mse = np.maximum(np.asarray(mse, dtype=np.float64), 1e-20)
-    return 10.0 * np.log10(4.0 / mse)
 
 
 def mse_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -70,10 +72,13 @@ def raw_errors(source: np.ndarray, other: np.ndarray) -> tuple[float, float]:
 class Translation:
     """What `translate` returns for a batch of source images.
 
-    Images are in the files' raw intensity units (float32 CHW). The MSEs are per image in the model's
-    [-1, 1] image units. For a latent model `latent_recon_mse` / `latent_change_mse` give the same in
-    the diffusion space (scaled VAE latents), where inversion itself is judged, and `autoencoder_mse`
-    the error of encoding and decoding alone (the floor a latent model cannot go under).
+    Images are in the files' raw intensity units (float32 CHW). `translations` and the change MSEs are
+    keyed by the edits as the caller gave them (a condition's name, or an Edit's label). The MSEs are
+    per image in the model's [-1, 1] image units. For a latent model `latent_recon_mse` /
+    `latent_change_mse` give the same in the diffusion space (scaled VAE latents), where inversion
+    itself is judged, and `autoencoder_mse` the error of encoding and decoding alone (the floor a
+    latent model cannot go under). `inversion_forwards` counts the network calls inversion spent on
+    each image; `render_forwards` those of rendering its reconstruction and edits.
     """
 
     reconstructions: list[np.ndarray]
@@ -83,14 +88,15 @@ class Translation:
     latent_recon_mse: np.ndarray | None = None
     latent_change_mse: dict[str, np.ndarray] = field(default_factory=dict)
     autoencoder_mse: np.ndarray | None = None
+    inversion_forwards: np.ndarray | None = None
+    render_forwards: np.ndarray | None = None
 
-    @property
-    def recon_psnr(self) -> np.ndarray:
-        return psnr_from_mse(self.recon_mse)
+
+EditLike = Union[Edit, str]
 
 
 class CounterfactualModel:
-    """Base of every method: conditions, normalisation and the invert / render loop around `model_fn`."""
+    """Base of every method: normalisation and the invert / edit / render loop around `network`."""
 
     info: ModelInfo
     scheduler: object
@@ -104,7 +110,26 @@ class CounterfactualModel:
         self.normalizer = Normalizer.from_dict(info.normalization)
 
     # ------------------------------------------------------------------ what a method provides
-    def model_fn(self) -> ModelFn:
+    def network(self) -> ModelFn:
+        """(x_t, t, condition) -> the network's raw output; `diffusion.conditions.network_fn` wraps a
+        diffusers network whose keyword arguments the condition dict holds."""
+        raise NotImplementedError
+
+    def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> Condition:
+        """The condition an image is generated under: from its source condition (and, for methods that
+        condition on the image itself, from x0 in the diffusion space; None when generating from noise)."""
+        raise NotImplementedError
+
+    def null_condition(self, n: int) -> Condition:
+        """The unconditional condition of n images (classifier-free guidance)."""
+        raise NotImplementedError
+
+    def parse_edit(self, text: str) -> Edit:
+        """An edit as the command line writes it (`to=high`, or a bare condition name)."""
+        raise NotImplementedError
+
+    def edited(self, condition: Condition, edit: Edit, source: Sequence[str], x0: torch.Tensor) -> Condition:
+        """CONDITION (of images of conditions SOURCE, diffusion-space x0) changed by EDIT."""
         raise NotImplementedError
 
     def spatial_factor(self) -> int:
@@ -131,24 +156,24 @@ class CounterfactualModel:
     def conditions(self) -> list[str]:
         return list(self.info.conditions)
 
-    @property
-    def null_label(self) -> int:
-        return len(self.info.conditions)
+    def as_edit(self, edit: EditLike) -> Edit:
+        """A condition's name (what `--to` takes) or an Edit, as an Edit of this method."""
+        if isinstance(edit, str):
+            return self.parse_edit(edit)
+        return edit
 
-    def labels(self, conditions: Sequence[str], option: str = "condition") -> torch.Tensor:
-        return torch.tensor([self.info.condition_index(c, option) for c in conditions], device=self.device)
+    def invert(self, z0: torch.Tensor, condition: Condition, settings: InversionSettings,
+               generator: Generators = None, progress: bool = False) -> Code:
+        """The code of diffusion-space images z0 under their own CONDITION (unguided, so exact)."""
+        return invert_image(self.network(), z0.to(self.device), condition, self.scheduler, settings,
+                            generator=generator, progress=progress)
 
-    def invert(self, z0: torch.Tensor, source: Sequence[str], steps: int = 50,
-               inversion: str = "fixed-point", iters: int = 5, progress: bool = False) -> torch.Tensor:
-        """The code z_T that regenerates z0 under its own condition (DDIM inversion, always unguided)."""
-        return invert(self.model_fn(), z0.to(self.device), self.labels(source, "--from"), self.scheduler,
-                      steps=steps, method=inversion, iters=iters, progress=progress)
-
-    def render(self, zT: torch.Tensor, conditions: Sequence[str], steps: int = 50,
-               guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
-        """The diffusion-space image that z_T becomes under each given condition (deterministic DDIM)."""
-        return sample(self.model_fn(), zT.to(self.device), self.labels(conditions, "--to"), self.scheduler,
-                      steps=steps, progress=progress, guidance_scale=guidance_scale, null_label=self.null_label)
+    def render(self, code: Code, condition: Condition, guidance_scale: float = 1.0,
+               progress: bool = False) -> torch.Tensor:
+        """The diffusion-space images a code becomes under CONDITION, from the code's own step."""
+        null = self.null_condition(len(code)) if guidance_scale != 1.0 else None
+        return render(self.network(), code, condition, self.scheduler, guidance_scale=guidance_scale,
+                      null_condition=null, progress=progress)
 
     def to_model_space(self, raw_images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Normalise raw CHW images of one shape to [-1, 1] and reflect-pad them to a size the networks
@@ -176,107 +201,137 @@ class CounterfactualModel:
 
     @torch.no_grad()
     def translate(self, images: Sequence[np.ndarray], source: str | Sequence[str],
-                  targets: Sequence[str] | None = None, steps: int = 50, inversion: str = "fixed-point",
-                  iters: int = 5, guidance_scale: float = 1.0, progress: bool = False) -> Translation:
-        """Translate raw CHW images (one shape) from their source condition(s) to each target.
+                  edits: Sequence[EditLike] | None = None, *, inversion: InversionSettings | None = None,
+                  guidance_scale: float = 1.0, generator: Generators = None, progress: bool = False,
+                  **legacy) -> Translation:
+        """Translate raw CHW images (one shape) from their source condition(s) under each edit.
 
-        `source` is one condition for all images or one per image; `targets` defaults to every
-        condition of the model. A target equal to an image's source gives its reconstruction.
-        Inversion is unguided; `guidance_scale` != 1 applies classifier-free guidance to the targets
-        only (the reconstruction stays exact).
+        `source` is one condition for all images or one per image; `edits` are condition names (as
+        `--to` takes them) or Edit values, by default every condition of the model. An edit that leaves
+        an image as it is (a target equal to its source) gives its reconstruction and is not rendered.
+        Inversion (`InversionSettings`, default: exact fixed-point DDIM) is unguided; `guidance_scale`
+        != 1 applies classifier-free guidance to the edits only (the reconstruction stays exact).
+        `generator` draws EF-DDPM's noise (one per image makes results independent of batching).
         """
         sources = [source] * len(images) if isinstance(source, str) else list(source)
         if len(sources) != len(images):
             raise ValueError("give one source condition per image")
-        targets = list(targets) if targets is not None else self.conditions
-        for t in targets:
-            self.info.condition_index(t, "--to")
+        for s in sources:
+            self.info.condition_index(s, "--from")
+        inversion = _inversion_from(inversion, legacy)
+        given = list(edits) if edits is not None else self.conditions
+        keys = [e if isinstance(e, str) else e.label for e in given]
+        resolved = [self.as_edit(e) for e in given]
         with self.inference():
-            return self._translate(images, sources, targets, steps, inversion, iters, guidance_scale, progress)
+            return self._translate(images, sources, dict(zip(keys, resolved)), inversion, guidance_scale,
+                                   generator, progress)
 
-    def _translate(self, images, sources, targets, steps, inversion, iters, guidance_scale, progress) -> Translation:
+    def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
+                   guidance_scale: float, generator: Generators, progress: bool) -> Translation:
         x0, hw = self.to_model_space(images)
         x0 = x0.to(self.device)
         z0 = self.encode(x0)
-        zT = self.invert(z0, sources, steps, inversion, iters, progress)
-        z_recon = self.render(zT, sources, steps, progress=progress)
+        cond = self.condition(x0, sources)
+        code = self.invert(z0, cond, inversion, generator=generator, progress=progress)
+        z_recon = self.render(code, cond, progress=progress)
+        steps_rendered = inversion.steps - inversion.skip
+        render_forwards = np.full(len(images), steps_rendered, dtype=np.int64)
         recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), hw)
         src = self.crop_back(x0, hw)
         result = Translation(reconstructions=self._to_raw(recon), translations={},
-                             recon_mse=mse_per_image(recon, src))
+                             recon_mse=mse_per_image(recon, src),
+                             inversion_forwards=code.forwards.cpu().numpy().astype(np.int64))
         if self.latent:
             result.latent_recon_mse = mse_per_image(z_recon, z0)
             result.autoencoder_mse = mse_per_image(self.crop_back(self.decode(z0).clamp(-1, 1), hw), src)
-        for target in targets:
-            z_out = self.render(zT, [target] * len(images), steps, guidance_scale=guidance_scale, progress=progress)
-            out = self.crop_back(self.decode(z_out).clamp(-1, 1), hw)
-            # an image translated to its own condition is its reconstruction
-            own = torch.tensor([s == target for s in sources], device=out.device)
-            out = torch.where(own[:, None, None, None], recon, out)
-            result.translations[target] = self._to_raw(out)
-            result.change_mse[target] = mse_per_image(out, src)
+        per_call = 2 if guidance_scale != 1.0 else 1
+        for key, edit in edits.items():
+            changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
+            z_out, out = z_recon.clone(), recon.clone()
+            if changed:
+                idx = torch.tensor(changed, device=z0.device)
+                cond_e = self.edited(take(cond, changed), edit, [sources[i] for i in changed], x0[idx])
+                z_new = self.render(code.take(changed), cond_e, guidance_scale=guidance_scale, progress=progress)
+                z_out[idx] = z_new
+                out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), hw)
+                render_forwards[changed] += steps_rendered * per_call
+            result.translations[key] = self._to_raw(out)
+            result.change_mse[key] = mse_per_image(out, src)
             if self.latent:
-                z_out = torch.where(own[:, None, None, None], z_recon, z_out)
-                result.latent_change_mse[target] = mse_per_image(z_out, z0)
+                result.latent_change_mse[key] = mse_per_image(z_out, z0)
+        result.render_forwards = render_forwards
         return result
 
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, conditions: Sequence[str], steps: int = 50,
                  guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
-        """Images in [-1, 1] rendered from diffusion-space noise (shape from `code_shape`)."""
+        """Images in [-1, 1] rendered from diffusion-space noise (shape from `code_shape`) by DDIM."""
         with self.inference():
-            return self.decode(self.render(noise, conditions, steps, guidance_scale, progress)).clamp(-1, 1)
+            code = Code(x=noise.to(self.device), steps=steps)
+            z = self.render(code, self.condition(None, conditions), guidance_scale, progress)
+            return self.decode(z).clamp(-1, 1)
 
     def _to_raw(self, x: torch.Tensor) -> list[np.ndarray]:
         raw = self.normalizer.from_model(x.float().cpu().numpy())
         return [np.asarray(r, dtype=np.float32) for r in raw]
 
 
-@torch.no_grad()
-def write_sample_grid(model: CounterfactualModel, path: Path, step: int, per_condition: int = 4,
-                      steps: int = 50) -> None:
-    """Samples from the same noise under every condition (a row each): how training is going.
+def _inversion_from(inversion: InversionSettings | None, legacy: dict) -> InversionSettings:
+    """The inversion settings, also from the keyword arguments of the earlier API (steps=, inversion=,
+    iters=), which scripts may still pass."""
+    unknown = set(legacy) - {"steps", "iters", "inversion", "skip", "tol", "solver", "warm_start"}
+    if unknown:
+        raise TypeError(f"translate() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if inversion is not None and not isinstance(inversion, InversionSettings):
+        legacy = dict(legacy, inversion=inversion)
+        inversion = None
+    base = inversion or InversionSettings()
+    if not legacy:
+        return base
+    from dataclasses import replace
 
-    Written as PNG beside the model, and to TensorBoard when it is installed.
-    """
-    from phenolens.atomic import write_bytes_atomic
-    from phenolens.report.grids import composite
-
-    gen = torch.Generator().manual_seed(0)
-    n, size = len(model.info.conditions), model.info.image_size
-    shape = model.code_shape(model.info.n_channels, size, size)
-    noise = torch.randn(per_condition, *shape, generator=gen).repeat(n, 1, 1, 1)
-    conditions = [c for c in model.conditions for _ in range(per_condition)]
-    x = model.generate(noise.to(model.device), conditions, steps=steps).cpu()
-    tiles = [composite(img.numpy()) for img in x]
-    rows = [np.concatenate(tiles[i * per_condition:(i + 1) * per_condition], axis=1) for i in range(n)]
-    grid = np.concatenate(rows, axis=0)
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buf.getvalue())
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return
-    with SummaryWriter(log_dir=str(path.parent.parent / "tensorboard")) as tb:
-        tb.add_image("samples", grid, step, dataformats="HWC")
+    fields = {("method" if k == "inversion" else k): v for k, v in legacy.items()}
+    return replace(base, **fields)
 
 
-def load_model_for(model_dir: str | Path, device: str | None = None) -> CounterfactualModel:
-    """Whichever method made MODEL_DIR (its phenolens.json says), loaded for translation."""
-    method = load_info(Path(model_dir)).method
-    if method == "phendiff":
-        from phenolens.methods.phendiff import PhenDiff
+class NamedConditionModel(CounterfactualModel):
+    """A method conditioned on the condition's name alone (PhenDiff, Phen-LDiff): label i is the i-th
+    condition of phenolens.json, label n (= number of conditions) the null condition, and an edit renders
+    under another condition. A subclass says how labels enter its network (`label_condition`)."""
 
-        return PhenDiff.from_pretrained(model_dir, device=device)
-    if method == "phenldiff":
-        from phenolens.methods.phenldiff import PhenLDiff
+    def label_condition(self, labels: torch.Tensor) -> Condition:
+        raise NotImplementedError
 
-        return PhenLDiff.from_pretrained(model_dir, device=device)
-    raise PhenolensError(f"{Path(model_dir) / INFO_FILE}: method {method!r} is not one this phenolens knows "
-                         "(phendiff, phenldiff)")
+    @property
+    def null_label(self) -> int:
+        return len(self.info.conditions)
+
+    def labels(self, conditions: Sequence[str], option: str = "condition") -> torch.Tensor:
+        return torch.tensor([self.info.condition_index(c, option) for c in conditions], device=self.device)
+
+    def condition(self, x0, source):
+        return self.label_condition(self.labels(source, "--from"))
+
+    def null_condition(self, n: int) -> Condition:
+        return self.label_condition(torch.full((n,), self.null_label, dtype=torch.long, device=self.device))
+
+    def parse_edit(self, text: str) -> Edit:
+        from phenolens.methods.edits import parse_fields
+
+        if "=" not in text:  # a condition's name, as --to takes it
+            fields = {"to": text}
+        else:
+            try:
+                fields = parse_fields(text)
+            except ValueError as err:
+                raise PhenolensError(f"--edit {text!r}: {err}") from None
+        if set(fields) != {"to"}:
+            raise PhenolensError(f"--edit {text!r}: a {self.info.method} model edits by condition only: "
+                                 "write to=<condition>")
+        self.info.condition_index(fields["to"], "--to")
+        return ToCondition(fields["to"])
+
+    def edited(self, condition, edit, source, x0):
+        if not isinstance(edit, ToCondition):
+            raise PhenolensError(f"edit {edit.label!r}: a {self.info.method} model edits by condition only (to=...)")
+        return self.label_condition(self.labels([edit.target] * len(source), "--to"))

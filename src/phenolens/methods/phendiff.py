@@ -15,25 +15,30 @@ Method, as in the paper's §2:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from phenolens.diffusion.ddim import unet_fn
+from phenolens.data.skipped import SKIPPED_FILE, write_skipped
+from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
-from phenolens.methods.core import CounterfactualModel, write_sample_grid
+from phenolens.methods.core import NamedConditionModel
 from phenolens.models.store import MODEL_FILES, ModelInfo, apply_umask, load_model, save_model
 from phenolens.models.unet import unet_downsample_factor
+from phenolens.train.inputs import condition_order_line, training_inputs
+from phenolens.train.samples import write_sample_grid
+
+logger = logging.getLogger(__name__)
 
 
-class PhenDiff(CounterfactualModel):
+class PhenDiff(NamedConditionModel):
     """A trained PhenDiff model: conditions, normalisation and the class-conditional pixel UNet.
 
-    Invert / render / translate come from `CounterfactualModel`; the diffusion runs on the
-    normalised pixels themselves (encode and decode are the identity).
+    Invert / edit / render / translate come from the core; the diffusion runs on the normalised pixels
+    themselves (encode and decode are the identity).
     """
 
     def __init__(self, unet, scheduler, info: ModelInfo, device: str | None = None):
@@ -52,9 +57,13 @@ class PhenDiff(CounterfactualModel):
         save_model(Path(model_dir), self.unet, self.scheduler, self.info)
 
     # ------------------------------------------------------------------------------ the method
-    def model_fn(self):
-        """ε_θ(x_t, t, y): the class label y is the condition (§2.2)."""
-        return unet_fn(self.unet)
+    def network(self):
+        """ε_θ(x_t, t, y) (§2.2): the UNet2DModel itself, called with its own keyword arguments."""
+        return network_fn(self.unet)
+
+    def label_condition(self, labels: torch.Tensor) -> dict:
+        """The class label y is the condition: the UNet's `class_labels` (label n = the null condition)."""
+        return {"class_labels": labels}
 
     def spatial_factor(self) -> int:
         return unet_downsample_factor(self.unet)
@@ -99,7 +108,7 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
     folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
     main = is_main_process()
     if main:
-        print(condition_order_line(data, conditions, settings.conditions))
+        logger.info(condition_order_line(data, conditions, settings.conditions))
     images = ImageSet(records, settings.size, conditions, channels=settings.channels,
                       skip_bad=settings.skip_bad, augment=getattr(config, "augment", True), progress=progress)
     if overwrite:
@@ -108,10 +117,11 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         report = model_dir / SKIPPED_FILE
         folder.record(report)
         write_skipped(report, images.bad)
-        print(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
-    torch.manual_seed(config.seed)  # the initial weights depend on --seed only
-    unet = build_unet(settings.preset, channels=images.n_channels, size=settings.size,
-                      num_conditions=len(conditions))
+        logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on --seed only; the caller's RNG is untouched
+        torch.manual_seed(config.seed)
+        unet = build_unet(settings.preset, channels=images.n_channels, size=settings.size,
+                          num_conditions=len(conditions))
     scheduler = make_scheduler(prediction_type=settings.prediction_type, beta_schedule=settings.beta_schedule,
                                zero_terminal_snr=settings.zero_terminal_snr,
                                timestep_spacing=settings.timestep_spacing)
@@ -139,30 +149,3 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
     train(unet, scheduler, images, model_dir, config, null_label=len(conditions), resume=resume,
           overwrite=overwrite, on_save=on_save, sample_fn=on_sample, progress=progress, out_folder=folder)
     return info
-
-
-SKIPPED_FILE = "skipped_files.csv"
-
-
-def training_inputs(data: str | Path, records: Sequence) -> list[Path]:
-    """What a model folder must stay apart from: DATA, every training file and the folders holding them."""
-    files = [Path(r.path) for r in records]
-    return [Path(data), *dict.fromkeys(p.parent for p in files), *files]
-
-
-def condition_order_line(data: str | Path, conditions: Sequence[str], wanted: Sequence[str] | None) -> str:
-    """One line saying in which order the conditions are stored (a dose series keeps its order in
-    phenolens.json and the report's strips), and which rule gave that order."""
-    from phenolens.data.records import condition_order_source
-
-    order = ", ".join(conditions)
-    if wanted:
-        return f"conditions, in this order: {order} (from --conditions)"
-    return f"conditions, in this order: {order} ({condition_order_source(data)}; pass --conditions to change)"
-
-
-def write_skipped(path: Path, bad: Sequence[tuple[Path, str]]) -> None:
-    """The --skip-bad report: one row per file that could not be used, and why."""
-    from phenolens.atomic import write_csv_atomic
-
-    write_csv_atomic(path, [dict(path=str(p), reason=reason) for p, reason in bad], ["path", "reason"])

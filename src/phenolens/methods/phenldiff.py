@@ -22,6 +22,7 @@ files (or `--channels`) give them. More than 3 is refused: pick 3 with `--channe
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from phenolens.diffusion.ddim import unet_fn
+from phenolens.data.skipped import SKIPPED_FILE, write_skipped
+from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
-from phenolens.methods.core import CounterfactualModel, write_sample_grid
+from phenolens.methods.core import NamedConditionModel
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
 from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
 from phenolens.models.unet import unet_downsample_factor
+from phenolens.train.inputs import condition_order_line, training_inputs
+from phenolens.train.samples import write_sample_grid
+
+logger = logging.getLogger(__name__)
 
 EMBEDDINGS_FILE = "condition_embeddings.safetensors"
 ADAPTER_DIR = "adapter"
@@ -75,7 +81,9 @@ def from_rgb(y: torch.Tensor, n_channels: int) -> torch.Tensor:
 class ConditionedUNet(nn.Module):
     """The base's UNet2DConditionModel with one embedding sequence per condition (and a null one).
 
-    It answers `model(z_t, t, class_labels=labels)` like the pixel UNet, so the shared trainer, loss
+    It holds what fine-tuning trains besides the UNet (the condition embeddings, learned or not) and is
+    called like the UNet itself, `model(z_t, t, encoder_hidden_states=...)`: `context(labels)` gives
+    the embedding sequences (condition i, or the null one for label n), so the shared trainer, loss
     and DDIM code drive it unchanged: label i selects condition i's embedding as the cross-attention
     context, label n (= number of conditions) the empty prompt's (classifier-free guidance).
     """
@@ -100,8 +108,8 @@ class ConditionedUNet(nn.Module):
         table = torch.cat([self.embeddings, self.null_embedding], dim=0)
         return table[labels.long()].to(dtype=next(self.unet.parameters()).dtype)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor):
-        return self.unet(z_t, t, encoder_hidden_states=self.context(class_labels))
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs):
+        return self.unet(z_t, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
 
 def image_factor(vae, unet) -> int:
@@ -129,13 +137,19 @@ def latent_loss(vae, scaling_factor: float):
             vae.to(x0.device)
         with torch.no_grad():
             z0 = vae_encode(vae, x0, scaling_factor, generator)
-        return diffusion_loss(model, noise_scheduler, z0, labels, generator)
+        return diffusion_loss(model, noise_scheduler, z0, labels, generator, condition=_context)
 
     return loss
 
 
+def _context(model, labels: torch.Tensor) -> dict:
+    """The network's keyword condition for LABELS: the embedding sequences of a ConditionedUNet (also
+    when Accelerate has wrapped it for several processes)."""
+    return {"encoder_hidden_states": getattr(model, "module", model).context(labels)}
+
+
 # ---------------------------------------------------------------------------------- the model
-class PhenLDiff(CounterfactualModel):
+class PhenLDiff(NamedConditionModel):
     """A fine-tuned latent model: base VAE + adapted UNet + condition embeddings."""
 
     latent = True
@@ -147,9 +161,13 @@ class PhenLDiff(CounterfactualModel):
         self.scaling_factor = float(vae.config.scaling_factor)
 
     # ------------------------------------------------------------------------------ the method
-    def model_fn(self):
-        """ε_θ(z_t, t, c): c is the condition's embedding, picked by label."""
-        return unet_fn(self.model)
+    def network(self):
+        """ε_θ(z_t, t, c) (§3.3): the UNet2DConditionModel, c its cross-attention context."""
+        return network_fn(self.model.unet)
+
+    def label_condition(self, labels: torch.Tensor) -> dict:
+        """The condition's embedding sequence (its prompt's, or a learned one) as `encoder_hidden_states`."""
+        return {"encoder_hidden_states": self.model.context(labels)}
 
     def inference(self):
         """SVDiff weights are U·diag(ReLU(σ+δ))·V^T: computed once per pass instead of once per step."""
@@ -267,8 +285,6 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
-    from phenolens.methods.phendiff import (SKIPPED_FILE, condition_order_line, training_inputs,
-                                            write_skipped)
     from phenolens.models.adapters import MODES, count_parameters, prepare_unet
     from phenolens.models.latent import encode_prompts, load_base
     from phenolens.train.trainer import check_config, is_main_process, open_model_folder, train
@@ -293,7 +309,7 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
     main = is_main_process()
     if main:
-        print(condition_order_line(data, conditions, settings.conditions))
+        logger.info(condition_order_line(data, conditions, settings.conditions))
 
     first, _ = read_image(records[0].path, channels=settings.channels)  # fail before loading a large base
     check_channels(first.shape[0], f"the images of {data}")
@@ -310,18 +326,19 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     if images.bad and main:
         folder.record(SKIPPED_FILE)
         write_skipped(model_dir / SKIPPED_FILE, images.bad)
-        print(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
+        logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
 
     prompts = [settings.prompt_for(c) for c in conditions]
     embeddings = encode_prompts(lb.text_encoder, lb.tokenizer, prompts + [""])
     lb.text_encoder = None  # not needed any more: the conditions are embeddings from here on
-    torch.manual_seed(config.seed)  # LoRA's random init depends on --seed only
     svd_device = "cuda" if settings.mode == "svdiff" and torch.cuda.is_available() else None
-    description = prepare_unet(lb.unet, settings.mode, rank=settings.rank, alpha=settings.lora_alpha,
-                               svd_device=svd_device)
+    with torch.random.fork_rng(devices=[]):  # LoRA's random init depends on --seed only; the caller's RNG is untouched
+        torch.manual_seed(config.seed)
+        description = prepare_unet(lb.unet, settings.mode, rank=settings.rank, alpha=settings.lora_alpha,
+                                   svd_device=svd_device)
     model = ConditionedUNet(lb.unet, embeddings, learn_embeddings=settings.conditioning == "learned")
     trainable, total = count_parameters(model)
-    print(f"{settings.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3g} %)")
+    logger.info(f"{settings.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3g} %)")
 
     info = ModelInfo(
         conditions=list(conditions), n_channels=images.n_channels, image_size=size,

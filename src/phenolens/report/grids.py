@@ -1,7 +1,8 @@
 """PNG grids a person can open: source | reconstruction | translations | signed difference.
 
 Images are shown as colour composites of their channels (model space, [-1, 1]) and differences
-per channel with a diverging blue-white-red map, blue = less signal in the translation.
+per channel with a diverging blue-white-red map, blue = less signal in the translation; both are
+drawn by `phenolens.data.display`, which every layer that shows an image shares.
 """
 
 from __future__ import annotations
@@ -12,32 +13,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-# colour per channel for composites: blue, green, red, magenta, then yellow, cyan
-CHANNEL_COLOURS = np.array([[0.2, 0.4, 1.0], [0.1, 1.0, 0.2], [1.0, 0.2, 0.1], [1.0, 0.2, 1.0],
-                            [1.0, 1.0, 0.1], [0.1, 1.0, 1.0]], dtype=np.float32)
+from phenolens.data.display import CHANNEL_COLOURS, composite, signed_difference, upscale
 
-
-def composite(x: np.ndarray) -> np.ndarray:
-    """CHW in [-1, 1] -> HW3 uint8, additive colour composite of the channels."""
-    x01 = np.clip((np.asarray(x, dtype=np.float32) + 1) / 2, 0, 1)
-    if x01.shape[0] == 1:
-        rgb = np.repeat(x01[0][..., None], 3, axis=-1)
-    else:
-        colours = CHANNEL_COLOURS[np.arange(x01.shape[0]) % len(CHANNEL_COLOURS)]
-        rgb = np.einsum("chw,ck->hwk", x01, colours)
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
-
-
-def signed_difference(diff: np.ndarray, scale: float) -> np.ndarray:
-    """HW difference -> HW3 uint8: blue (negative) - white (0) - red (positive), saturating at ±scale."""
-    d = np.clip(np.asarray(diff, dtype=np.float32) / max(scale, 1e-8), -1, 1)
-    pos, neg = np.clip(d, 0, 1), np.clip(-d, 0, 1)
-    rgb = np.stack([1 - neg, 1 - pos - neg, 1 - pos], axis=-1)
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
-
-
-def upscale(tile: np.ndarray, factor: int) -> np.ndarray:
-    return np.kron(tile, np.ones((factor, factor, 1), dtype=tile.dtype)) if factor > 1 else tile
+__all__ = ["CHANNEL_COLOURS", "composite", "signed_difference", "upscale", "translation_grid"]  # the report's names
 
 
 def translation_grid(rows: Sequence[dict], path: str | Path, columns: Sequence[str],

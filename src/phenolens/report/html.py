@@ -5,41 +5,42 @@ base64 data URI, CSS and JavaScript are inline and nothing is fetched from the n
 the run's settings, galleries (source | reconstruction | translation | signed difference), flicker
 GIFs and a click-to-toggle view, a dose-series strip per image and, when `phenolens measure` has
 been run, the feature box plots and tables from RUN/measure/. Every measure section is optional.
+
+This module only draws: `report/run_data.py` reads the run into plain dataclasses (`ReportData`),
+`report/tiles.py` encodes the image tiles, and `build_page` turns them into HTML, one `section_*`
+function per section, in the order of `SECTIONS`.
+A section for a future method (DiffEx directions, DIFFusion teaching pages) is a reader and a field
+in run_data.py, a `section_*` function here drawing only that field, and one entry in `SECTIONS`
+(its anchor and its name in the page's navigation).
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import datetime
 import html
-import io
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from phenolens import __version__
 from phenolens.atomic import write_text_atomic
-from phenolens.data.io import read_image
-from phenolens.data.normalize import Normalizer
+from phenolens.data.display import CHANNEL_COLOURS
 from phenolens.errors import PhenolensError
-from phenolens.report.flicker import flicker_gif
-from phenolens.run.index import open_run, read_json_object, resolve_source
-from phenolens.report.grids import CHANNEL_COLOURS, composite, signed_difference, upscale
 from phenolens.report.plots import boxplot_png, feature_groups, to_float
+from phenolens.report.run_data import ImageSet, MeasureData, ReportData, RunInfo, read_report
+from phenolens.report.tiles import Rendered, diff_scales, render_set
 
-MIN_TILE = 128  # small crops are upscaled (nearest neighbour) to at least this many pixels a side
-MAX_TILE = 384  # large images are shrunk to this, to keep the page a few MB
-FEATURE_META = {"image", "condition", "kind", "role", "source_image", "target_condition"}
 MAX_TABLE_ROWS = 30
 GENERATOR = "phenolens report"  # in <meta name='generator'>: marks a page phenolens may overwrite
+# the page's sections in order: (anchor, name in the navigation bar)
+SECTIONS = [("settings", "run"), ("galleries", "galleries"), ("flicker", "flicker"), ("dose", "dose series"),
+            ("measure", "measurements")]
 
 
 def esc(value: Any) -> str:
@@ -73,232 +74,6 @@ def parse_bool(text: Any) -> bool | None:
     """direction_agrees as measure writes it (True/False, 1/0); None when it says neither."""
     t = str(text).strip().lower()
     return True if t in ("true", "1", "yes") else False if t in ("false", "0", "no") else None
-
-
-# ------------------------------------------------------------------------------------ images
-
-def png_uri(rgb: np.ndarray) -> str:
-    """HW3 uint8 -> PNG data URI: lossless, so tiles show exactly what the model produced."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def gif_uri(data: bytes) -> str:
-    """GIF bytes -> data URI, so the page needs no side files."""
-    return "data:image/gif;base64," + base64.b64encode(data).decode("ascii")
-
-
-def fit_tile(rgb: np.ndarray) -> np.ndarray:
-    """Upscale small crops (nearest neighbour, so pixels stay pixels) and shrink big images."""
-    h, w = rgb.shape[:2]
-    side = max(h, w)
-    if side < MIN_TILE:
-        return upscale(rgb, math.ceil(MIN_TILE / side))
-    if side > MAX_TILE:
-        s = MAX_TILE / side
-        return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BOX))
-    return rgb
-
-
-def placeholder(shape: tuple[int, int], text: str) -> np.ndarray:
-    """A grey tile saying what is missing, the size the real tile would have had."""
-    h, w = fit_tile(np.zeros((*shape, 3), np.uint8)).shape[:2]
-    im = Image.new("RGB", (w, h), (70, 70, 70))
-    draw = ImageDraw.Draw(im)
-    for i, line in enumerate(text.split("\n")):
-        draw.text((4, 4 + 12 * i), line[: max(4, w // 6)], fill=(230, 230, 230))
-    return np.asarray(im)
-
-
-def diff_tile(diff: np.ndarray, scale: float) -> np.ndarray:
-    """CHW difference -> the per-channel signed-difference maps side by side, 3 px apart."""
-    tiles = [fit_tile(signed_difference(d, scale)) for d in diff]
-    gap = np.full((tiles[0].shape[0], 3, 3), 255, np.uint8)
-    parts: list[np.ndarray] = []
-    for t in tiles:
-        parts += [t, gap]
-    return np.concatenate(parts[:-1], axis=1)
-
-
-# -------------------------------------------------------------------------------- run loading
-
-@dataclass
-class RunInfo:
-    """What the page needs to know about a run besides its images."""
-
-    run_dir: Path
-    rows: list[dict]
-    settings: dict | None
-    model: dict | None
-    model_path: Path | None
-    normalizer: Normalizer | None
-    order: list[str]
-    warnings: list[str] = field(default_factory=list)
-    measured: dict = field(default_factory=dict)  # RUN/measure/measure.json: dose order, channel names
-
-
-@dataclass(eq=False)  # compared by identity: fields hold arrays
-class ImageSet:
-    """One source image with its reconstruction and translations, in model space [-1, 1]."""
-
-    key: str
-    name: str
-    condition: str
-    source: np.ndarray | None
-    reconstruction: np.ndarray | None
-    outputs: dict[str, np.ndarray | None]
-    rows: dict[str, dict]
-    normalised_by: str = "model"
-
-
-def condition_order(rows: Sequence[dict], model_conditions: Sequence[str] | None,
-                    order: Sequence[str] | None) -> list[str]:
-    """--order, else the measured dose order or the model's, then any condition of the run not yet named."""
-    present = list(dict.fromkeys([r["source_condition"] for r in rows] + [r["target_condition"] for r in rows]))
-    if order:
-        known = set(present) | set(model_conditions or [])
-        unknown = [c for c in order if c not in known]
-        if unknown:
-            raise PhenolensError(f"--order: {', '.join(unknown)} is not a condition of this run; "
-                                 f"it has: {', '.join(present)}")
-        base = list(dict.fromkeys(order))
-    else:
-        base = list(model_conditions or [])
-    return base + [c for c in present if c not in base]
-
-
-def load_run(run_dir: str | Path, order: Sequence[str] | None = None) -> RunInfo:
-    run_dir = Path(run_dir)
-    rows, settings, model, model_path, warnings = open_run(run_dir)
-    normalizer = None
-    if model is not None and "normalization" in model:
-        try:
-            normalizer = Normalizer.from_dict(model["normalization"])
-        except PhenolensError as err:
-            warnings.append(f"{model_path}: {err}; images are scaled per image set")
-    conditions = model.get("conditions") if model else None
-    measured_path = run_dir / "measure" / "measure.json"
-    measured = (read_json_object(measured_path, warnings) if measured_path.is_file() else None) or {}
-    # `phenolens measure` ordered the dose series by the reference manifest
-    conditions = measured.get("conditions") or conditions
-    return RunInfo(run_dir, rows, settings, model, model_path, normalizer,
-                   condition_order(rows, conditions if isinstance(conditions, list) else None, order), warnings,
-                   measured)
-
-
-def pick_sources(rows: Sequence[dict], max_images: int, order: Sequence[str]) -> list[str]:
-    """Up to MAX_IMAGES sources, taken in turn from each source condition so all are seen."""
-    by_condition: dict[str, dict[str, None]] = {}
-    for r in rows:
-        by_condition.setdefault(r["source_condition"], {})[r["source_path"]] = None
-    queues = [list(by_condition[c]) for c in sorted(by_condition, key=lambda c: order.index(c) if c in order else 0)]
-    picked: list[str] = []
-    while len(picked) < max_images and any(queues):
-        for q in queues:
-            if q and len(picked) < max_images:
-                picked.append(q.pop(0))
-    return picked
-
-
-def _read(path: Path, channels: Sequence[int] | None, warnings: list[str]) -> np.ndarray | None:
-    """An unreadable file becomes a warning and a placeholder tile, never a failed report."""
-    try:
-        return read_image(path, channels=channels)[0]
-    except PhenolensError as err:
-        warnings.append(str(err))
-        return None
-
-
-def load_set(run: RunInfo, key: str, rows: Sequence[dict]) -> ImageSet:
-    """Read a source and its outputs; scale them all the same way so intensities compare."""
-    first = rows[0]
-    channels = run.model.get("channels") if run.model else None
-    src_path = resolve_source(key, run.run_dir)
-    if src_path is None:
-        run.warnings.append(f"source image {key}: not found (as given, under {run.run_dir} or beside it); "
-                            "shown as a placeholder")
-        source = None
-    else:
-        source = _read(src_path, channels if isinstance(channels, list) else None, run.warnings)
-    recon = _read(run.run_dir / first["reconstruction_path"], None, run.warnings)
-    outputs: dict[str, np.ndarray | None] = {}
-    by_target: dict[str, dict] = {}
-    for r in rows:
-        by_target[r["target_condition"]] = r
-        same = r["output_path"] == first["reconstruction_path"]
-        outputs[r["target_condition"]] = recon if same else _read(run.run_dir / r["output_path"], None, run.warnings)
-    raw = [source, recon, *outputs.values()]
-    ref = next((x for x in raw if x is not None), None)
-    norm, how = run.normalizer, "model"
-    if ref is not None and (norm is None or norm.n_channels != ref.shape[0]):
-        if norm is not None:
-            run.warnings.append(f"{key}: {ref.shape[0]} channel(s), the model's normalisation has "
-                                f"{norm.n_channels}; scaled by the image's own percentiles")
-        norm = Normalizer.fit([ref])
-        how = "source percentiles" if ref is source else "percentiles of its first readable output"
-
-    def to_model(x: np.ndarray | None, what: str) -> np.ndarray | None:
-        if x is None or norm is None:
-            return None
-        if x.shape[0] != norm.n_channels:
-            run.warnings.append(f"{key}: {what} has {x.shape[0]} channel(s), expected {norm.n_channels}")
-            return None
-        return norm.to_model(x)
-
-    return ImageSet(key=key, name=Path(key).name, condition=first["source_condition"],
-                    source=to_model(source, "source"), reconstruction=to_model(recon, "reconstruction"),
-                    outputs={t: to_model(x, f"output for {t}") for t, x in outputs.items()},
-                    rows=by_target, normalised_by=how)
-
-
-# ----------------------------------------------------------------------------------- rendering
-
-@dataclass
-class Rendered:
-    """Data URIs of one image set's tiles, keyed by what they show."""
-
-    source: str
-    reconstruction: str
-    outputs: dict[str, str]
-    diffs: dict[str, str]
-    gifs: dict[str, str]
-    source_missing: bool
-
-
-def render_set(s: ImageSet, scales: Mapping[str, float]) -> Rendered:
-    """Encode every tile of one image set once; galleries, flicker cards and strips share the URIs."""
-    shape = next((x.shape[1:] for x in [s.source, s.reconstruction, *s.outputs.values()] if x is not None), (24, 24))
-    src_rgb = fit_tile(composite(s.source)) if s.source is not None else placeholder(shape, "source\nnot found")
-    rec_rgb = (fit_tile(composite(s.reconstruction)) if s.reconstruction is not None
-               else placeholder(shape, "reconstruction\nunreadable"))
-    rec_uri = png_uri(rec_rgb)
-    outputs, diffs, gifs = {}, {}, {}
-    for t, x in s.outputs.items():
-        if t == s.condition:  # the reconstruction: its tile is shared
-            outputs[t] = rec_uri
-            continue
-        out_rgb = fit_tile(composite(x)) if x is not None else placeholder(shape, "translation\nunreadable")
-        outputs[t] = png_uri(out_rgb)
-        if x is not None and s.source is not None and x.shape == s.source.shape:
-            diffs[t] = png_uri(diff_tile(x - s.source, scales.get(t, 1.0)))
-        else:
-            diffs[t] = png_uri(placeholder(shape, "no difference\n(source missing)"))
-        before, label = (src_rgb, "source") if s.source is not None else (rec_rgb, "reconstruction")
-        gifs[t] = gif_uri(flicker_gif([before, out_rgb], [f"{label} ({s.condition})", f"-> {t}"]))
-    return Rendered(source=png_uri(src_rgb), reconstruction=rec_uri, outputs=outputs, diffs=diffs, gifs=gifs,
-                    source_missing=s.source is None)
-
-
-def diff_scales(sets: Sequence[ImageSet], targets: Sequence[str]) -> dict[str, float]:
-    """One colour scale per target (99.5th percentile of |difference|), so rows of a gallery compare."""
-    scales = {}
-    for t in targets:
-        d = [np.abs(s.outputs[t] - s.source).ravel() for s in sets
-             if s.source is not None and s.outputs.get(t) is not None and s.outputs[t].shape == s.source.shape]
-        scales[t] = float(np.percentile(np.concatenate(d), 99.5)) if d else 1.0
-        scales[t] = scales[t] if scales[t] > 0 else 1.0
-    return scales
 
 
 def img(uri: str, alt: str, *, id_: str | None = None, cls: str | None = None, extra: str = "") -> str:
@@ -482,18 +257,6 @@ def section_dose(sets: Sequence[ImageSet], rendered: Mapping[str, Rendered], ord
 
 # ----------------------------------------------------------------------------------- measure
 
-def read_csv(path: Path, warnings: list[str]) -> list[dict] | None:
-    """A measure table, or None when absent: every measure section is optional."""
-    if not path.is_file():
-        return None
-    try:
-        with path.open(newline="") as fh:
-            return list(csv.DictReader(fh))
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        warnings.append(f"{path}: cannot read ({err})")
-        return None
-
-
 def _hint(run_dir: Path, what: str) -> str:
     """The placeholder of a missing measure output: says which command adds it."""
     return (f"<p class='note missing'>Run <code>phenolens measure {esc(run_dir)}</code> to add {esc(what)}.</p>")
@@ -511,18 +274,14 @@ def _rank(row: Mapping[str, str]) -> float:
     return r if math.isfinite(r) else math.inf
 
 
-def section_measure(run: RunInfo, top_features: int, progress: bool) -> str:
+def section_measure(run: RunInfo, measure: MeasureData, top_features: int, progress: bool) -> str:
     """Box plots and tables from RUN/measure/; each part says how to add it when its file is missing."""
-    mdir = run.run_dir / "measure"
     parts = ['<section id="measure"><h2>Measurements</h2>']
-    if not mdir.is_dir():
+    if not measure.present:
         parts.append(_hint(run.run_dir, "feature box plots, the ranked-feature table, the dose correlation "
                                         "and the metric tables"))
         return "".join(parts) + "</section>"
-    features = read_csv(mdir / "features.csv", run.warnings)
-    stats = read_csv(mdir / "stats.csv", run.warnings)
-    ranked = read_csv(mdir / "ranked.csv", run.warnings)
-    dose = read_csv(mdir / "dose_correlation.csv", run.warnings)
+    features, stats, ranked, dose = measure.features, measure.stats, measure.ranked, measure.dose
     stat_of = {(r.get("feature"), r.get("target_condition")): r for r in stats or []}
 
     # box plots: the top features for the strongest target (the last in condition order)
@@ -541,7 +300,7 @@ def section_measure(run: RunInfo, top_features: int, progress: bool) -> str:
         for r in tqdm(top, desc="report: plots", unit="plot", disable=None if progress else True):
             feat = r.get("feature", "")
             if features and feat not in features[0]:
-                run.warnings.append(f"{mdir / 'features.csv'}: no column {feat!r} (named in ranked.csv)")
+                run.warnings.append(f"{measure.dir / 'features.csv'}: no column {feat!r} (named in ranked.csv)")
                 continue
             st = stat_of.get((feat, target), {})
             src_cond = st.get("source_condition") or (common[0][0] if common else None)
@@ -605,15 +364,12 @@ def section_measure(run: RunInfo, top_features: int, progress: bool) -> str:
             parts.append(f"<p class='note'>Strongest {MAX_TABLE_ROWS} of {len(ds)} features by |r|.</p>")
 
     parts.append("<h3>Metrics</h3>")
-    metrics_path = mdir / "metrics.json"
-    if not metrics_path.is_file():
+    if measure.metrics_state == "missing":
         parts.append(_hint(run.run_dir, "the metric tables (measure/metrics.json)"))
+    elif measure.metrics_state == "unreadable":
+        parts.append("<p class='note'>metrics.json could not be read.</p>")
     else:
-        try:
-            parts.append(metric_tables(json.loads(metrics_path.read_text()), level=4))
-        except (OSError, json.JSONDecodeError) as err:
-            run.warnings.append(f"{metrics_path}: cannot read ({err})")
-            parts.append("<p class='note'>metrics.json could not be read.</p>")
+        parts.append(metric_tables(measure.metrics, level=4))
     parts.append("</section>")
     return "".join(parts)
 
@@ -688,31 +444,32 @@ def build_page(run_dir: str | Path, *, max_images: int = 12, top_features: int =
         raise PhenolensError(f"--max-images must be at least 1, got {max_images}")
     if top_features < 0:
         raise PhenolensError(f"--top-features must be 0 or more, got {top_features}")
-    run = load_run(run_dir, order)
-    picked = pick_sources(run.rows, max_images, run.order)
-    rows_of: dict[str, list[dict]] = {}
-    for r in run.rows:
-        rows_of.setdefault(r["source_path"], []).append(r)
-    sets = [load_set(run, key, rows_of[key])
-            for key in tqdm(picked, desc="report: read", unit="img", disable=None if progress else True)]
+    data = read_report(run_dir, max_images=max_images, order=order, progress=progress)
+    return draw_page(data, top_features=top_features, progress=progress)
+
+
+def draw_page(data: ReportData, *, top_features: int = 6, progress: bool = True) -> str:
+    """The page of what `read_report` read: warnings first, then every section of SECTIONS in order."""
+    run, sets = data.run, data.sets
     targets = [t for t in run.order if any(t in s.outputs and t != s.condition for s in sets)]
     scales = diff_scales(sets, targets)
     rendered = {s.key: render_set(s, scales)
                 for s in tqdm(sets, desc="report: render", unit="img", disable=None if progress else True)}
-    measure = section_measure(run, top_features, progress)
+    sections = {
+        "settings": section_settings(run, data.picked),
+        "galleries": section_galleries(sets, rendered, targets, scales),
+        "flicker": section_flicker(sets, rendered, targets),
+        "dose": section_dose(sets, rendered, run.order),
+        "measure": section_measure(run, data.measure, top_features, progress),
+    }
+    warnings = section_warnings(run.warnings)  # after the sections: drawing may add some
     name = run.run_dir.resolve().name
-    nav = "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in
-                  [("settings", "run"), ("galleries", "galleries"), ("flicker", "flicker"), ("dose", "dose series"),
-                   ("measure", "measurements")])
+    nav = "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in SECTIONS)
     body = [
         f"<header><h1>phenolens report: {esc(name)}</h1><p class='note'>{esc(run.run_dir.resolve())} · "
         f"generated {esc(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p><nav>{nav}</nav></header>",
-        section_warnings(run.warnings),
-        section_settings(run, picked),
-        section_galleries(sets, rendered, targets, scales),
-        section_flicker(sets, rendered, targets),
-        section_dose(sets, rendered, run.order),
-        measure,
+        warnings,
+        *(sections[anchor] for anchor, _ in SECTIONS),
         f"<footer>phenolens {esc(__version__)}</footer>",
     ]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -4,56 +4,61 @@ The oracle ensemble (`phenolens.measure.oracles`) is trained on the real referen
 condition (a fifth held out to report its accuracy), then asked which condition each translation,
 and each untranslated source, shows. A translation that worked is assigned to its target; its
 source should not be. FID/KID use the ResNet member's pooled features.
+
+It takes plain values (index.csv rows, the model's channels and normalisation, the reference images
+per condition), not `run.measure`'s objects, so `run/measure.py` can call it without a loop back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from phenolens.run.measure import MeasureSettings, RunData
 
+def judge_metrics(rows: Sequence[dict], run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
+                  conditions: list[str], *, channels: list[int] | None = None, normalization: dict | None = None,
+                  max_reference: int = 200, steps: int = 300, progress: bool = True) -> dict:
+    """Train the oracles on at most MAX_REFERENCE real images per condition (STEPS each) and judge the run.
 
-def judge_metrics(run: "RunData", run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
-                  conditions: list[str], settings: "MeasureSettings", progress: bool = True) -> dict:
+    ROWS are index.csv's rows, SOURCES maps their source_path to the file, BY_CONDITION holds the
+    reference ImageRecords; CHANNELS and NORMALIZATION are the model's (phenolens.json), the latter
+    fitted on the picked reference images when the model records none.
+    """
     from phenolens.data.io import read_image
     from phenolens.data.normalize import Normalizer, load_normalized
+    from phenolens.data.records import pick_evenly
     from phenolens.measure.image_metrics import distribution_metrics
     from phenolens.measure.oracles import OracleEnsemble
-    from phenolens.run.measure import _pick_evenly
 
-    channels = run.info.get("channels")
     first = read_image(next(iter(sources.values())), channels=channels)[0]
     size = tuple(first.shape[1:])
     ref_paths, labels = [], []
     for ci, c in enumerate(conditions):
-        picked = _pick_evenly(by_condition[c], settings.max_reference)
+        picked = pick_evenly(by_condition[c], max_reference)
         ref_paths += [r.path for r in picked]
         labels += [ci] * len(picked)
-    normalizer = (Normalizer.from_dict(run.info["normalization"]) if run.info.get("normalization")
+    normalizer = (Normalizer.from_dict(normalization) if normalization
                   else Normalizer.fit(read_image(p, channels=channels)[0] for p in ref_paths))
     x = load_normalized(ref_paths, normalizer, channels, size)
     y = np.array(labels)
     rng = np.random.default_rng(0)
     held = rng.random(len(y)) < 0.2
-    steps = settings.judge_steps
     oracles = OracleEnsemble.train(x[~held], y[~held], len(conditions), steps=steps, seed=0, progress=progress)
     out: dict = dict(members=list(oracles.members), steps_per_member=steps, trained_on=int((~held).sum()),
                      heldout_accuracy=oracles.accuracy(x[held], y[held]) if held.any() else {})
     per_target: dict = {}
-    for source_condition in dict.fromkeys(r["source_condition"] for r in run.rows):
-        src_keys = list(dict.fromkeys(r["source_path"] for r in run.rows if r["source_condition"] == source_condition))
+    for source_condition in dict.fromkeys(r["source_condition"] for r in rows):
+        src_keys = list(dict.fromkeys(r["source_path"] for r in rows if r["source_condition"] == source_condition))
         src = load_normalized([sources[k] for k in src_keys], normalizer, channels, size)
         src_feats = oracles.features(src)
         for ti, tc in enumerate(conditions):
-            rows = {r["source_path"]: r for r in run.rows
-                    if r["source_condition"] == source_condition and r["target_condition"] == tc}
-            if tc == source_condition or not rows:
+            pairs = {r["source_path"]: r for r in rows
+                     if r["source_condition"] == source_condition and r["target_condition"] == tc}
+            if tc == source_condition or not pairs:
                 continue
-            gen = load_normalized([run_dir / rows[k]["output_path"] for k in src_keys if k in rows], normalizer,
+            gen = load_normalized([run_dir / pairs[k]["output_path"] for k in src_keys if k in pairs], normalizer,
                                   None, size)  # outputs hold the model's channels only
             real = x[y == ti]
             per_target[f"{source_condition} -> {tc}"] = dict(

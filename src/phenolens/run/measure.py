@@ -37,6 +37,7 @@ from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, resolve_source
+from phenolens.run.judges import judge_metrics
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
                                        matched_iou, read_user_masks, segment)
@@ -138,13 +139,6 @@ def estimate_nucleus_diameter(paths: Sequence[Path], channels: list[int] | None,
     return float(np.median(diameters)) if diameters else SegmentationSettings().nucleus_diameter
 
 
-def _pick_evenly(items: list, n: int) -> list:
-    if len(items) <= n:
-        return items
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
-
-
 class RunData:
     """index.csv, run.json and the model's phenolens.json of one translate run."""
 
@@ -221,7 +215,7 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     A re-run with the same settings reuses the rows already measured; OVERWRITE measures all again
     (removing only measure/'s own files first).
     """
-    from phenolens.data.records import discover
+    from phenolens.data.records import discover, pick_evenly
 
     check_settings(settings)
     run_dir = Path(run_dir)
@@ -282,7 +276,7 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     jobs += [job(run_dir / r["output_path"], r["target_condition"], r["kind"], "generated",
                  str(sources[r["source_path"]]), r["target_condition"]) for r in run.rows]
     jobs += [job(rec.path, c, "real", "reference") for c in conditions
-             for rec in _pick_evenly(by_condition[c], settings.max_reference)]
+             for rec in pick_evenly(by_condition[c], settings.max_reference)]
 
     rows, centroids, scores = _measure_all(jobs, out, dict(settings.cache_key(), nucleus_diameter=diameter, channel_names=names),
                                            settings.workers, progress)
@@ -332,9 +326,10 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
 
     metrics = _image_metrics(run, run_dir, sources, rows, centroids, scores, conditions, columns, channels)
     if settings.judges:
-        from phenolens.run.judges import judge_metrics
-
-        metrics["judges"] = judge_metrics(run, run_dir, sources, by_condition, conditions, settings, progress)
+        metrics["judges"] = judge_metrics(run.rows, run_dir, sources, by_condition, conditions,
+                                          channels=channels, normalization=run.info.get("normalization"),
+                                          max_reference=settings.max_reference, steps=settings.judge_steps,
+                                          progress=progress)
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "measure.json", dict(asdict(settings), nucleus_diameter=diameter, channel_names=names,
                                                  features_version=FEATURES_VERSION,

@@ -1,14 +1,16 @@
-"""One-line warnings on stderr: `warn` for a single message, `Notices` for per-file messages (the
+"""One-line warnings (logged; the command line shows them on stderr): `warn` for a single message, `Notices` for per-file messages (the
 first few of each kind in full, then a count)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections import Counter
+
+logger = logging.getLogger(__name__)
 
 
 def warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
+    logger.warning(f"warning: {line}")
 
 
 class Notices:
@@ -24,9 +26,9 @@ class Notices:
         self.counts[kind] += 1
         self.summaries[kind] = prefix + summary
         if self.counts[kind] <= self.limit:
-            print(prefix + line, file=sys.stderr)
+            logger.warning(prefix + line)
 
     def close(self) -> None:
         for kind, n in self.counts.items():
             if n > self.limit:
-                print(self.summaries[kind].replace("{n}", str(n)), file=sys.stderr)
+                logger.warning(self.summaries[kind].replace("{n}", str(n)))

@@ -47,9 +47,10 @@ stderr warnings in :mod:`phenolens.run.notices`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -64,8 +65,12 @@ from phenolens.data.io import ImageLayout, read_image, write_image
 from phenolens.data.records import ImageRecord, discover
 from phenolens.errors import PhenolensError
 from phenolens.folders import MARKER, OutputFolder, check_apart
-from phenolens.methods.core import load_model_for, psnr_from_mse, raw_errors
-from phenolens.methods.phendiff import write_skipped
+from phenolens.data.skipped import write_skipped
+from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT_TOL, InversionSettings
+from phenolens.measure.image_metrics import psnr_from_mse
+from phenolens.methods.core import raw_errors
+from phenolens.methods.edits import ToCondition
+from phenolens.methods.registry import load_model_for
 from phenolens.models.store import ModelInfo
 from phenolens.run.index import INDEX_COLUMNS
 from phenolens.run.input_check import InputCheck
@@ -73,6 +78,8 @@ from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs,
                                   unique_targets)
 from phenolens.run.notices import Notices, warn
 from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
+
+logger = logging.getLogger(__name__)
 
 KIND = "translate"
 # extra index.csv columns of a latent model (Phen-LDiff): the same errors in the diffusion space, and
@@ -82,6 +89,8 @@ LATENT_COLUMNS = ["latent_recon_mse", "latent_change_mse", "autoencoder_mse"]
 STAT_COLUMNS = ["clipped_fraction", "recon_mae_raw", "recon_mse_raw", "source_dtype"]
 # what each row was made from: a re-run redoes rows whose model or source changed
 PROVENANCE_COLUMNS = ["model_hash", "source_size", "source_mtime_ns"]
+# the edit as the command line writes it (`to=high`), and the network calls inversion spent on the source
+EDIT_COLUMNS = ["edit", "inversion_forwards"]
 RUN_FILES = ("run.json", "provenance.json", "index.csv", "skipped.csv")
 NOT_COMPARED = ("max_clipped",)  # settings that decide which images run, not their numbers
 
@@ -95,13 +104,28 @@ class TranslateSettings:
     targets: list[str] | None = None
     source: str | None = None
     steps: int = 50
-    seed: int = 0
+    seed: int = 0  # the EF-DDPM noise draw (per image); deterministic inversions draw nothing
     inversion: str = "fixed-point"
-    inversion_iters: int = 5
+    inversion_iters: int = DEFAULT_ITERS  # fixed-point: at most this many network calls per step
     batch_size: int = 16
     guidance_scale: float = 1.0  # classifier-free guidance of the targets; 1 = none (exact inversion)
     # refuse an input with more of its pixel values outside the model's training range (they are clipped)
     max_clipped: float = 0.5
+    skip: int = 0  # T_skip: rendering starts at this step of `steps` (0 = the whole schedule)
+    inversion_tol: float = DEFAULT_TOL  # fixed-point: an image's iteration stops below this residual
+    solver: str = DEFAULT_SOLVER  # fixed-point: picard or anderson
+    warm_start: bool = True  # fixed-point: first guess of a step from the previous step's ε
+
+    def inversion_settings(self) -> InversionSettings:
+        return InversionSettings(method=self.inversion, steps=self.steps, skip=self.skip, iters=self.inversion_iters,
+                                 tol=self.inversion_tol, solver=self.solver, warm_start=self.warm_start)
+
+    def compared(self) -> dict:
+        """The settings a re-run must share with the run it continues (the seed only where it is used)."""
+        values = {k: v for k, v in asdict(self).items() if k not in NOT_COMPARED}
+        if self.inversion != "ef-ddpm":
+            values.pop("seed")
+        return values
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -130,6 +154,13 @@ def check_settings(settings: TranslateSettings) -> None:
         raise PhenolensError(f"--steps must be at least 1, got {settings.steps}")
     if not 0 <= settings.max_clipped <= 1:
         raise PhenolensError(f"--max-clipped must be a fraction in [0, 1], got {settings.max_clipped}")
+    try:
+        settings.inversion_settings().check()
+    except ValueError as err:
+        option = {"skip": "--skip", "iters": "--inversion-iters", "tol": "--inversion-tol", "solver": "--solver",
+                  "inversion": "--inversion"}
+        name = next((o for k, o in option.items() if str(err).startswith(k)), "--inversion")
+        raise PhenolensError(f"{name}: {err}") from None
 
 
 # --------------------------------------------------------------------------------- the folder
@@ -173,7 +204,7 @@ def open_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) -> 
     if (marked or legacy) and not overwrite:
         previous = _previous_settings(out)
         if previous is not None:
-            wanted = {k: v for k, v in asdict(settings).items() if k not in NOT_COMPARED}
+            wanted = settings.compared()
             defaults = asdict(TranslateSettings(model_dir="", input=""))  # a run from before a setting existed
             diff = [k for k in wanted if previous.get(k, defaults.get(k)) != wanted[k]]
             if diff:
@@ -195,8 +226,8 @@ def legacy_run_files(out: Path) -> list[str] | None:
             rel = inside(probe, row.get(col))
             if rel is not None and (out / rel).is_file() and not (out / rel).is_symlink():
                 paths.append(rel)
-    print(f"{out}: a run folder of an older phenolens; adopted it (only the {len(set(paths))} files it lists can "
-          "ever be replaced)", file=sys.stderr)
+    logger.warning(f"{out}: a run folder of an older phenolens; adopted it (only the {len(set(paths))} files it "
+                   "lists can ever be replaced)")
     return paths
 
 
@@ -230,7 +261,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
 
     rows, note = read_previous_rows(index_path)
     if note:
-        print(note, file=sys.stderr)
+        logger.warning(note)
     previous = Previous(folder, rows, model_hash, model_mtime)
     folders = plan_outputs(records)
     done: dict[tuple[str, str], list[dict]] = {}
@@ -243,13 +274,14 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
             done[record_key(rec)] = kept
     gone = len({k for k in previous.by_key} - {record_key(r) for r in records})
     if gone:
-        print(f"{index_path}: {gone} image(s) listed there are no longer in {settings.input}; "
-              "left out of index.csv (their files stay)", file=sys.stderr)
+        logger.warning(f"{index_path}: {gone} image(s) listed there are no longer in {settings.input}; "
+                       "left out of index.csv (their files stay)")
 
     latent_columns = LATENT_COLUMNS if model.latent else []
-    meta_names = meta_column_names(records, INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS,
-                                   settings.input)
-    columns = INDEX_COLUMNS + latent_columns + STAT_COLUMNS + PROVENANCE_COLUMNS + list(meta_names.values())
+    ours = INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS
+    meta_names = meta_column_names(records, ours, settings.input)
+    columns = (INDEX_COLUMNS + latent_columns + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS
+               + list(meta_names.values()))
 
     def meta(rec: ImageRecord) -> dict:
         return {meta_names[k]: v for k, v in rec.meta.items()}
@@ -257,6 +289,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     for rec in records:  # rows kept as done still get the manifest's current columns
         for r in done.get(record_key(rec), []):
             r.update({k: "" for k in meta_names.values()}, **meta(rec))
+            if not r.get("edit"):  # a row of a phenolens before edits: its edit was its target
+                r["edit"] = ToCondition(r["target_condition"]).label
 
     def write_index() -> None:
         write_csv_atomic(index_path, [r for rec in records for r in done.get(record_key(rec), [])], columns,
@@ -264,14 +298,17 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
 
     skipped: list[tuple[Path, str]] = []
     check = InputCheck(model, settings.max_clipped, notices)
-    torch.manual_seed(settings.seed)
+    inversion = settings.inversion_settings()
+    forwards: list[int] = []
     bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
     for batch in batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
                                   skip_bad, skipped, check=check):
         recs = [item.rec for item in batch]
         result = model.translate([item.raw for item in batch], [r.condition for r in recs], targets,
-                                 steps=settings.steps, inversion=settings.inversion, iters=settings.inversion_iters,
-                                 guidance_scale=settings.guidance_scale)
+                                 inversion=inversion, guidance_scale=settings.guidance_scale,
+                                 generator=[noise_generator(settings.seed, r) for r in recs]
+                                 if inversion.method == "ef-ddpm" else None)
+        forwards.extend(int(f) for f in result.inversion_forwards)
         planned = [output_paths(folders[record_key(item.rec)], item.rec, targets) for item in batch]
         folder.record(*(p for recon_rel, paths in planned for p in (recon_rel, *paths.values())))  # before writing:
         for i, item in enumerate(batch):  # a crash never leaves a file of ours unlisted
@@ -285,7 +322,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                           reconstruction_path=recon_rel.as_posix(), clipped_fraction=f"{item.clipped:.6g}",
                           recon_mae_raw=f"{mae_raw:.6g}", recon_mse_raw=f"{mse_raw:.6g}", source_dtype=layout.dtype,
                           model_hash=model_hash, source_size=item.stamp[0], source_mtime_ns=item.stamp[1],
-                          **meta(rec))
+                          inversion_forwards=int(result.inversion_forwards[i]), **meta(rec))
             if model.latent:
                 common.update(latent_recon_mse=f"{float(result.latent_recon_mse[i]):.6g}",
                               autoencoder_mse=f"{float(result.autoencoder_mse[i]):.6g}")
@@ -296,7 +333,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                 if kind == "translation":
                     write_image(out / rel, result.translations[target][i], layout)
                 row = dict(common, target_condition=target, output_path=rel.as_posix(), kind=kind,
-                           change_mse=f"{float(result.change_mse[target][i]):.6g}")
+                           edit=ToCondition(target).label, change_mse=f"{float(result.change_mse[target][i]):.6g}")
                 if model.latent:
                     row["latent_change_mse"] = f"{float(result.latent_change_mse[target][i]):.6g}"
                 new_rows.append(row)
@@ -306,14 +343,25 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     bar.close()
     write_index()
     notices.close()
+    if forwards:
+        rendered = settings.steps - settings.skip
+        logger.info(f"inversion ({inversion.method}): {np.mean(forwards):.1f} network calls per image "
+                    f"({np.mean(forwards) / rendered:.2f} per step)")
     skipped_path = out / "skipped.csv"
     if skipped:
         folder.record(skipped_path.name)
         write_skipped(skipped_path, skipped)
-        print(f"skipped {len(skipped)} unusable file(s); list in {skipped_path}")
+        logger.warning(f"skipped {len(skipped)} unusable file(s); list in {skipped_path}")
     elif skipped_path.is_file() and folder.owns(skipped_path.name):
         skipped_path.unlink()  # from an earlier run whose bad files are now done or gone
     return index_path
+
+
+def noise_generator(seed: int, rec: ImageRecord) -> torch.Generator:
+    """EF-DDPM's noise for one image: from --seed and the image itself, so an image gets the same draw
+    whatever batch it falls in and whether or not the run was resumed."""
+    key = f"{seed}:{os.path.realpath(rec.path)}:{rec.condition}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 def _unique_records(records: list[ImageRecord]) -> list[ImageRecord]:

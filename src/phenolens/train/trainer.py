@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from phenolens.atomic import write_csv_atomic
+from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.models.store import INFO_FILE, apply_umask
@@ -97,8 +98,12 @@ ModelHook = Callable[[Any, int], None]
 
 # ------------------------------------------------------------------------------------------ loss
 def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator,
+                   condition: Callable[[Any, torch.Tensor], dict] | None = None) -> torch.Tensor:
     """DDPM training loss, PhenDiff eq. 4: E_{x0,t,eps} ||eps - eps_theta(x_t, t, y)||^2.
+
+    The network is called with the condition as keyword tensors: `condition(unet, labels)` builds them
+    (default `{"class_labels": labels}`, a class-conditional UNet's own argument).
 
     t ~ U{0..T-1} and eps ~ N(0, I) come from `generator` (CPU) so the draw is replayable. The target
     follows `noise_scheduler.config.prediction_type`: eps (eq. 4), v = sqrt(abar) eps - sqrt(1-abar) x0
@@ -119,7 +124,8 @@ def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor
         target = x0
     else:
         raise PhenolensError(f"prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
-    pred = unet(x_t, t, class_labels=labels).sample
+    kwargs = condition(unet, labels) if condition is not None else {"class_labels": labels}
+    pred = network_fn(unet)(x_t, t, kwargs)
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -1,0 +1,23 @@
+"""What every method's training says about its inputs before it starts, whichever method it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def training_inputs(data: str | Path, records: Sequence) -> list[Path]:
+    """What a model folder must stay apart from: DATA, every training file and the folders holding them."""
+    files = [Path(r.path) for r in records]
+    return [Path(data), *dict.fromkeys(p.parent for p in files), *files]
+
+
+def condition_order_line(data: str | Path, conditions: Sequence[str], wanted: Sequence[str] | None) -> str:
+    """One line saying in which order the conditions are stored (a dose series keeps its order in
+    phenolens.json and the report's strips), and which rule gave that order."""
+    from phenolens.data.records import condition_order_source
+
+    order = ", ".join(conditions)
+    if wanted:
+        return f"conditions, in this order: {order} (from --conditions)"
+    return f"conditions, in this order: {order} ({condition_order_source(data)}; pass --conditions to change)"
