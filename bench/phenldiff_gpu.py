@@ -56,7 +56,8 @@ def main() -> None:
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from phenolens.diffusion.ddim import invert, sample, unet_fn
+    from phenolens.diffusion.conditions import network_fn
+    from phenolens.diffusion.ddim import invert, sample
     from phenolens.methods.phenldiff import ConditionedUNet, latent_loss, vae_decode, vae_encode
     from phenolens.models.adapters import count_parameters, prepare_unet
     from phenolens.models.latent import build_tiny_base, load_base, sd2_unet_config, sd2_vae_config
@@ -103,16 +104,18 @@ def main() -> None:
     x = torch.rand(args.n_images, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     src = torch.zeros(args.n_images, dtype=torch.long, device=device)
     tgt = torch.ones_like(src)
-    fn = unet_fn(trained)
+    fn = network_fn(trained)
+    src_cond = {"encoder_hidden_states": trained.context(src)}
+    tgt_cond = {"encoder_hidden_states": trained.context(tgt)}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=mixed == "bf16"):
         z0 = vae_encode(vae, x.to(device), sf)
-        zT = invert(fn, z0, src, scheduler, steps=args.steps, iters=args.iters)
-        z_rec = sample(fn, zT, src, scheduler, steps=args.steps)
-        z_tr = sample(fn, zT, tgt, scheduler, steps=args.steps)
+        zT = invert(fn, z0, src_cond, scheduler, steps=args.steps, iters=args.iters).x
+        z_rec = sample(fn, zT, src_cond, scheduler, steps=args.steps)
+        z_tr = sample(fn, zT, tgt_cond, scheduler, steps=args.steps)
         out = vae_decode(vae, z_tr, sf, 3)
     if cuda:
         torch.cuda.synchronize()

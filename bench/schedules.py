@@ -44,7 +44,8 @@ from phenolens.atomic import write_csv_atomic
 from phenolens.data.dataset import ImageSet
 from phenolens.data.records import discover
 from phenolens.data.simulate import simulate
-from phenolens.diffusion.ddim import invert, make_scheduler, sample, unet_fn
+from phenolens.diffusion.conditions import network_fn
+from phenolens.diffusion.ddim import invert, make_scheduler, sample
 from phenolens.models.unet import build_unet
 from phenolens.train.trainer import LOG_NAME, TrainConfig, train
 
@@ -126,14 +127,15 @@ def run_config(name, prediction_type, spacing, zero_snr, train_set, x0, labels, 
         trained[key] = train_model(prediction_type, zero_snr, train_set, args, work)
     ema, loss, train_s = trained[key]
     scheduler = make_scheduler(prediction_type=prediction_type, timestep_spacing=spacing, zero_terminal_snr=zero_snr)
-    model = unet_fn(ema)
+    model = network_fn(ema)
+    condition = {"class_labels": labels}
 
     rows = []
     t1 = time.perf_counter()
     for steps in INVERSION_STEPS:
         for method_name, method, iters in METHODS:
-            xT = invert(model, x0, labels, scheduler, steps=steps, method=method, iters=iters)
-            rec = sample(model, xT, labels, scheduler, steps=steps)
+            xT = invert(model, x0, condition, scheduler, steps=steps, method=method, iters=iters).x
+            rec = sample(model, xT, condition, scheduler, steps=steps)
             db, mse = psnr(rec, x0)
             rows.append(dict(config=name, prediction_type=prediction_type, timestep_spacing=spacing,
                              zero_terminal_snr=zero_snr, train_steps=args.steps, final_loss=loss,

@@ -1,4 +1,5 @@
-"""DDIM sampling and inversion (phenolens.diffusion.ddim): exactness, trajectories, batching, zero SNR.
+"""DDIM sampling and inversion (phenolens.diffusion.ddim, .solvers): exactness, trajectories, batching,
+zero SNR, the per-image fixed-point solver (safeguard, tolerance, Anderson), warm start, T_skip.
 
 A randomly initialised UNet is not a denoiser: an ε it predicts at high noise gets amplified by
 1/√ᾱ_t ≈ 60 in x̂_0, and every reconstruction diverges. The model functions below are therefore the
@@ -13,18 +14,19 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler
+from diffusers import DDIMInverseScheduler, UNet2DModel
 
+from phenolens.diffusion.conditions import network_fn
 from phenolens.diffusion.ddim import (
     INVERSION_METHODS,
     invert,
     inversion_schedule,
     make_scheduler,
+    render,
     sample,
     to_epsilon,
-    unet_fn,
 )
-from phenolens.models.unet import build_unet
+from phenolens.diffusion.solvers import SOLVERS, solve
 
 SIGMA2 = 0.25  # variance of the Gaussian "data" the analytic denoiser is optimal for
 
@@ -41,8 +43,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def unet():
+    # a class-conditional UNet2DModel (as `build_unet` makes) narrowed to the fewest layers: the tests
+    # run hundreds of forward passes, and a call of this one costs a quarter of the `tiny` preset's
     torch.manual_seed(0)
-    return build_unet("tiny", channels=2, size=16, num_conditions=3).eval()
+    return UNet2DModel(sample_size=16, in_channels=2, out_channels=2, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
+                       num_class_embeds=4).eval()
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +61,27 @@ def x0():
 LABELS = torch.tensor([0, 2, 1])
 
 
+def labels(*values: int) -> dict:
+    """The condition of a class-conditional UNet2DModel for these labels."""
+    return {"class_labels": torch.tensor(values)}
+
+
+COND = {"class_labels": LABELS}
+
+
 def denoiser(unet, scheduler, strength: float = 0.1):
     """ModelFn: Gaussian-optimal ε / v (per prediction type) + strength · UNet(x, t, label)."""
-    f = unet_fn(unet)
+    f = network_fn(unet)
     abar = scheduler.alphas_cumprod
     pt = scheduler.config.prediction_type
 
-    def fn(x, t, labels):
+    def fn(x, t, condition):
         a = abar[t].view(-1, 1, 1, 1).to(x.dtype)
         d = a * SIGMA2 + 1 - a
         eps = (1 - a).sqrt() * x / d  # E[ε | x_t]
         x0 = a.sqrt() * SIGMA2 * x / d  # E[x_0 | x_t]
         opt = eps if pt == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        return opt + strength * f(x, t, labels)
+        return opt + strength * f(x, t, condition)
 
     return fn
 
@@ -83,9 +98,9 @@ def test_fixed_point_reconstructs_much_better_than_ddim(unet, x0, prediction_typ
     steps = 10
     err = {}
     for method, iters in (("ddim", 0), ("fixed-point", 5)):
-        xT = invert(model, x0, LABELS, scheduler, steps=steps, method=method, iters=iters)
+        xT = invert(model, x0, COND, scheduler, steps=steps, method=method, iters=iters).x
         assert torch.isfinite(xT).all()
-        err[method] = mse(sample(model, xT, LABELS, scheduler, steps=steps), x0)
+        err[method] = mse(sample(model, xT, COND, scheduler, steps=steps), x0)
     assert err["fixed-point"] < 2e-5, err
     assert err["fixed-point"] * 10 <= err["ddim"], err
 
@@ -99,7 +114,7 @@ def test_inversion_trajectory_is_reverse_of_sampling(unet):
             seen: dict[str, list[int]] = {"invert": [], "sample": []}
 
             def recorder(key):
-                def fn(x, t, labels):
+                def fn(x, t, condition):
                     assert (t == t[0]).all() and t.shape == (x.shape[0],)
                     seen[key].append(int(t[0]))
                     return torch.zeros_like(x)
@@ -107,7 +122,7 @@ def test_inversion_trajectory_is_reverse_of_sampling(unet):
                 return fn
 
             x = torch.zeros(2, 1, 4, 4)
-            lab = torch.zeros(2, dtype=torch.long)
+            lab = {"class_labels": torch.zeros(2, dtype=torch.long)}
             invert(recorder("invert"), x, lab, scheduler, steps=steps, method="ddim")
             sample(recorder("sample"), x, lab, scheduler, steps=steps)
             assert seen["invert"] == expected == seen["sample"][::-1]
@@ -128,13 +143,13 @@ def test_plain_ddim_matches_diffusers_inverse_scheduler(unet, x0, spacing):
     # ε-models only: for v-models diffusers reads v at ᾱ_s, we read it at ᾱ_t (see invert's comment)
     scheduler = make_scheduler("epsilon", timestep_spacing=spacing)
     model = denoiser(unet, scheduler)
-    ours = invert(model, x0, LABELS, scheduler, steps=8, method="ddim")
+    ours = invert(model, x0, COND, scheduler, steps=8, method="ddim").x
     inverse = DDIMInverseScheduler.from_config(scheduler.config)
     inverse.set_timesteps(8)
     x = x0
     with torch.no_grad():
         for t in inverse.timesteps:
-            out = model(x, torch.full((x.shape[0],), int(t)), LABELS)
+            out = model(x, torch.full((x.shape[0],), int(t)), COND)
             x = inverse.step(out, int(t), x).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
@@ -150,21 +165,21 @@ def test_constant_output_step_is_exactly_invertible(prediction_type, method):
     g = torch.Generator().manual_seed(3)
     const = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
     x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) * 0.5
-    lab = torch.tensor([0, 1])
+    lab = labels(0, 1)
 
-    def model(x_, t, labels):  # the raw output whose ε is `const`
+    def model(x_, t, condition):  # the raw output whose ε is `const`
         if prediction_type == "epsilon":
             return const
         a = abar[t].view(-1, 1, 1, 1)
         return (const - (1 - a).sqrt() * x_) / a.sqrt()  # v with √ᾱ v + √(1-ᾱ) x = const
 
     for steps in (1, 4, 10):
-        xT = invert(model, x, lab, scheduler, steps=steps, method=method, iters=3)
+        xT = invert(model, x, lab, scheduler, steps=steps, method=method, iters=3).x
         torch.testing.assert_close(sample(model, xT, lab, scheduler, steps=steps), x, atol=1e-9, rtol=1e-9)
     # one step, checked against the closed form of the ε-model inverse
     if prediction_type == "epsilon":
         (t, a_t, a_s), *_ = inversion_schedule(scheduler, 1)
-        xT = invert(model, x, lab, scheduler, steps=1, method=method)
+        xT = invert(model, x, lab, scheduler, steps=1, method=method).x
         closed = math.sqrt(a_t) * (x - math.sqrt(1 - a_s) * const) / math.sqrt(a_s) + math.sqrt(1 - a_t) * const
         torch.testing.assert_close(xT, closed)
 
@@ -172,31 +187,34 @@ def test_constant_output_step_is_exactly_invertible(prediction_type, method):
 def test_batch_with_mixed_labels_matches_single_images(unet, x0):
     scheduler = make_scheduler("v_prediction", timestep_spacing="trailing")
     model = denoiser(unet, scheduler, strength=0.3)
-    xT = invert(model, x0, LABELS, scheduler, steps=5, method="fixed-point", iters=2)
+    xT = invert(model, x0, COND, scheduler, steps=5, method="fixed-point", iters=2).x
     target = torch.tensor([1, 0, 2])
-    out = sample(model, xT, target, scheduler, steps=5, guidance_scale=2.0, null_label=3)
+    null = labels(3, 3, 3)
+    out = sample(model, xT, {"class_labels": target}, scheduler, steps=5, guidance_scale=2.0, null_condition=null)
     for i in range(len(x0)):
-        xi = invert(model, x0[i : i + 1], LABELS[i : i + 1], scheduler, steps=5, method="fixed-point", iters=2)
+        xi = invert(model, x0[i : i + 1], {"class_labels": LABELS[i : i + 1]}, scheduler, steps=5,
+                    method="fixed-point", iters=2).x
         torch.testing.assert_close(xi, xT[i : i + 1], atol=1e-5, rtol=1e-5)
-        oi = sample(model, xi, target[i : i + 1], scheduler, steps=5, guidance_scale=2.0, null_label=3)
+        oi = sample(model, xi, {"class_labels": target[i : i + 1]}, scheduler, steps=5, guidance_scale=2.0,
+                    null_condition=labels(3))
         torch.testing.assert_close(oi, out[i : i + 1], atol=1e-5, rtol=1e-5)
     # the label matters (otherwise the test above proves nothing)
-    assert mse(sample(model, xT, LABELS, scheduler, steps=5), out) > 1e-6
+    assert mse(sample(model, xT, COND, scheduler, steps=5), out) > 1e-6
 
 
 def test_classifier_free_guidance_formula(unet, x0):
     scheduler = make_scheduler("epsilon")
     model = denoiser(unet, scheduler, strength=0.3)
-    lab, null = torch.tensor([0, 1, 2]), torch.full((3,), 3)
+    lab, null = labels(0, 1, 2), labels(3, 3, 3)
     s = 3.0
-    mixed = lambda x, t, labels: model(x, t, null) + s * (model(x, t, labels) - model(x, t, null))  # noqa: E731
+    mixed = lambda x, t, c: model(x, t, null) + s * (model(x, t, c) - model(x, t, null))  # noqa: E731
     torch.testing.assert_close(
-        sample(model, x0, lab, scheduler, steps=3, guidance_scale=s, null_label=3),
+        sample(model, x0, lab, scheduler, steps=3, guidance_scale=s, null_condition=null),
         sample(mixed, x0, lab, scheduler, steps=3),
         atol=1e-5,
         rtol=1e-5,
     )
-    with pytest.raises(ValueError, match="null_label"):
+    with pytest.raises(ValueError, match="null_condition"):
         sample(model, x0, lab, scheduler, steps=3, guidance_scale=s)
 
 
@@ -206,9 +224,9 @@ def test_zero_terminal_snr_v_prediction(unet, x0):
     model = denoiser(unet, scheduler)
     err = {}
     for method, iters in (("ddim", 0), ("fixed-point", 5)):
-        xT = invert(model, x0, LABELS, scheduler, steps=10, method=method, iters=iters)
+        xT = invert(model, x0, COND, scheduler, steps=10, method=method, iters=iters).x
         assert torch.isfinite(xT).all()
-        rec = sample(model, xT, LABELS, scheduler, steps=10)
+        rec = sample(model, xT, COND, scheduler, steps=10)
         assert torch.isfinite(rec).all()
         err[method] = mse(rec, x0)
     assert err["fixed-point"] < 2e-5 and err["fixed-point"] * 10 <= err["ddim"], err
@@ -223,8 +241,8 @@ def test_invalid_configurations_raise_clear_errors():
     from diffusers import DDIMScheduler
 
     bad = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
-    x, lab = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long)
-    zero = lambda x_, t, labels: torch.zeros_like(x_)  # noqa: E731
+    x, lab = torch.zeros(1, 1, 4, 4), labels(0)
+    zero = lambda x_, t, c: torch.zeros_like(x_)  # noqa: E731
     with pytest.raises(ValueError, match="v_prediction"):
         sample(zero, x, lab, bad, steps=5)
     with pytest.raises(ValueError, match="v_prediction"):
@@ -244,14 +262,160 @@ def test_to_epsilon():
         to_epsilon(o, x, 1.0, "sample")
 
 
+# --------------------------------------------------------------------------------------------------
+# The per-image fixed-point solver (phenolens.diffusion.solvers)
+# --------------------------------------------------------------------------------------------------
 
-def test_fixed_point_iteration_is_safeguarded_per_image():
+
+def _affine(slope: torch.Tensor, offset: torch.Tensor, seen: list | None = None):
+    """The solver's update for x -> slope·x + offset per image (rows `index` of the batch)."""
+
+    def update(g, index):
+        if seen is not None:
+            seen.append(index.tolist())
+        return slope[index] * g + offset[index]
+
+    return update
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_is_safeguarded_per_image(solver):
     """Where the update map expands (the network is too steep for the iteration) an image keeps its
-    best guess instead of running away; where it contracts, the last iterate is returned."""
-    from phenolens.diffusion.ddim import _fixed_point
+    best guess instead of running away; where it contracts, it converges to its fixed point.
 
-    x = torch.tensor([0.5, 0.5]).view(2, 1)
-    slope = torch.tensor([0.5, -2.0]).view(2, 1)  # image 0 contracts to 2/3, image 1 expands from 1/3
-    out = _fixed_point(lambda g: slope * g + torch.tensor([1 / 3, 1.0]).view(2, 1), x, iters=6)
+    (Anderson solves a scalar affine map exactly after two calls, so image 1 converges there; Picard
+    must fall back on its first guess. Returning F(best iterate) unconditionally, one unverified Picard
+    step past the best guess, moves image 1 twice as far from 1/3 as its first guess.)"""
+    x = torch.tensor([0.5, 0.5], dtype=torch.float64).view(2, 1)
+    # image 0 contracts to 2/3, image 1 expands from 1/3
+    slope = torch.tensor([0.5, -2.0], dtype=torch.float64).view(2, 1)
+    offset = torch.tensor([1 / 3, 1.0], dtype=torch.float64).view(2, 1)
+    update = _affine(slope, offset)
+    out, calls = solve(update, x, iters=6, solver=solver)
+    assert calls.tolist() == [6, 6]
     assert abs(out[0].item() - 2 / 3) < 0.01            # converged towards its fixed point
     assert abs(out[1].item() - 1 / 3) <= abs(0.5 - 1 / 3)  # no worse than the starting guess
+    # the same, measured as the solver measures it: the residual of what it returns is no larger
+    # than the starting guess's
+    residual = lambda g: (update(g, torch.arange(2)) - g).abs().view(-1)  # noqa: E731
+    assert residual(out)[1] <= residual(x)[1]
+
+
+def test_solver_stops_each_image_at_its_tolerance():
+    # image 0 starts at its fixed point, image 1 one unit away from its own, contracting by 1/2 per call:
+    # its residual after k calls is 0.5^k, first below 1e-3 at the 10th call
+    slope = torch.tensor([0.5, 0.5], dtype=torch.float64).view(2, 1)
+    offset = torch.tensor([1.0, 1.0], dtype=torch.float64).view(2, 1)  # fixed point 2
+    x = torch.tensor([2.0, 3.0], dtype=torch.float64).view(2, 1)
+    seen: list = []
+    out, calls = solve(_affine(slope, offset, seen), x, iters=20, tol=1e-3)
+    assert calls.tolist() == [1, 10]
+    assert seen[0] == [0, 1] and all(rows == [1] for rows in seen[1:])  # image 0 no longer evaluated
+    assert abs(out[1].item() - 2.0) < 1e-3 and out[0].item() == 2.0
+    # tol = 0: every image gets every call
+    _, calls = solve(_affine(slope, offset), x, iters=20)
+    assert calls.tolist() == [20, 20]
+    _, calls = solve(_affine(slope, offset), x, iters=0, tol=1e-3)
+    assert calls.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="solver"):
+        solve(_affine(slope, offset), x, iters=2, solver="newton")
+
+
+def test_anderson_beats_picard_on_a_slow_linear_contraction():
+    """x -> A x + b, A symmetric with eigenvalues spread over [0, 0.9] (spectral radius 0.9): Picard's
+    residual falls by at most 0.9 per call; Anderson mixing gets there in far fewer calls."""
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(torch.linspace(0.0, 0.9, n, dtype=torch.float64)) @ q.T
+    b = torch.randn(2, n, generator=g, dtype=torch.float64)
+    update = lambda x, index: (x.view(len(index), n) @ A.T + b[index]).view(len(index), 1, 4, 4)  # noqa: E731
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - A, b.T).T.reshape(2, 1, 4, 4)
+    residual = lambda y: (update(y, torch.arange(2)) - y).flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
+
+    res, calls = {}, {}
+    for solver in SOLVERS:
+        out, _ = solve(update, x, iters=20, solver=solver)
+        res[solver] = residual(out)
+        sol, calls[solver] = solve(update, x, iters=400, tol=1e-8, solver=solver)
+        assert (residual(sol) < 1e-8).all() and torch.allclose(sol, exact, atol=1e-6)
+    assert (res["anderson"] * 10 < res["picard"]).all(), res
+    assert (calls["anderson"] * 2 < calls["picard"]).all(), calls
+
+
+def _smooth_model(scheduler, strength: float = 0.1):
+    """ModelFn: the Gaussian-optimal output plus a smooth, x-dependent, label-dependent perturbation."""
+    abar = scheduler.alphas_cumprod
+    pt = scheduler.config.prediction_type
+
+    def fn(x, t, condition):
+        a = abar[t].view(-1, 1, 1, 1).to(x.dtype)
+        d = a * SIGMA2 + 1 - a
+        eps = (1 - a).sqrt() * x / d
+        x0 = a.sqrt() * SIGMA2 * x / d
+        opt = eps if pt == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        shift = condition["class_labels"].to(x.dtype).view(-1, 1, 1, 1)
+        return opt + strength * torch.tanh(x + 0.3 * shift)
+
+    return fn
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_warm_start_and_tolerance_save_network_calls(x0, solver):
+    scheduler = make_scheduler("v_prediction", timestep_spacing="trailing")
+    model = _smooth_model(scheduler)
+    steps, iters = 20, 5
+    fixed = invert(model, x0, COND, scheduler, steps=steps, iters=iters, tol=0.0, solver=solver)
+    adaptive = invert(model, x0, COND, scheduler, steps=steps, iters=iters, tol=1e-5, solver=solver,
+                      warm_start=True)
+    warm = invert(model, x0, COND, scheduler, steps=steps, iters=iters, tol=0.0, solver=solver, warm_start=True)
+    assert fixed.forwards.tolist() == [steps * (1 + iters)] * len(x0)  # one plain step + iters per step
+    assert warm.forwards.tolist() == [1 + steps * iters] * len(x0)  # the plain step only before the first
+    assert (adaptive.forwards * 4 <= fixed.forwards * 3).all(), adaptive.forwards
+    err = {name: mse(sample(model, code.x, COND, scheduler, steps=steps), x0)
+           for name, code in (("fixed", fixed), ("adaptive", adaptive))}
+    plain = mse(sample(model, invert(model, x0, COND, scheduler, steps=steps, method="ddim").x, COND, scheduler,
+                       steps=steps), x0)
+    assert err["adaptive"] < 1e-8 and err["fixed"] < 1e-8 and err["adaptive"] * 1e5 < plain, (err, plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Codes that start later in the schedule (T_skip)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("method", INVERSION_METHODS)
+@pytest.mark.parametrize("skip", [0, 20])
+def test_deterministic_code_with_skip_starts_at_its_step(prediction_type, method, skip):
+    # ε independent of x: the DDIM trajectory is x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε at every step, so both the
+    # code (at step `skip`) and its rendering are known in closed form
+    scheduler = make_scheduler(prediction_type, timestep_spacing="trailing")
+    abar = scheduler.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(4)
+    const = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64) * 0.5
+    calls: list[int] = []
+
+    def model(x_, t, condition):
+        calls.append(int(t[0]))
+        if prediction_type == "epsilon":
+            return const
+        a = abar[t].view(-1, 1, 1, 1)
+        return (const - (1 - a).sqrt() * x_) / a.sqrt()
+
+    steps = 50
+    code = invert(model, x, labels(0, 1), scheduler, steps=steps, method=method, iters=2, skip=skip)
+    assert (code.start, code.steps, code.noise) == (skip, steps, None)
+    t_start = [t for t, _, _ in inversion_schedule(scheduler, steps)][::-1][skip]
+    a = float(abar[t_start])
+    torch.testing.assert_close(code.x, math.sqrt(a) * x + math.sqrt(1 - a) * const, atol=1e-9, rtol=1e-9)
+    per_step = 1 if method == "ddim" else 3
+    assert code.forwards.tolist() == [(steps - skip) * per_step] * 2
+    calls.clear()
+    rec = render(model, code, labels(0, 1), scheduler)
+    assert len(calls) == steps - skip and calls[0] == t_start
+    torch.testing.assert_close(rec, x, atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="skip"):
+        invert(model, x, labels(0, 1), scheduler, steps=steps, skip=steps)

@@ -37,7 +37,9 @@ def solve(update: Update, x: Tensor, *, iters: int, tol: float = 0.0, solver: st
     """Iterate x <- F(x) at most `iters` times per image; returns (solution, network calls per image).
 
     An image stops as soon as its residual ‖F(x) − x‖_rms < tol (tol = 0: always `iters` calls). The
-    returned solution is F at the best iterate (one Picard step further than the iterate itself).
+    returned solution is F of the last iterate when that iterate had the smallest residual (the usual,
+    contracting case: one Picard step further), else the best iterate itself (the map stopped
+    contracting there, so a further step could only make it worse).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} must be one of {', '.join(SOLVERS)}")
@@ -45,7 +47,8 @@ def solve(update: Update, x: Tensor, *, iters: int, tol: float = 0.0, solver: st
     calls = torch.zeros(n, dtype=torch.long)
     if iters <= 0:
         return x, calls
-    best_g = x.clone()
+    best_g, best_x = x.clone(), x.clone()
+    last_best = torch.zeros(n, dtype=torch.bool, device=x.device)
     best_r = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
     active = torch.arange(n, device=x.device)
     history: list[tuple[Tensor, Tensor]] = []  # (x_k, g_k) of the active images, newest last
@@ -55,7 +58,10 @@ def solve(update: Update, x: Tensor, *, iters: int, tol: float = 0.0, solver: st
         r = _rms(g - x[active])
         better = r < best_r[active]
         best_r[active] = torch.where(better, r, best_r[active])
-        best_g[active] = torch.where(better.view(-1, *[1] * (x.dim() - 1)), g, best_g[active])
+        shaped = better.view(-1, *[1] * (x.dim() - 1))
+        best_g[active] = torch.where(shaped, g, best_g[active])
+        best_x[active] = torch.where(shaped, x[active], best_x[active])
+        last_best[active] = better
         keep = r >= tol if tol > 0 else torch.ones_like(better)
         nxt = _anderson(history, x[active], g, depth) if solver == "anderson" else g
         x = x.clone()
@@ -65,7 +71,7 @@ def solve(update: Update, x: Tensor, *, iters: int, tol: float = 0.0, solver: st
             active = active[keep]
             if active.numel() == 0:
                 break
-    return best_g, calls
+    return torch.where(last_best.view(-1, *[1] * (x.dim() - 1)), best_g, best_x), calls
 
 
 def _anderson(history: list[tuple[Tensor, Tensor]], x: Tensor, g: Tensor, depth: int) -> Tensor:
