@@ -80,8 +80,10 @@ def test_base_plus_adapter_reproduces_the_finetuned_model_exactly(tmp_path, tiny
     t = torch.tensor([10, 500, 990])
     labels = torch.tensor([0, 1, 2])  # both conditions and the null (unconditional) label
     with torch.no_grad():
-        a = tuned.model.eval()(z, t, class_labels=labels).sample
-        b = loaded.model(z, t, class_labels=labels).sample
+        a = tuned.model.eval()(z, t, encoder_hidden_states=tuned.model.context(labels)).sample
+        b = loaded.model(z, t, encoder_hidden_states=loaded.model.context(labels)).sample
+        # the method's own network call (condition as keyword tensors) is the same function
+        assert torch.equal(loaded.network()(z, t, loaded.label_condition(labels)), b)
         fresh = PhenLDiff.from_pretrained(tmp_path / "m", device="cpu")
         from phenolens.models.latent import load_base
 
@@ -220,5 +222,5 @@ def test_v_prediction_base_is_followed_and_inverts(tmp_path, rgb_data):
     import tifffile
 
     images = [tifffile.imread(p).astype(np.float32) for p in sorted((rgb_data / "ctrl").glob("*.tif"))[:2]]
-    result = model.translate(images, "ctrl", ["treated"], steps=50, iters=5)
+    result = model.translate(images, "ctrl", ["treated"], steps=50, iters=5)  # the earlier keywords still work
     assert result.latent_change_mse["treated"].mean() >= 10 * result.latent_recon_mse.mean()

@@ -69,9 +69,11 @@ def test_rerun_is_bit_identical_and_skips_done_work(tiny_model, blob_data, tmp_p
     assert run_cli("translate", tiny_model, blob_data, a, "--seed", "3", *FAST)[0] == 0
     assert {p: p.stat().st_mtime_ns for p in a.rglob("*.tif")} == mtimes
     # other settings: refused without --overwrite, done with it
-    code, _, err = run_cli("translate", tiny_model, blob_data, a, "--seed", "4", *FAST)
-    assert code == 2 and "--overwrite" in err and "seed" in err
-    assert run_cli("translate", tiny_model, blob_data, a, "--seed", "4", "--overwrite", *FAST)[0] == 0
+    other = ["--steps", "4", "--inversion-iters", "3"]
+    code, _, err = run_cli("translate", tiny_model, blob_data, a, "--seed", "3", *other)
+    assert code == 2 and "--overwrite" in err and "inversion_iters" in err
+    assert run_cli("translate", tiny_model, blob_data, a, "--seed", "3", "--overwrite", *other)[0] == 0
+    assert digest(a) != digest(b)
 
 
 def test_resume_after_partial_run(tiny_model, blob_data, tmp_path):
@@ -104,25 +106,31 @@ def test_images_not_a_multiple_of_the_unet_are_padded_and_cropped_back(tiny_mode
 
 def test_python_api_mirrors_the_cli(trained_model, blob_data):
     from phenolens.data.io import read_image
+    from phenolens.diffusion.inversion import InversionSettings
+    from phenolens.measure.image_metrics import psnr_from_mse
     from phenolens.methods.phendiff import PhenDiff
 
     model = PhenDiff.from_pretrained(trained_model)
     images = [read_image(p)[0] for p in sorted((blob_data / "ctrl").glob("*.tif"))]
-    result = model.translate(images, source="ctrl", targets=["dose1", "dose2"], steps=4, iters=2)
-    assert set(result.translations) == {"dose1", "dose2"}
+    result = model.translate(images, source="ctrl", edits=["dose1", "to=dose2"],
+                             inversion=InversionSettings(steps=4, iters=2))
+    assert set(result.translations) == {"dose1", "to=dose2"}  # keyed as the caller wrote the edits
     assert result.reconstructions[0].shape == images[0].shape
-    assert result.recon_mse.shape == (4,) and np.all(result.recon_psnr > 0)
+    assert result.recon_mse.shape == (4,) and np.all(psnr_from_mse(result.recon_mse) > 0)
+    assert np.all(result.inversion_forwards > 0) and np.all(result.render_forwards == 3 * 4)
 
 
 def test_fixed_point_inversion_reconstructs_better_than_plain_ddim(trained_model, blob_data):
     from phenolens.data.io import read_image
+    from phenolens.diffusion.inversion import InversionSettings
+    from phenolens.measure.image_metrics import psnr_from_mse
     from phenolens.methods.phendiff import PhenDiff
 
     model = PhenDiff.from_pretrained(trained_model)
     images = [read_image(p)[0] for p in sorted((blob_data / "ctrl").glob("*.tif"))]
-    plain = model.translate(images, source="ctrl", targets=["dose2"], steps=20, inversion="ddim")
-    fixed = model.translate(images, source="ctrl", targets=["dose2"], steps=20, inversion="fixed-point", iters=3)
+    plain = model.translate(images, source="ctrl", edits=["dose2"], inversion=InversionSettings(method="ddim", steps=20))
+    fixed = model.translate(images, source="ctrl", edits=["dose2"], inversion=InversionSettings(steps=20, iters=3))
     assert fixed.recon_mse.mean() * 10 < plain.recon_mse.mean()
-    assert fixed.recon_psnr.mean() > 40
+    assert psnr_from_mse(fixed.recon_mse).mean() > 40
     # the reconstruction error is a floor far under the change the translation makes
     assert fixed.change_mse["dose2"].mean() > 20 * fixed.recon_mse.mean()

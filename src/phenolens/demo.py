@@ -138,6 +138,7 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     recon_mse = np.array([float(by[(s, DEMO_CONDITIONS[0])]["recon_mse"]) for s in sources])
     recon_psnr = np.array([float(by[(s, DEMO_CONDITIONS[0])]["recon_psnr"]) for s in sources])
     change_mse = np.array([float(by[(s, strongest)]["change_mse"]) for s in sources])
+    inversion_calls = np.array([float(by[(s, DEMO_CONDITIONS[0])].get("inversion_forwards") or "nan") for s in sources])
     t0 = time.perf_counter()
     train_recs = discover(data)
     x_train = load_normalized([r.path for r in train_recs], norm, channels)
@@ -175,7 +176,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         "phenolens demo: PhenDiff on simulated cells (4 channels: DNA, tubulin, actin, Golgi)",
         f"model: {model_dir}  (conditions {', '.join(DEMO_CONDITIONS)}; {DEMO_SIZE} px)",
         f"translated {len(sources)} held-out {DEMO_CONDITIONS[0]} images to every condition, {steps} DDIM steps, "
-        "fixed-point inversion (5 iterations)",
+        f"fixed-point inversion ({settings.solver}, tolerance {settings.inversion_tol:g}: "
+        f"{np.nanmean(inversion_calls):.0f} network calls per image, {np.nanmean(inversion_calls) / steps:.2f} per step)",
         "",
         f"reconstruction PSNR: mean {recon_psnr.mean():.1f} dB (min {recon_psnr.min():.1f})",
         f"reconstruction MSE: mean {recon_mse.mean():.3g}; change MSE to {strongest}: mean {change_mse.mean():.3g}; "
@@ -203,7 +205,8 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
     ]
     summary = "\n".join(lines)
     write_text_atomic(out / "summary.txt", summary + "\n")
-    figures = dict(recon_psnr_mean=float(recon_psnr.mean()), recon_mse_mean=float(recon_mse.mean()),
+    figures = dict(recon_psnr_mean=float(recon_psnr.mean()), recon_psnr_min=float(recon_psnr.min()),
+                   inversion_calls_per_image=float(np.nanmean(inversion_calls)), recon_mse_mean=float(recon_mse.mean()),
                    change_mse_strongest_mean=float(change_mse.mean()), classifier_heldout_accuracy=held_acc,
                    rate_translated_to_strongest=rate_translated, rate_sources_as_strongest=rate_sources,
                    planted=planted, identity=identity, segmentation=seg, judges=judged, timings=timings)

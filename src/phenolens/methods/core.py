@@ -218,6 +218,8 @@ class CounterfactualModel:
             raise ValueError("give one source condition per image")
         for s in sources:
             self.info.condition_index(s, "--from")
+        if edits is None and legacy.get("targets") is not None:  # the earlier keyword for condition names
+            edits = legacy["targets"]
         inversion = _inversion_from(inversion, legacy)
         given = list(edits) if edits is not None else self.conditions
         keys = [e if isinstance(e, str) else e.label for e in given]
@@ -279,6 +281,7 @@ class CounterfactualModel:
 def _inversion_from(inversion: InversionSettings | None, legacy: dict) -> InversionSettings:
     """The inversion settings, also from the keyword arguments of the earlier API (steps=, inversion=,
     iters=), which scripts may still pass."""
+    legacy.pop("targets", None)  # the earlier name of `edits`, handled by the caller
     unknown = set(legacy) - {"steps", "iters", "inversion", "skip", "tol", "solver", "warm_start"}
     if unknown:
         raise TypeError(f"translate() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")

@@ -119,7 +119,7 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         write_skipped(report, images.bad)
         logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on --seed only; the caller's RNG is untouched
-        torch.manual_seed(config.seed)
+        torch.random.default_generator.manual_seed(config.seed)
         unet = build_unet(settings.preset, channels=images.n_channels, size=settings.size,
                           num_conditions=len(conditions))
     scheduler = make_scheduler(prediction_type=settings.prediction_type, beta_schedule=settings.beta_schedule,

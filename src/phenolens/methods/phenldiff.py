@@ -333,7 +333,7 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     lb.text_encoder = None  # not needed any more: the conditions are embeddings from here on
     svd_device = "cuda" if settings.mode == "svdiff" and torch.cuda.is_available() else None
     with torch.random.fork_rng(devices=[]):  # LoRA's random init depends on --seed only; the caller's RNG is untouched
-        torch.manual_seed(config.seed)
+        torch.random.default_generator.manual_seed(config.seed)
         description = prepare_unet(lb.unet, settings.mode, rank=settings.rank, alpha=settings.lora_alpha,
                                    svd_device=svd_device)
     model = ConditionedUNet(lb.unet, embeddings, learn_embeddings=settings.conditioning == "learned")

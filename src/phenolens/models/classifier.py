@@ -33,7 +33,18 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
     """
     if model is not None and build is not None:
         raise ValueError("give either model= or build=, not both")
-    torch.manual_seed(seed)
+    # the initial weights and the dropout masks depend on SEED only, and the caller's RNG is untouched
+    cuda = [images.device.index if images.device.index is not None else torch.cuda.current_device()] \
+        if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it seeds every GPU too
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        return _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build)
+
+
+def _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build):
+    """The loop of `train_classifier`, run under its seeded, forked RNG."""
     gen = torch.Generator().manual_seed(seed)
     if model is None:
         model = (build or build_classifier)(images.shape[1], n_classes)
@@ -85,10 +96,11 @@ def recalibrate_batchnorm(model, images: torch.Tensor, batch_size: int = 64, see
     if not norms:
         return model.eval()
     momenta = [m.momentum for m in norms]
+    model.eval()  # only the BatchNorm layers in training mode: dropout stays off and draws nothing
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+        m.train()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     for i in range(0, len(images), batch_size):
         model(pixel_values=images[order[i:i + batch_size].to(images.device)])

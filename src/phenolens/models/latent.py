@@ -439,12 +439,15 @@ def build_tiny_base(out_dir: str | Path, *, seed: int = 0, prediction_type: str 
         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=cross_attention_dim,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"],
     )
+    # built on the CPU, so only its generator is seeded: torch.manual_seed would also seed (and, outside
+    # fork_rng's devices=[], leave seeded) every GPU's generator
+    cpu = torch.random.default_generator
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        cpu.manual_seed(seed)
         vae = AutoencoderKL(**_tiny_vae_config(latent_channels))
-        torch.manual_seed(seed + 1)
+        cpu.manual_seed(seed + 1)
         unet = UNet2DConditionModel(**_tiny_unet_config(latent_channels, cross_attention_dim))
-        torch.manual_seed(seed + 2)
+        cpu.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)

@@ -93,6 +93,9 @@ PROVENANCE_COLUMNS = ["model_hash", "source_size", "source_mtime_ns"]
 EDIT_COLUMNS = ["edit", "inversion_forwards"]
 RUN_FILES = ("run.json", "provenance.json", "index.csv", "skipped.csv")
 NOT_COMPARED = ("max_clipped",)  # settings that decide which images run, not their numbers
+# how a run folder of a phenolens before these settings was made: fixed-point inversion with a fixed
+# number of iterations, each step started from plain DDIM inversion, over the whole schedule
+BEFORE_SETTING = dict(inversion_tol=0.0, solver="picard", warm_start=False, skip=0)
 
 
 @dataclass
@@ -205,7 +208,8 @@ def open_run_folder(out: Path, settings: TranslateSettings, overwrite: bool) -> 
         previous = _previous_settings(out)
         if previous is not None:
             wanted = settings.compared()
-            defaults = asdict(TranslateSettings(model_dir="", input=""))  # a run from before a setting existed
+            # a run from before a setting existed ran as that setting's value then (not today's default)
+            defaults = dict(asdict(TranslateSettings(model_dir="", input="")), **BEFORE_SETTING)
             diff = [k for k in wanted if previous.get(k, defaults.get(k)) != wanted[k]]
             if diff:
                 raise PhenolensError(f"{out}: holds a run with other settings ({', '.join(diff)}); pass --overwrite "

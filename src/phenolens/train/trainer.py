@@ -20,6 +20,7 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -30,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -378,10 +379,30 @@ def _tensorboard(out_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------- train
+@contextlib.contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """Put the global random states (Python, NumPy, torch, CUDA) back as they were: accelerate's
+    load_state restores those it saved with a checkpoint, but the trainer draws nothing from them
+    (every draw has its own generator, see `_generator`), so a resume must not change the caller's."""
+    import random
+
+    import numpy as np
+
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 def _fresh_copy(model):
     """An unwrapped copy of `model` (for EMA weights) that does not share the training parameters."""
     if hasattr(model, "from_config") and hasattr(model, "config"):
-        copy = type(model).from_config(model.config)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten at once: the caller's RNG is untouched
+            copy = type(model).from_config(model.config)
         copy.load_state_dict(model.state_dict())
         return copy.to(next(model.parameters()).device)
     import copy as _copy
@@ -476,7 +497,8 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     start, seconds0 = 0, 0.0
     if resume_from is not None:
         start, folder, state = resume_from
-        accelerator.load_state(str(folder))
+        with _caller_rng_kept():
+            accelerator.load_state(str(folder))
         if ema is not None:
             _load_ema(ema, folder, state.get("ema", {}), accelerator.device)
         seconds0 = float(state.get("seconds", 0.0))
