@@ -67,6 +67,31 @@ def tiny_model(tmp_path_factory, blob_data) -> Path:
     return model_dir
 
 
+def small_class_unet(attention: bool = True):
+    """A class-conditional UNet2DModel (as `build_unet` makes), 2 channels, 16 px, narrowed to the fewest
+    layers: diffusion tests run hundreds of forward passes, and a call of this one costs a quarter of
+    the `tiny` preset's. Random weights from seed 0 (a local generator state: the caller's is kept)."""
+    from diffusers import UNet2DModel
+
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(0)
+        return UNet2DModel(sample_size=16, in_channels=2, out_channels=2, block_out_channels=(8, 16),
+                           layers_per_block=1, down_block_types=down, up_block_types=up, norm_num_groups=4,
+                           attention_head_dim=8, num_class_embeds=4).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: intra-op threads buy nothing, and on a loaded 2-core machine oversubscription makes
+    a forward pass many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fails_with(code_out_err, *needles: str) -> str:
     """The CLI's answer to a user mistake: exit 2, one line on stderr holding every NEEDLE, no traceback."""
     code, _, err = code_out_err

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, UNet2DModel
+from diffusers import DDIMInverseScheduler
 
 from phenolens.diffusion.conditions import network_fn
 from phenolens.diffusion.ddim import (
@@ -28,28 +28,18 @@ from phenolens.diffusion.ddim import (
 )
 from phenolens.diffusion.solvers import SOLVERS, solve
 
+from conftest import small_class_unet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIGMA2 = 0.25  # variance of the Gaussian "data" the analytic denoiser is optimal for
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny 16-px UNet: intra-op threads buy nothing, and on a loaded 2-core machine oversubscription
-    # makes a forward pass ~50x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def unet():
-    # a class-conditional UNet2DModel (as `build_unet` makes) narrowed to the fewest layers: the tests
-    # run hundreds of forward passes, and a call of this one costs a quarter of the `tiny` preset's
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=2, out_channels=2, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
-                       num_class_embeds=4).eval()
+    return small_class_unet(attention=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 
 from phenolens.diffusion.code import Code
 from phenolens.diffusion.conditions import cat, network_fn, take, to_device
@@ -21,23 +21,18 @@ from phenolens.diffusion.ddim import ddpm_sigma, make_scheduler, render, sample
 from phenolens.diffusion.ef_ddpm import invert_ef_ddpm
 from phenolens.diffusion.inversion import InversionSettings, invert_image
 
+from conftest import small_class_unet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 50
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=2, out_channels=2, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=4).eval()
+    return small_class_unet(attention=False)
 
 
 @pytest.fixture(scope="module")
