@@ -117,7 +117,7 @@ class CounterfactualModel:
 
     def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> Condition:
         """The condition an image is generated under: from its source condition (and, for methods that
-        condition on the image itself, from x0 in the diffusion space; None when generating from noise)."""
+        condition on the image itself, from the images x0 in [-1, 1]; None when generating from noise)."""
         raise NotImplementedError
 
     def null_condition(self, n: int) -> Condition:
@@ -129,7 +129,7 @@ class CounterfactualModel:
         raise NotImplementedError
 
     def edited(self, condition: Condition, edit: Edit, source: Sequence[str], x0: torch.Tensor) -> Condition:
-        """CONDITION (of images of conditions SOURCE, diffusion-space x0) changed by EDIT."""
+        """CONDITION (of images x0 in [-1, 1], of conditions SOURCE) changed by EDIT."""
         raise NotImplementedError
 
     def spatial_factor(self) -> int:
