@@ -456,18 +456,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def _targets_with_edits(targets: list[str] | None, edits: list[str] | None) -> list[str] | None:
     """--to and --edit together: the methods of this version edit by condition (to=COND) only."""
-    from phenolens.methods.edits import parse_fields
+    from phenolens.methods.edits import target_of
 
     out = list(targets or [])
     for text in edits or []:
         try:
-            fields = parse_fields(text)
+            out.append(target_of(text))
         except ValueError as err:
             raise PhenolensError(f"--edit: {err}") from None
-        if set(fields) != {"to"} or not fields["to"]:
-            raise PhenolensError(f"--edit {text!r}: write to=<condition>; the methods of this version edit by "
-                                 "condition only")
-        out.append(fields["to"])
     return out or None
 
 

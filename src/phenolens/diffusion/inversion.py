@@ -13,7 +13,7 @@ from torch import Tensor
 
 from phenolens.diffusion.code import Code
 from phenolens.diffusion.conditions import Condition, ModelFn
-from phenolens.diffusion.ddim import invert
+from phenolens.diffusion.ddim import check_skip, invert
 from phenolens.diffusion.ef_ddpm import Generators, invert_ef_ddpm
 from phenolens.diffusion.solvers import SOLVERS
 
@@ -53,8 +53,7 @@ class InversionSettings:
             raise ValueError(f"inversion {self.method!r} must be one of {', '.join(INVERSIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not 0 <= self.skip < self.steps:
-            raise ValueError(f"skip must be in [0, {self.steps - 1}] for {self.steps} steps, got {self.skip}")
+        check_skip(self.steps, self.skip)
         if self.iters < 0:
             raise ValueError(f"iters must be >= 0, got {self.iters}")
         if self.tol < 0:

@@ -319,20 +319,16 @@ class NamedConditionModel(CounterfactualModel):
         return self.label_condition(torch.full((n,), self.null_label, dtype=torch.long, device=self.device))
 
     def parse_edit(self, text: str) -> Edit:
-        from phenolens.methods.edits import parse_fields
+        from phenolens.methods.edits import target_of
 
-        if "=" not in text:  # a condition's name, as --to takes it
-            fields = {"to": text}
-        else:
-            try:
-                fields = parse_fields(text)
-            except ValueError as err:
-                raise PhenolensError(f"--edit {text!r}: {err}") from None
-        if set(fields) != {"to"}:
-            raise PhenolensError(f"--edit {text!r}: a {self.info.method} model edits by condition only: "
-                                 "write to=<condition>")
-        self.info.condition_index(fields["to"], "--to")
-        return ToCondition(fields["to"])
+        if text in self.info.conditions:  # a condition's name, as --to takes it (even one holding "=")
+            return ToCondition(text)
+        try:
+            target = target_of(text)
+        except ValueError as err:
+            raise PhenolensError(f"--edit: {err}") from None
+        self.info.condition_index(target, "--to")
+        return ToCondition(target)
 
     def edited(self, condition, edit, source, x0):
         if not isinstance(edit, ToCondition):

@@ -58,3 +58,11 @@ def parse_fields(text: str) -> dict[str, str]:
             raise ValueError(f"edit {text!r}: write it as key=value[,key=value] (e.g. to=high)")
         fields[key.strip()] = value.strip()
     return fields
+
+
+def target_of(text: str) -> str:
+    """The condition a `to=COND` edit (or a bare condition name) names; ValueError for any other edit."""
+    fields = parse_fields(text)
+    if set(fields) != {"to"} or not fields["to"]:
+        raise ValueError(f"edit {text!r}: write to=<condition>; the methods of this version edit by condition only")
+    return fields["to"]
