@@ -230,3 +230,48 @@ def test_refuses_foreign_files(tmp_path):
     with pytest.raises(PhenolensError, match="not a simulated dataset"):
         simulate(tmp_path / "d", conditions=["a"], per_condition=1, size=32, progress=False, overwrite=True)
     assert (tmp_path / "d" / "a" / "mine.tif").exists()
+
+
+def test_puncta_channel_plants_small_spots_and_leaves_the_other_channels_alone(tmp_path):
+    """--puncta: a fifth channel (LC3) whose cytoplasmic spots multiply with strength while the cell's
+    LC3 stays the same; the first four channels are the files a run without it writes."""
+    import tifffile
+    from scipy import ndimage
+
+    from phenolens.data.simulate import simulate
+
+    plain = simulate(tmp_path / "plain", conditions=["control", "high"], per_condition=6, size=48, seed=4,
+                     progress=False, workers=1)
+    punct = simulate(tmp_path / "punct", conditions=["control", "high"], per_condition=6, size=48, seed=4,
+                     progress=False, workers=1, puncta=True)
+    contrast, totals, maxima = {}, {}, {}
+    for cond in ("control", "high"):
+        cvs, tot, peaks = [], [], []
+        for j in range(6):
+            name = f"{cond}_{j:05d}"
+            a = tifffile.imread(plain / cond / f"{name}.tif")
+            b = tifffile.imread(punct / cond / f"{name}.tif")
+            assert b.shape == (5, 48, 48) and np.array_equal(a, b[:4])
+            cells = tifffile.imread(punct / "_groundtruth" / "masks" / cond / f"{name}_cells.tif")
+            nuclei = tifffile.imread(punct / "_groundtruth" / "masks" / cond / f"{name}_nuclei.tif")
+            lc3 = b[4].astype(float) - np.median(b[4][cells == 0])
+            for i in range(1, int(cells.max()) + 1):
+                cyto = (cells == i) & (nuclei == 0)
+                if cyto.sum() > 30:
+                    v = lc3[cyto]
+                    cvs.append(v.std() / v.mean())
+                    tot.append(lc3[cells == i].sum())
+                    # small bright spots: local maxima standing well above the cell's median
+                    peak = (ndimage.maximum_filter(lc3, size=3) == lc3) & cyto & (lc3 > 1.8 * np.median(v))
+                    peaks.append(int(peak.sum()))
+        contrast[cond], totals[cond], maxima[cond] = np.mean(cvs), np.mean(tot), np.mean(peaks)
+    assert contrast["high"] > 1.5 * contrast["control"], contrast
+    assert maxima["high"] > 2 * maxima["control"] + 1, maxima
+    # the signal gathers into spots, it is not created: total LC3 per cell within 25 %
+    assert abs(totals["high"] / totals["control"] - 1) < 0.25, totals
+    import csv
+
+    with open(punct / "_groundtruth" / "planted.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    spots = {c: np.mean([float(r["lc3_puncta"]) for r in rows if r["condition"] == c]) for c in ("control", "high")}
+    assert spots["control"] < 6 < 10 < spots["high"], spots

@@ -47,6 +47,10 @@ def _add_simulate(sub) -> None:
     p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+    p.add_argument("--puncta", action="store_true",
+                   help="add a fifth channel, LC3, with a punctate phenotype: 1-2 px spots gathering in the cytoplasm "
+                        "(3 per cell in the control, 16 at strength 1, holding 10 %% -> 50 %% of the cell's LC3); the "
+                        "other four channels are the same files as without it (default: 4 channels)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
                         "OUT/.phenolens.json); files phenolens did not write are never touched")
@@ -116,7 +120,11 @@ def _add_train(sub) -> None:
     p.add_argument("model_dir", type=Path, help="where the model, its checkpoints and train_log.csv go")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
                    help="network size: tiny (1M parameters, CPU), small (27M), paper (65M, PhenDiff's U-Net) (default tiny)")
-    p.add_argument("--size", type=int, default=64, help="training crop side in pixels; larger images are cropped, smaller resized (default 64)")
+    p.add_argument("--size", type=int, default=None,
+                   help="training crop side in pixels; larger images are cropped, smaller ones resized up to it (the "
+                        "model then learns cells at that scale, and translate resizes its inputs the same way) "
+                        "(default: the data's own size, the smallest image's short side rounded down to a multiple "
+                        "of the network's downsampling, so nothing is resized)")
     p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
     p.add_argument("--conditions", type=csv_list, default=None,
                    help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
@@ -405,7 +413,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from phenolens.data.simulate import DEFAULT_CONDITIONS, simulate
 
     out = simulate(args.out, conditions=args.conditions or DEFAULT_CONDITIONS, per_condition=args.per_condition,
-                   size=args.size, seed=args.seed, overwrite=args.overwrite)
+                   size=args.size, seed=args.seed, overwrite=args.overwrite, puncta=args.puncta)
     print(f"simulated dataset in {out}")
 
 

@@ -41,11 +41,35 @@ def _check_kind(kinds: dict[str, Path], kind: str, path: Path) -> None:
 
 
 def input_stats(raws: Sequence[np.ndarray], dtype: str) -> dict:
-    """{"dtype", "min": [per channel], "max": [per channel]} of the raw training images (phenolens.json),
-    so that translate can tell an input on another scale from the training set's."""
+    """{"dtype", "min": [per channel], "max": [per channel], "short_side": [smallest, largest]} of the
+    raw training images (phenolens.json), so that translate can tell an input on another intensity
+    scale or of another size from the training set's."""
     lows = np.min(np.stack([r.reshape(r.shape[0], -1).min(axis=1) for r in raws]), axis=0)
     highs = np.max(np.stack([r.reshape(r.shape[0], -1).max(axis=1) for r in raws]), axis=0)
-    return {"dtype": str(dtype), "min": [float(v) for v in lows], "max": [float(v) for v in highs]}
+    sides = [min(r.shape[-2:]) for r in raws]
+    return {"dtype": str(dtype), "min": [float(v) for v in lows], "max": [float(v) for v in highs],
+            "short_side": [int(min(sides)), int(max(sides))]}
+
+
+def upscaled_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """The (h, w) an image is resized to so that its short side reaches SIZE (bilinear, aspect kept);
+    an image already that large keeps its shape. Training and translation share this one rule, so a
+    model trained on images resized up sees translated images resized the same way."""
+    if min(h, w) >= size:
+        return h, w
+    scale = size / min(h, w)
+    return max(size, round(h * scale)), max(size, round(w * scale))
+
+
+def own_size(raws: Sequence[np.ndarray], multiple: int = 1) -> int:
+    """The data's own training crop side: the smallest image's short side, rounded down to a multiple
+    of the network's downsampling, so that no image is ever resized."""
+    side = min(min(r.shape[-2:]) for r in raws)
+    size = side - side % max(1, multiple)
+    if size < 1:
+        raise PhenolensError(f"the smallest training image is {side} px, smaller than the network's "
+                             f"downsampling ({multiple}); use images of at least {multiple} px")
+    return size
 
 
 def data_fingerprint(records: Sequence[ImageRecord], raws: Sequence[np.ndarray], labels: Sequence[int]) -> dict:
@@ -63,12 +87,16 @@ def data_fingerprint(records: Sequence[ImageRecord], raws: Sequence[np.ndarray],
 class ImageSet:
     """All training images in memory, normalised to [-1, 1]."""
 
-    def __init__(self, records: Sequence[ImageRecord], size: int, conditions: list[str],
+    def __init__(self, records: Sequence[ImageRecord], size: int | None, conditions: list[str],
                  normalizer: Normalizer | None = None, channels: Sequence[int] | None = None,
-                 skip_bad: bool = False, augment: bool = True, progress: bool = True) -> None:
-        if int(size) < 1:
+                 skip_bad: bool = False, augment: bool = True, progress: bool = True,
+                 size_multiple: int = 1) -> None:
+        """SIZE is the training crop side; None = the data's own size (`own_size`, a multiple of
+        SIZE_MULTIPLE). Images whose short side is below SIZE are resized up (`upscaled_shape`);
+        `resized_up` counts them, so the caller can say so."""
+        if size is not None and int(size) < 1:
             raise PhenolensError(f"--size {size}: must be a positive number of pixels")
-        self.size = int(size)
+        self.size = int(size) if size is not None else 0
         self.conditions = list(conditions)
         self.augment = augment
         self.bad: list[tuple[Path, str]] = []
@@ -110,6 +138,9 @@ class ImageSet:
                                  f"{normalizer.n_channels}")
         self.normalizer = normalizer if normalizer is not None else Normalizer.fit(raws)
         self.input_stats = input_stats(raws, dtypes[0])
+        if size is None:
+            self.size = own_size(raws, size_multiple)
+        self.resized_up = sum(min(r.shape[-2:]) < self.size for r in raws)
         self.data_fingerprint = data_fingerprint(self.records, raws, labels)
         self.images: list[torch.Tensor] = [self._prepare(self.normalizer.to_model(r)) for r in raws]
         self.labels = torch.tensor(labels, dtype=torch.long)
@@ -117,10 +148,8 @@ class ImageSet:
     def _prepare(self, x: np.ndarray) -> torch.Tensor:
         """Resize up (bilinear) so the short side is at least `size`; larger images are cropped later."""
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        h, w = t.shape[-2:]
-        if min(h, w) < self.size:
-            scale = self.size / min(h, w)
-            new = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
+        new = upscaled_shape(*t.shape[-2:], self.size)
+        if new != tuple(t.shape[-2:]):
             t = F.interpolate(t[None], size=new, mode="bilinear", align_corners=False)[0].clamp_(-1, 1)
         return t.contiguous()
 

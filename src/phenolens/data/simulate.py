@@ -60,6 +60,12 @@ first condition, the untreated control, to 1 for the last). At strength s:
 5. **A subtle shift** (analogue: a small expression change below what the eye catches): tubulin
    in the cytoplasm is multiplied by ``1 + 0.1 s`` (10 % brighter at s = 1); tubulin over the
    nucleus is unchanged.
+6. **LC3 puncta** (only with ``puncta=True`` / ``phenolens simulate --puncta``, a fifth channel
+   ``LC3``; analogue: autophagy induction, LC3 gathering into autophagosomes, or stress granules):
+   a diffuse cytoplasmic pool plus ``1 + Poisson(2 + 13 s)`` spots of 1-2 px radius that hold a share
+   ``0.1 + 0.4 s`` of the cell's LC3 (3 spots and 10 % in the control, 16 spots and 50 % at s = 1; the
+   total per cell is conserved). Small spots are what a translation loses first. The LC3 channel is
+   drawn from its own random stream: the other four channels are the files written without it.
 
 Measured from pixels + masks (tests/test_simulate.py, control vs s = 1, 64 px): nucleus area
 x1.35-1.41; cells per image x0.55-0.73; Golgi puncta per cell 1.0 -> ~4.6 (nearby puncta merge in
@@ -104,6 +110,7 @@ __all__ = [
 
 DEFAULT_CONDITIONS = ["control", "low", "mid", "high"]
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
+PUNCTA_CHANNEL = "LC3"      # the fifth channel of `simulate(..., puncta=True)`
 MIN_SIZE = 32
 GROUNDTRUTH = "_groundtruth"
 
@@ -119,6 +126,10 @@ GOLGI_SCATTER = 6.0         # px, extra RMS scatter at strength 1
 TRANSLOCATION_RATIO0 = 0.3  # actin pool nuclear/cytoplasmic density ratio at strength 0
 TRANSLOCATION_RATIO1 = 2.0  # ... and at strength 1
 TUBULIN_GAIN = 0.1          # cytoplasmic tubulin gain at strength 1
+PUNCTA0 = 2.0               # LC3 puncta per cell beyond the first (Poisson mean) at strength 0 (basal)
+PUNCTA = 13.0               # ... extra at strength 1 (16 per cell on average)
+PUNCTA_SHARE0 = 0.1         # share of the cell's LC3 held in puncta at strength 0
+PUNCTA_SHARE = 0.4          # ... extra share at strength 1 (half of it in puncta)
 MAX_STRENGTH = 2.0
 
 # --- appearance ---------------------------------------------------------------------------------
@@ -130,6 +141,7 @@ TUBULIN_IN_NUCLEUS = 0.15
 ACTIN_CORTEX = 1600.0
 ACTIN_POOL = 350.0
 GOLGI_TOTAL = 60000.0       # integrated counts per cell (conserved across strengths)
+LC3_LEVEL = 450.0           # counts per cytoplasm pixel of the LC3 pool (conserved across strengths)
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,8 @@ class PhenotypeParams:
     golgi_scatter: float        # px, RMS distance of fragments from the Golgi centre
     translocation_ratio: float  # actin pool nuclear/cytoplasmic density ratio
     tubulin_gain: float         # multiplies cytoplasmic tubulin
+    puncta: float = 1.0         # expected LC3 puncta per cell (the optional fifth channel)
+    puncta_share: float = 0.1   # share of the cell's LC3 in puncta
 
 
 def phenotype_params(strength: float) -> PhenotypeParams:
@@ -156,6 +170,8 @@ def phenotype_params(strength: float) -> PhenotypeParams:
         golgi_scatter=GOLGI_SCATTER0 + GOLGI_SCATTER * s,
         translocation_ratio=TRANSLOCATION_RATIO0 * (TRANSLOCATION_RATIO1 / TRANSLOCATION_RATIO0) ** s,
         tubulin_gain=1.0 + TUBULIN_GAIN * s,
+        puncta=1.0 + PUNCTA0 + PUNCTA * s,
+        puncta_share=min(PUNCTA_SHARE0 + PUNCTA_SHARE * s, 0.9),
     )
 
 
@@ -255,9 +271,13 @@ def _gauss_add(img: np.ndarray, y: float, x: float, total: float, sa: float, sb:
     img[y0:y1, x0:x1] += norm * np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))
 
 
-def render_image(size: int, strength: float, rng: np.random.Generator
+def render_image(size: int, strength: float, rng: np.random.Generator,
+                 puncta_rng: np.random.Generator | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict], dict]:
-    """Render one field: (image uint16 (4,H,W), nuclei labels, cell labels, per-cell rows, image row)."""
+    """Render one field: (image uint16 (4,H,W), nuclei labels, cell labels, per-cell rows, image row).
+
+    With PUNCTA_RNG the image gets a fifth channel, LC3 with its punctate phenotype (`_lc3_channel`),
+    drawn from that generator alone: the first four channels are byte-identical with or without it."""
     p = phenotype_params(strength)
     lam = p.expected_cells * (size / 64.0) ** 2
     n_target = max(1, int(rng.poisson(lam)))
@@ -398,6 +418,8 @@ def render_image(size: int, strength: float, rng: np.random.Generator
     offset = float(rng.uniform(100.0, 200.0))
     counts = rng.poisson(expected) + offset + rng.normal(0.0, READ_NOISE, expected.shape)
     img = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+    if puncta_rng is not None:
+        img = np.concatenate([img, _lc3_channel(puncta_rng, cells, cell_lab, nuc_lab, p, rows)[None]])
 
     # mask areas and centroids in one pass (bincount), not one full-image scan per cell
     n = len(cells) + 1
@@ -422,7 +444,44 @@ def render_image(size: int, strength: float, rng: np.random.Generator
         tubulin_gain=round(p.tubulin_gain, 4),
         camera_offset=round(offset, 2),
     )
+    if puncta_rng is not None:
+        image_row.update(
+            lc3_puncta=round(float(np.mean([r["lc3_puncta"] for r in rows])), 3) if rows else "",
+            lc3_puncta_expected=round(p.puncta, 4), lc3_puncta_share=round(p.puncta_share, 4))
     return img, nuc_lab, cell_lab, rows, image_row
+
+
+def _lc3_channel(rng: np.random.Generator, cells: list[dict], cell_lab: np.ndarray, nuc_lab: np.ndarray,
+                 p: PhenotypeParams, rows: list[dict]) -> np.ndarray:
+    """The LC3 channel (analogue: autophagy induction, LC3 moving from the cytosol into
+    autophagosomes; or stress granules): a diffuse cytoplasmic pool plus ``1 + Poisson(2 + 13 s)``
+    puncta of 1-2 px radius (Gaussian sigma 0.7-1.2 px before the PSF) on the cell's own cytoplasm,
+    holding a share ``0.1 + 0.4 s`` of the cell's LC3 (total per cell conserved: signal gathers, it is
+    not created). Small spots are what translation loses first, so this phenotype tests just that."""
+    size = cell_lab.shape[0]
+    sig = np.zeros((size, size))
+    for i, c in enumerate(cells, start=1):
+        y0, y1, x0, x1 = c["box"]
+        cyto = (cell_lab[y0:y1, x0:x1] == i) & (nuc_lab[y0:y1, x0:x1] != i)
+        level = LC3_LEVEL * math.exp(rng.normal(0.0, 0.25))
+        total = level * int(cyto.sum())
+        n = 1 + int(rng.poisson(p.puncta - 1.0))
+        share = p.puncta_share
+        sig[y0:y1, x0:x1] += np.where(cyto, level * (1.0 - share), 0.0)
+        py, px = np.nonzero(cyto)
+        if py.size:
+            pick = rng.choice(py.size, size=n, replace=n > py.size)
+            weights = rng.dirichlet(np.full(n, 4.0)) * total * share
+            sigmas = rng.uniform(0.7, 1.2, n)
+            jit = rng.uniform(-0.5, 0.5, (n, 2))
+            for k in range(n):
+                _gauss_add(sig, py[pick[k]] + y0 + jit[k, 0], px[pick[k]] + x0 + jit[k, 1], float(weights[k]),
+                           float(sigmas[k]), float(sigmas[k]), 0.0)
+        rows[i - 1].update(lc3_level=round(level, 2), lc3_puncta=n if py.size else 0)
+    sig = ndimage.gaussian_filter(sig, sigma=PSF_SIGMA, mode="nearest")
+    expected = np.maximum(sig * math.exp(rng.normal(0.0, 0.05)) + rng.uniform(20.0, 60.0), 0.0)
+    counts = rng.poisson(expected) + rng.uniform(100.0, 200.0) + rng.normal(0.0, READ_NOISE, expected.shape)
+    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
 
 
 # =============================================================================== writing
@@ -435,6 +494,7 @@ class _Job:
     strength: float
     size: int
     seed: int
+    puncta: bool = False
 
 
 def _image_seed(seed: int, cond_index: int, index: int) -> np.random.SeedSequence:
@@ -444,12 +504,15 @@ def _image_seed(seed: int, cond_index: int, index: int) -> np.random.SeedSequenc
 def _run_job(job: _Job) -> tuple[dict, list[dict]]:
     """Render and write one image and its masks; returns its planted row and cell rows."""
     rng = np.random.default_rng(_image_seed(job.seed, job.cond_index, job.index))
-    img, nuc, cell, rows, image_row = render_image(job.size, job.strength, rng)
+    # the LC3 channel has its own stream, so the other four are the same files with or without it
+    puncta_rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.cond_index, job.index, 1))) \
+        if job.puncta else None
+    img, nuc, cell, rows, image_row = render_image(job.size, job.strength, rng, puncta_rng)
     name = f"{job.condition}_{job.index:05d}"
     rel = f"{job.condition}/{name}.tif"
     out = Path(job.out)
     tifffile.imwrite(out / rel, img, photometric="minisblack", compression="zlib",
-                     metadata={"axes": "CYX", "Channel": {"Name": CHANNEL_NAMES}})
+                     metadata={"axes": "CYX", "Channel": {"Name": channel_names(job.puncta)}})
     mdir = out / GROUNDTRUTH / "masks" / job.condition
     tifffile.imwrite(mdir / f"{name}_nuclei.tif", nuc, photometric="minisblack", compression="zlib")
     tifffile.imwrite(mdir / f"{name}_cells.tif", cell, photometric="minisblack", compression="zlib")
@@ -570,13 +633,19 @@ def _prepare_out(out: Path, conditions: Sequence[str], per_condition: int, overw
     return folder
 
 
+def channel_names(puncta: bool = False) -> list[str]:
+    """The channels a dataset holds, in file order."""
+    return CHANNEL_NAMES + [PUNCTA_CHANNEL] if puncta else list(CHANNEL_NAMES)
+
+
 def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, per_condition: int = 100,
              size: int = 64, seed: int = 0, strengths: Sequence[float] | None = None, progress: bool = True,
-             workers: int | None = None, *, overwrite: bool = False) -> Path:
+             workers: int | None = None, *, overwrite: bool = False, puncta: bool = False) -> Path:
     """Write a simulated dataset with planted phenotypes into OUT (see the module docstring); returns OUT.
 
     Condition i gets ``strengths[i]`` (default linear 0..1; the first condition is the control).
-    Output is byte-identical for a given seed whatever ``workers`` is.
+    Output is byte-identical for a given seed whatever ``workers`` is. PUNCTA adds a fifth channel,
+    LC3, with a punctate phenotype (`_lc3_channel`); the other four channels are unchanged by it.
     """
     conds, strs = _validate(conditions, per_condition, size, seed, strengths, workers)
     out = Path(out)
@@ -584,7 +653,7 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
         raise PhenolensError(f"{out}: exists and is not a folder")
     _prepare_out(out, conds, per_condition, overwrite)
     try:
-        _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress)
+        _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress, puncta)
     except OSError as err:  # unwritable or full disk: one line, not a traceback
         where = err.filename or out
         raise PhenolensError(f"{where}: cannot write the simulated dataset ({err.strerror or err})") from None
@@ -592,14 +661,14 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
 
 
 def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition: int, size: int, seed: int,
-                   workers: int | None, progress: bool) -> None:
+                   workers: int | None, progress: bool, puncta: bool = False) -> None:
     """Render every image (in a process pool when it pays off) and write the tables."""
     (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)
     for c in conds:
         (out / c).mkdir(parents=True, exist_ok=True)
         (out / GROUNDTRUTH / "masks" / c).mkdir(parents=True, exist_ok=True)
 
-    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed))
+    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta))
             for ci, c in enumerate(conds) for j in range(int(per_condition))]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
@@ -608,8 +677,8 @@ def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition
     planted = [r[0] for r in results]
     cells = [c for r in results for c in r[1]]
     gt = out / GROUNDTRUTH
-    _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS)
-    _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS)
+    _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS + (_PUNCTA_PLANTED if puncta else []))
+    _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS + (_PUNCTA_CELL if puncta else []))
     _write_csv_atomic(out / "manifest.csv", planted, ["path", "condition", "strength"])
 
 
@@ -643,3 +712,5 @@ _CELL_FIELDS = ["path", "condition", "cell_id", "centroid_y", "centroid_x", "nuc
                 "nucleus_minor", "nucleus_angle", "cell_major", "cell_minor", "cell_angle", "dna_level",
                 "tubulin_level", "actin_cortex", "actin_pool", "golgi_total", "golgi_fragments",
                 "golgi_rms_radius", "golgi_y", "golgi_x"]
+_PUNCTA_PLANTED = ["lc3_puncta", "lc3_puncta_expected", "lc3_puncta_share"]
+_PUNCTA_CELL = ["lc3_level", "lc3_puncta"]

@@ -28,6 +28,8 @@ PLANTED_FEATURES: dict[str, tuple[str, str]] = {
     "Golgi fragmentation": ("Cells_Intensity_StdIntensity__Golgi", "Golgi contrast per cell (compact = high)"),
     "actin translocation": ("Image_Intensity_NuclearFraction_actin", "fraction of actin over nuclei"),
     "tubulin +10 % (subtle)": ("Image_Intensity_CytoplasmMean_tubulin", "mean cytoplasmic tubulin"),
+    # only in datasets simulated with --puncta (a fifth channel)
+    "LC3 puncta": ("Cells_Intensity_StdIntensity__LC3", "LC3 contrast per cell (punctate = high)"),
 }
 EFFECT_TOLERANCE = 0.5  # translated effect within +-50 % of the real one at the strongest dose
 MIN_CORRELATION = 0.8

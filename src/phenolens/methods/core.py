@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from phenolens.data.dataset import upscaled_shape
 from phenolens.data.normalize import Normalizer
 from phenolens.diffusion.code import Code
 from phenolens.diffusion.conditions import Condition, ModelFn, take
@@ -93,6 +94,21 @@ class Translation:
 
 
 EditLike = Union[Edit, str]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where a batch of images sits in the tensor the networks see. Why: networks take sides that are
+    multiples of their downsampling (the images are padded), and a model trained on images resized up
+    (`--size` above the data's own) must see its inputs resized the same way. `size` is the images'
+    own (h, w); `scaled` the (h, w) they were resized to (equal when nothing was resized)."""
+
+    size: tuple[int, int]
+    scaled: tuple[int, int]
+
+    @property
+    def resized(self) -> bool:
+        return self.size != self.scaled
 
 
 class CounterfactualModel:
@@ -175,29 +191,52 @@ class CounterfactualModel:
         return render(self.network(), code, condition, self.scheduler, guidance_scale=guidance_scale,
                       null_condition=null, progress=progress)
 
-    def to_model_space(self, raw_images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Normalise raw CHW images of one shape to [-1, 1] and reflect-pad them to a size the networks
-        accept. They are convolutional, so images are processed at their own resolution (no resampling,
-        so reconstructions stay exact in raw units)."""
+    def model_scale(self, h: int, w: int) -> tuple[int, int]:
+        """The (h, w) an image of (h, w) pixels is processed at: its own, unless the model was trained on
+        images resized up (`ModelInfo.size_rule == "resize-up"`), when the same rule as training applies."""
+        if getattr(self.info, "size_rule", None) == "resize-up":
+            return upscaled_shape(h, w, int(self.info.image_size))
+        return h, w
+
+    def normalized(self, raw_images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Raw CHW images of one shape -> (B, C, H, W) in [-1, 1], at their own size."""
         shapes = {img.shape for img in raw_images}
         if len(shapes) != 1:
             raise ValueError("to_model_space needs images of one shape; group them first")
-        c, h, w = next(iter(shapes))
+        c = next(iter(shapes))[0]
         if c != self.info.n_channels:
             raise PhenolensError(f"images have {c} channels but the model expects {self.info.n_channels}")
-        x = torch.from_numpy(np.stack([self.normalizer.to_model(img) for img in raw_images])).float()
+        return torch.from_numpy(np.stack([self.normalizer.to_model(img) for img in raw_images])).float()
+
+    def to_model_space(self, raw_images: Sequence[np.ndarray]) -> tuple[torch.Tensor, Frame]:
+        """Normalise raw CHW images of one shape to [-1, 1] and reflect-pad them to a size the networks
+        accept. They are convolutional, so images are processed at their own resolution (no resampling,
+        so reconstructions stay exact in raw units), unless the model learnt cells resized up
+        (`model_scale`): then they are resized the same way, and `crop_back` resizes the results back."""
+        x = self.normalized(raw_images)
+        h, w = x.shape[-2:]
+        scaled = self.model_scale(h, w)
+        if scaled != (h, w):
+            x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False).clamp_(-1, 1)
         f = self.spatial_factor()
-        ph, pw = (-h) % f, (-w) % f
+        sh, sw = scaled
+        ph, pw = (-sh) % f, (-sw) % f
         if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
+            mode = "reflect" if ph < sh and pw < sw else "replicate"
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)
-        return x, (h, w)
+        return x, Frame((int(h), int(w)), (int(sh), int(sw)))
 
     @staticmethod
-    def crop_back(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        h, w = hw
+    def crop_back(x: torch.Tensor, frame: Frame | tuple[int, int]) -> torch.Tensor:
+        """The images' own pixels out of the padded (and possibly resized) network tensor."""
+        if not isinstance(frame, Frame):
+            frame = Frame(tuple(frame), tuple(frame))
+        h, w = frame.scaled
         top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-        return x[..., top:top + h, left:left + w]
+        x = x[..., top:top + h, left:left + w]
+        if frame.resized:
+            x = F.interpolate(x, size=frame.size, mode="bilinear", align_corners=False, antialias=True)
+        return x
 
     @torch.no_grad()
     def translate(self, images: Sequence[np.ndarray], source: str | Sequence[str],
@@ -230,22 +269,23 @@ class CounterfactualModel:
 
     def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
                    guidance_scale: float, generator: Generators, progress: bool) -> Translation:
-        x0, hw = self.to_model_space(images)
+        x0, frame = self.to_model_space(images)
         x0 = x0.to(self.device)
+        # the sources at their own size: the yardstick of every error (equal to crop_back(x0) unless resized)
+        src = self.normalized(images).to(self.device) if frame.resized else self.crop_back(x0, frame)
         z0 = self.encode(x0)
         cond = self.condition(x0, sources)
         code = self.invert(z0, cond, inversion, generator=generator, progress=progress)
         z_recon = self.render(code, cond, progress=progress)
         steps_rendered = inversion.steps - inversion.skip
         render_forwards = np.full(len(images), steps_rendered, dtype=np.int64)
-        recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), hw)
-        src = self.crop_back(x0, hw)
+        recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), frame)
         result = Translation(reconstructions=self._to_raw(recon), translations={},
                              recon_mse=mse_per_image(recon, src),
                              inversion_forwards=code.forwards.cpu().numpy().astype(np.int64))
         if self.latent:
             result.latent_recon_mse = mse_per_image(z_recon, z0)
-            result.autoencoder_mse = mse_per_image(self.crop_back(self.decode(z0).clamp(-1, 1), hw), src)
+            result.autoencoder_mse = mse_per_image(self.crop_back(self.decode(z0).clamp(-1, 1), frame), src)
         per_call = 2 if guidance_scale != 1.0 else 1
         for key, edit in edits.items():
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
@@ -255,7 +295,7 @@ class CounterfactualModel:
                 cond_e = self.edited(take(cond, changed), edit, [sources[i] for i in changed], x0[idx])
                 z_new = self.render(code.take(changed), cond_e, guidance_scale=guidance_scale, progress=progress)
                 z_out[idx] = z_new
-                out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), hw)
+                out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), frame)
                 render_forwards[changed] += steps_rendered * per_call
             result.translations[key] = self._to_raw(out)
             result.change_mse[key] = mse_per_image(out, src)

@@ -27,8 +27,8 @@ from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
 from phenolens.methods.core import NamedConditionModel
 from phenolens.models.store import MODEL_FILES, ModelInfo, apply_umask, load_model, save_model
-from phenolens.models.unet import unet_downsample_factor
-from phenolens.train.inputs import condition_order_line, training_inputs
+from phenolens.models.unet import preset_downsample_factor, unet_downsample_factor
+from phenolens.train.inputs import condition_order_line, size_line, training_inputs
 from phenolens.train.samples import write_sample_grid
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class PhenDiffTrainSettings:
     """Everything `phenolens train` decides besides the optimiser loop (see TrainConfig)."""
 
     preset: str = "tiny"
-    size: int = 64
+    size: int | None = None  # training crop side; None = the data's own size (no image is resized)
     channels: list[int] | None = None
     conditions: list[str] | None = None  # order to keep (a dose series); default: as found
     prediction_type: str = "v_prediction"
@@ -110,7 +110,10 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
     if main:
         logger.info(condition_order_line(data, conditions, settings.conditions))
     images = ImageSet(records, settings.size, conditions, channels=settings.channels,
-                      skip_bad=settings.skip_bad, augment=getattr(config, "augment", True), progress=progress)
+                      skip_bad=settings.skip_bad, augment=getattr(config, "augment", True), progress=progress,
+                      size_multiple=preset_downsample_factor(settings.preset))
+    if main:
+        (logger.warning if images.resized_up else logger.info)(size_line(images, settings.size))
     if overwrite:
         folder.clear()  # the data are read and fine: now the old run may go (only what phenolens wrote)
     if images.bad and main:
@@ -120,18 +123,19 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {report}")
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on --seed only; the caller's RNG is untouched
         torch.random.default_generator.manual_seed(config.seed)
-        unet = build_unet(settings.preset, channels=images.n_channels, size=settings.size,
+        unet = build_unet(settings.preset, channels=images.n_channels, size=images.size,
                           num_conditions=len(conditions))
     scheduler = make_scheduler(prediction_type=settings.prediction_type, beta_schedule=settings.beta_schedule,
                                zero_terminal_snr=settings.zero_terminal_snr,
                                timestep_spacing=settings.timestep_spacing)
     info = ModelInfo(
-        conditions=list(conditions), n_channels=images.n_channels, image_size=settings.size,
+        conditions=list(conditions), n_channels=images.n_channels, image_size=images.size,
         normalization=images.normalizer.to_dict(), method="phendiff", channels=settings.channels,
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
+        size_rule="resize-up" if images.resized_up else "own",
     )
 
     def on_save(trained_unet, step: int) -> None:

@@ -38,7 +38,7 @@ from phenolens.methods.core import NamedConditionModel
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
 from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
 from phenolens.models.unet import unet_downsample_factor
-from phenolens.train.inputs import condition_order_line, training_inputs
+from phenolens.train.inputs import condition_order_line, size_line, training_inputs
 from phenolens.train.samples import write_sample_grid
 
 logger = logging.getLogger(__name__)
@@ -321,6 +321,8 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
                       augment=config.augment, progress=progress)
     check_channels(images.n_channels, f"the images of {data}")
+    if main and images.resized_up:
+        logger.warning(size_line(images, size))
     if overwrite:
         folder.clear()  # the data are read and fine: now the old run may go (only what phenolens wrote)
     if images.bad and main:
@@ -349,6 +351,7 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
                       config=asdict(config), trainable_parameters=trainable, total_parameters=total,
                       num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
+        size_rule="resize-up" if images.resized_up else "own",
     )
 
     def on_save(trained: ConditionedUNet, step: int) -> None:

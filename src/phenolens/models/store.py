@@ -45,6 +45,10 @@ class ModelInfo:
     # {"dtype": "uint16", "min": [per channel raw min], "max": [per channel raw max]}; {} = unknown (older model)
     input_stats: dict[str, Any] = field(default_factory=dict)
     cond_dropout: float | None = None  # condition dropout at training; 0 = the null condition was never trained
+    # the scale the network learnt cells at (issue 11): "own" = every training image at its own pixel size;
+    # "resize-up" = images whose short side was below image_size were resized up to it (`--size` above the
+    # data's own), and translate resizes its inputs the same way; None = an older model, not recorded
+    size_rule: str | None = None
 
     def condition_index(self, name: str, option: str = "condition") -> int:
         if name not in self.conditions:

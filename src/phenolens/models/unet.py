@@ -43,6 +43,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_downsample_factor(preset: str) -> int:
+    """Image sides a preset's network takes must be multiples of this."""
+    if preset not in PRESETS:
+        raise PhenolensError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return downsample_factor_of(PRESETS[preset]["block_out_channels"])
+
+
 def build_unet(preset: str, *, channels: int, size: int, num_conditions: int) -> UNet2DModel:
     """A fresh class-conditional UNet; label `num_conditions` is the null (dropped) condition."""
     if preset not in PRESETS:

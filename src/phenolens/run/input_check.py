@@ -20,9 +20,10 @@ WARN_CLIPPED = 0.05  # a clipped fraction above this earns a warning (training i
 
 
 class InputCheck:
-    """Compares each source with the training set: dtype, and how much of it the normaliser clips."""
+    """Compares each source with the training set: dtype, size, and how much of it the normaliser clips."""
 
     def __init__(self, model: CounterfactualModel, max_clipped: float, notices: Notices) -> None:
+        self.model = model
         self.normalizer = model.normalizer
         stats = model.info.input_stats if isinstance(model.info.input_stats, dict) else {}
         self.dtype = stats.get("dtype") if isinstance(stats.get("dtype"), str) else None
@@ -39,6 +40,7 @@ class InputCheck:
                 f"{float(np.nanmax(raw)):g}) lie outside the model's training range ({span}) and would be clipped; "
                 f"it is unlike the training images (other bit depth or scaling?). Convert it like the training "
                 f"set, or raise --max-clipped (now {self.max_clipped:g}) to translate it anyway")
+        self._check_scale(path, raw.shape[-2:])
         problem = self._dtype_problem(layout.dtype)
         if problem:
             self.notices.add("dtype", f"{path}: {problem}; results may be meaningless",
@@ -48,6 +50,25 @@ class InputCheck:
                              f"training range ({span}) and are clipped (column clipped_fraction in index.csv)",
                              f"{{n}} images in all have more than {WARN_CLIPPED:.0%} of their values clipped")
         return clipped
+
+    def _check_scale(self, path: Path, hw) -> None:
+        """Say when an image is resized to the scale the model learnt cells at, or when an older model
+        (which did not record that scale) was trained on crops larger than the image."""
+        h, w = (int(v) for v in hw)
+        info = self.model.info
+        rule, size = getattr(info, "size_rule", None), int(info.image_size)
+        scaled = self.model.model_scale(h, w)
+        if scaled != (h, w):
+            self.notices.add("resized", f"{path}: {h}x{w} px is resized up to {scaled[0]}x{scaled[1]} px, the scale the "
+                             f"model learnt cells at (trained with --size {size} on smaller images), and its outputs "
+                             f"back to {h}x{w} px", "{n} images in all resized up to the model's scale and back",
+                             prefix="")
+        elif rule is None and min(h, w) < size:
+            self.notices.add("scale", f"{path}: {h}x{w} px, smaller than the {size} px crops this model was trained on; "
+                             "an older phenolens resized smaller training images up to that size, so the model may "
+                             "have learnt cells at another scale than this image's: retrain it (phenolens train now "
+                             "trains at the data's own size)",
+                             "{n} images in all smaller than the model's training crops")
 
     def _range(self) -> str:
         lo, hi = self.normalizer.low, self.normalizer.high

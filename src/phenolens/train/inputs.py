@@ -21,3 +21,18 @@ def condition_order_line(data: str | Path, conditions: Sequence[str], wanted: Se
     if wanted:
         return f"conditions, in this order: {order} (from --conditions)"
     return f"conditions, in this order: {order} ({condition_order_source(data)}; pass --conditions to change)"
+
+
+def size_line(images, asked: int | None) -> str:
+    """One line saying at which size and scale the network learns the cells: the data's own (the
+    default, nothing resized) or --size, and how many images that resized up."""
+    lo, hi = images.input_stats.get("short_side", [None, None])
+    if asked is None:
+        return (f"training crops of {images.size} px: the data's own size (smallest short side {lo} px), no image "
+                "resized; pass --size to choose")
+    if images.resized_up:
+        return (f"--size {images.size}: {images.resized_up} of {len(images.images)} images have a short side under "
+                f"{images.size} px (smallest {lo} px) and are resized up to it; the model learns cells at that "
+                "scale and translate resizes its inputs the same way (leave --size out to train at the data's "
+                "own size)")
+    return f"training crops of {images.size} px (--size; images {lo}-{hi} px, none resized)"
