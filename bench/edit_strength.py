@@ -42,6 +42,7 @@ import torch
 
 from phenolens.atomic import write_csv_atomic
 from phenolens.data.records import discover
+from phenolens.data.simulate import CHANNEL_NAMES, channel_names
 from phenolens.errors import PhenolensError
 from phenolens.measure.planted import PLANTED_FEATURES, planted_table
 from phenolens.methods.registry import load_model_for
@@ -52,14 +53,14 @@ from phenolens.run.translate import TranslateSettings, run_translate
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "src" / "phenolens" / "assets" / "demo_model"
 # the demo's data (phenolens.demo): reference = its training set, sources = held-out control images
 DEMO_SIZE, DEMO_REFERENCE_PER_CONDITION, DEMO_REFERENCE_SEED, DEMO_HELDOUT_SEED = 48, 200, 0, 1
-CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 SHORT = {"nuclear enlargement": "nuclear enlargement", "cell loss": "cell loss",
          "Golgi fragmentation": "Golgi fragmentation", "actin translocation": "actin translocation",
-         "tubulin +10 % (subtle)": "tubulin +10 %"}
+         "tubulin +10 % (subtle)": "tubulin +10 %", "LC3 puncta": "LC3 puncta"}
 
 
-def run_name(inversion: str, skip: int) -> str:
-    return inversion if inversion != "ef-ddpm" else f"ef-ddpm-skip{skip}"
+def run_name(inversion: str, skip: int, guidance: float = 1.0) -> str:
+    name = inversion if inversion != "ef-ddpm" else f"ef-ddpm-skip{skip}"
+    return name if guidance == 1 else f"{name}-g{guidance:g}"
 
 
 def simulated(path: Path, per_condition: int, seed: int, conditions: list[str]) -> Path:
@@ -123,17 +124,17 @@ def fmt(v: float, spec: str = ".2f") -> str:
 
 def format_table(results: list[dict], to: str) -> str:
     phen = list(PLANTED_FEATURES)
-    head = (["inversion", "skip"] + [f"{SHORT[p]} ratio" for p in phen]
+    head = (["inversion", "skip", "guidance"] + [f"{SHORT[p]} ratio" for p in phen]
             + ["mean abs(ratio-1)", f"source nuclei kept ({to})", f"oracle success ({to})",
                "recon PSNR mean / min (dB)", f"change MSE ({to})", "calls / image (inversion + edit)"])
     lines = ["| " + " | ".join(head) + " |", "|:---|---:|" + "---:|" * (len(head) - 2)]
     real = results[0]["real_d"]
-    lines.append("| real control -> " + to + " (Cohen's d) | | " + " | ".join(fmt(real[p]) for p in phen)
+    lines.append("| real control -> " + to + " (Cohen's d) | | | " + " | ".join(fmt(real[p]) for p in phen)
                  + " | | | | | | |")
     for r in results:
         dev = np.nanmean([abs(r["ratios"][p] - 1) for p in phen])
         lines.append(
-            f"| {r['inversion']} | {r['skip']} | " + " | ".join(fmt(r["ratios"][p]) for p in phen)
+            f"| {r['inversion']} | {r['skip']} | {r.get('guidance', 1.0):g} | " + " | ".join(fmt(r["ratios"][p]) for p in phen)
             + f" | {fmt(dev)} | {fmt(100 * r['nuclei_kept'], '.0f')} % | {fmt(100 * r['success'], '.0f')} % | "
             f"{fmt(r['psnr_mean'], '.1f')} / {fmt(r['psnr_min'], '.1f')} | {r['change_mse']:.3g} | "
             f"{r['inversion_calls']:.0f} + {r['render_calls']} = {r['inversion_calls'] + r['render_calls']:.0f} |")
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=24, help="source images (default 24, as the demo)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--skips", default="0,10,25,40", help="EF-DDPM T_skip values")
+    ap.add_argument("--guidance", default="",
+                    help="classifier-free guidance scales above 1 for the exact fixed-point inversion, e.g. 1.5,2,3 "
+                         "(needs a model trained with --cond-dropout; default: none)")
     ap.add_argument("--source", default=None, help="source condition (default: the first of the simulated series)")
     ap.add_argument("--to", default=None, help="the edit judged (default: the last of the simulated series)")
     ap.add_argument("--targets", choices=("all", "to"), default="all",
@@ -179,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     skips = [int(s) for s in args.skips.split(",") if s.strip()]
+    scales = [float(g) for g in args.guidance.split(",") if g.strip() and float(g) != 1]
 
     model = load_model_for(args.model, device="cpu")
     series = ["control", "low", "mid", "high"]  # the simulator's dose series (phenolens.data.simulate)
-    source, to = args.source or series[0], args.to or series[-1]
+    conditions = [c for c in series if c in model.conditions] + [c for c in model.conditions if c not in series]
+    source, to = args.source or conditions[0], args.to or conditions[-1]
     model.info.condition_index(source, "--source")
     model.info.condition_index(to, "--to")
-    conditions = [c for c in series if c in model.conditions] + [c for c in model.conditions if c not in series]
+    names = channel_names(model.info.n_channels == len(CHANNEL_NAMES) + 1)
     args.work.mkdir(parents=True, exist_ok=True)
     heldout = args.heldout or simulated(args.work / "heldout", args.n, DEMO_HELDOUT_SEED, conditions)
     reference = args.reference or simulated(args.work / "reference", DEMO_REFERENCE_PER_CONDITION,
@@ -196,26 +202,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps, reference {reference} ({args.max_reference} per condition), targets "
           f"{'all conditions' if targets is None else ', '.join(targets)}, {torch.get_num_threads()} thread(s)")
 
-    plans = [("fixed-point", 0)] + [("ef-ddpm", k) for k in skips]
+    plans = [("fixed-point", 0, 1.0)] + [("fixed-point", 0, g) for g in scales] + [("ef-ddpm", k, 1.0) for k in skips]
     results, t_all = [], time.perf_counter()
-    for inversion, skip in plans:
-        run_dir = args.work / "runs" / run_name(inversion, skip)
+    for inversion, skip, guidance in plans:
+        run_dir = args.work / "runs" / run_name(inversion, skip, guidance)
         t0 = time.perf_counter()
         settings = TranslateSettings(model_dir=str(args.model), input=str(sources), targets=targets,
                                      steps=args.steps, inversion=inversion, skip=skip, seed=args.seed,
-                                     batch_size=args.batch)
+                                     batch_size=args.batch, guidance_scale=guidance)
         run_translate(settings, run_dir, overwrite=args.overwrite, device="cpu", progress=False)
         t_translate = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_measure(run_dir, MeasureSettings(reference=str(reference), channel_names=CHANNEL_NAMES,
+        run_measure(run_dir, MeasureSettings(reference=str(reference), channel_names=names,
                                              max_reference=args.max_reference, judges=not args.no_judges,
                                              judge_steps=args.judge_steps, workers=args.workers),
                     overwrite=args.overwrite, progress=False)
         t_measure = time.perf_counter() - t0
         r = summarize(run_dir, source, to, args.steps, skip)
-        r.update(inversion=inversion, skip=skip, translate_s=t_translate, measure_s=t_measure)
+        r.update(inversion=inversion, skip=skip, guidance=guidance, translate_s=t_translate, measure_s=t_measure)
+        if guidance != 1:
+            r["render_calls"] *= 2  # a guided step calls the network with and without the condition
         results.append(r)
-        print(f"  {run_name(inversion, skip):>16}: translate {t_translate:.0f} s, measure {t_measure:.0f} s; "
+        print(f"  {run_name(inversion, skip, guidance):>16}: translate {t_translate:.0f} s, measure {t_measure:.0f} s; "
               f"ratios {', '.join(fmt(v) for v in r['ratios'].values())}", file=sys.stderr, flush=True)
 
     print()
@@ -231,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oracle success: fraction of translations the oracle ensemble (trained on the real images; held-out "
               f"accuracy {', '.join(f'{k} {v:.0%}' for k, v in acc.items()) if isinstance(acc, dict) else acc}) "
               f"assigns to {to}; their untranslated sources: "
-              + ", ".join(f"{run_name(r['inversion'], r['skip'])} {fmt(100 * r['success_sources'], '.0f')} %"
+              + ", ".join(f"{run_name(r['inversion'], r['skip'], r['guidance'])} {fmt(100 * r['success_sources'], '.0f')} %"
                           for r in results))
-    print("time (s): " + ", ".join(f"{run_name(r['inversion'], r['skip'])} translate {r['translate_s']:.0f} + "
+    print("time (s): " + ", ".join(f"{run_name(r['inversion'], r['skip'], r['guidance'])} translate {r['translate_s']:.0f} + "
                                     f"measure {r['measure_s']:.0f}" for r in results)
           + f"; total {time.perf_counter() - t_all:.0f}")
     if args.out:

@@ -263,16 +263,8 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _add_measure(sub) -> None:
-    p = sub.add_parser("measure", help="CellProfiler features, statistics and image metrics of a translate run",
-                       description="Segment nuclei and cells in the sources, reconstructions, translations and real "
-                                   "reference images of every condition, measure CellProfiler features (cp_measure), "
-                                   "compare real and translated effects, and write RUN_DIR/measure/ (features.csv, "
-                                   "stats.csv, ranked.csv, dose_correlation.csv, metrics.json).")
-    p.add_argument("run_dir", type=Path, help="the OUT folder of `phenolens translate` (holds index.csv)")
-    p.add_argument("--reference", type=Path, default=None,
-                   help="real images of every condition (folder per condition or manifest CSV); default: the data "
-                        "the model was trained on, as its phenolens.json records")
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    """How images are segmented and measured: the options `measure` and `validate` share."""
     p.add_argument("--channel-names", type=csv_list, default=None,
                    help="comma-separated channel names for feature columns, e.g. DNA,tubulin,actin (default ch0,ch1,...)")
     p.add_argument("--nuclei-channel", type=int, default=0,
@@ -287,13 +279,26 @@ def _add_measure(sub) -> None:
     p.add_argument("--profile", choices=("standard", "full"), default="standard",
                    help="feature set: standard (size/shape, intensity, granularity, radial distribution, "
                         "correlation) or full (adds texture, Zernike, Costes; ~10x slower)")
-    p.add_argument("--max-reference", type=int, default=200,
-                   help="real images per condition to measure, at least 1 (default 200)")
     p.add_argument("--no-judges", dest="judges", action="store_false",
                    help="skip the oracle classifiers (success ratio, classifier-feature FID/KID)")
     p.add_argument("--judge-steps", type=int, default=300,
                    help="training steps for each oracle classifier (default 300)")
     p.add_argument("--workers", type=int, default=None, help="processes for measuring (default: CPU count, at most 8)")
+
+
+def _add_measure(sub) -> None:
+    p = sub.add_parser("measure", help="CellProfiler features, statistics and image metrics of a translate run",
+                       description="Segment nuclei and cells in the sources, reconstructions, translations and real "
+                                   "reference images of every condition, measure CellProfiler features (cp_measure), "
+                                   "compare real and translated effects, and write RUN_DIR/measure/ (features.csv, "
+                                   "stats.csv, ranked.csv, dose_correlation.csv, metrics.json).")
+    p.add_argument("run_dir", type=Path, help="the OUT folder of `phenolens translate` (holds index.csv)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="real images of every condition (folder per condition or manifest CSV); default: the data "
+                        "the model was trained on, as its phenolens.json records")
+    _add_feature_options(p)
+    p.add_argument("--max-reference", type=int, default=200,
+                   help="real images per condition to measure, at least 1 (default 200)")
     p.add_argument("--overwrite", action="store_true",
                    help="measure again from scratch: remove what phenolens wrote into RUN_DIR/measure earlier (listed "
                         "in its .phenolens.json); files phenolens did not write are never touched (default: reuse "
@@ -370,6 +375,36 @@ def _add_memorization(sub) -> None:
     p.set_defaults(func=cmd_memorization)
 
 
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="does the model show the real phenotype on held-out cells?",
+                       description="Translate the held-out cells of the control condition to every condition, measure "
+                                   "them against all held-out real cells (PhenDiff's Fig. 4 protocol) and score: for "
+                                   "the features the real treatment changes most, the direction, the effect ratio "
+                                   "(translated / real mean difference) and the real-vs-translated dose response; the "
+                                   "control -> control null; reconstruction PSNR; source nuclei found again. Writes "
+                                   "OUT/validation.md, .json, .csv, the translate run OUT/run and its measure/.")
+    p.add_argument("model_dir", type=Path, help="a model written by `phenolens train` or `phenolens finetune`")
+    p.add_argument("heldout", type=Path,
+                   help="real cells of every condition that training never saw (folder per condition or manifest CSV)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--source", default=None, metavar="COND",
+                   help="the control condition, translated to every other (default: the model's first condition)")
+    p.add_argument("--max-sources", type=int, default=None, metavar="N",
+                   help="translate at most N control cells (default: all)")
+    p.add_argument("--top", type=int, default=10, help="features scored: the largest significant real |d| (default 10)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance of the translations (default 1 = none)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    _add_feature_options(p)
+    p.add_argument("--device", default=None, help="torch device for translation (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove what phenolens wrote into OUT earlier (listed in OUT/.phenolens.json); "
+                        "files phenolens did not write are never touched (default: resume)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_validate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenolens",
@@ -378,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_report, _add_memorization, _add_demo):
+    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_memorization,
+                _add_demo):
         add(sub)
     return parser
 
@@ -498,16 +534,41 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
-    from phenolens.run.measure import MeasureSettings, run_measure
+    from phenolens.run.measure import run_measure
 
-    settings = MeasureSettings(reference=str(args.reference) if args.reference else None,
-                               channel_names=args.channel_names, nuclei_channel=args.nuclei_channel,
-                               cell_channel=args.cell_channel, nucleus_diameter=args.nucleus_diameter,
-                               masks=str(args.masks) if args.masks else None, profile=args.profile,
-                               max_reference=args.max_reference, judges=args.judges, judge_steps=args.judge_steps,
-                               workers=args.workers)
-    out = run_measure(args.run_dir, settings, overwrite=args.overwrite)
+    out = run_measure(args.run_dir, _measure_settings(args, args.reference, args.max_reference),
+                      overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _measure_settings(args: argparse.Namespace, reference=None, max_reference: int = 200):
+    from phenolens.run.measure import MeasureSettings
+
+    return MeasureSettings(reference=str(reference) if reference else None,
+                           channel_names=args.channel_names, nuclei_channel=args.nuclei_channel,
+                           cell_channel=args.cell_channel, nucleus_diameter=args.nucleus_diameter,
+                           masks=str(args.masks) if args.masks else None, profile=args.profile,
+                           max_reference=max_reference, judges=args.judges, judge_steps=args.judge_steps,
+                           workers=args.workers)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from phenolens.measure.validation import Criteria, format_validation
+    from phenolens.run.validate import ValidateSettings, run_validate
+
+    check_device(args.device)
+    for name in ("steps", "batch_size", "top"):
+        if getattr(args, name) < 1:
+            raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_sources is not None and args.max_sources < 3:
+        raise PhenolensError("--max-sources must be at least 3")
+    settings = ValidateSettings(source=args.source, steps=args.steps, batch_size=args.batch_size,
+                                guidance_scale=args.guidance_scale, max_sources=args.max_sources,
+                                measure=_measure_settings(args), criteria=Criteria(top=args.top))
+    summary = run_validate(args.model_dir, args.heldout, args.out, settings, overwrite=args.overwrite,
+                           device=args.device)
+    print(format_validation(summary))
+    print(f"wrote {Path(args.out) / 'validation.md'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

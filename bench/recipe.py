@@ -1,0 +1,261 @@
+"""Which training recipe makes translations show the planted phenotypes? Candidates at equal compute
+against a plain diffusers loop (issue 11).
+
+    python bench/recipe.py WORK [--images 96000] [--candidates plain,before,dropout,...] [--n 48]
+                           [--size 48] [--threads 1] [--out table.csv]
+
+Data (simulated once into WORK, `phenolens simulate --puncta`, 48 px, 5 channels): `train` (seed 0,
+200 images per condition), `heldout` (seed 1: the N control sources) and `reference` (seed 2, 100
+per condition: the real effect), two conditions, control (strength 0) and treated (strength 1), so
+every image carries all six planted phenotypes, the small LC3 puncta among them.
+
+Every candidate sees the same number of training images (`--images`, default 96 000 = the plain
+loop's 3000 steps of 32; a batch of 16 gets 6000 steps), then the same evaluation: `phenolens
+translate` (default settings: exact fixed-point inversion, 50 steps) of the held-out control images to
+`treated`, `phenolens measure` (no oracles) against the reference, and the planted table: per
+phenotype, translated / real mean difference (1 = the true effect), plus source nuclei found again
+within 3 px and reconstruction PSNR.
+
+Candidates (phenolens ones train with `train_phendiff`, i.e. `phenolens train`):
+
+- `plain`: a plain diffusers loop written out here: the same tiny UNet, DDPMScheduler-style linear
+  betas, ε-prediction, AdamW 3e-4, batch 32, no EMA, no augmentation, no warm-up, no dropout;
+- `before`: phenolens' defaults before this issue (v-prediction, lr 2e-4, batch 16, EMA 0.999,
+  flips and rotations, dropout 0), at the data's own size;
+- one-change variants of `before`: `dropout` (condition dropout 0.1), `eps` (ε-prediction),
+  `lr5e-4`, `noema`, `noaug`, `b32` (batch 32);
+- `chosen`: the combination the variants point to (see CHOSEN).
+
+Re-running with the same WORK resumes: trained models and measured runs are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edit_strength import summarize  # noqa: E402
+
+from phenolens.atomic import write_csv_atomic  # noqa: E402
+from phenolens.data.records import discover  # noqa: E402
+from phenolens.data.simulate import channel_names, simulate  # noqa: E402
+from phenolens.measure.planted import PLANTED_FEATURES  # noqa: E402
+from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
+from phenolens.run.measure import MeasureSettings, run_measure  # noqa: E402
+from phenolens.run.translate import TranslateSettings, run_translate  # noqa: E402
+from phenolens.train.trainer import TrainConfig  # noqa: E402
+
+CONDITIONS = ["control", "treated"]
+BEFORE = dict(prediction_type="v_prediction", lr=2e-4, batch=16, ema=True, augment=True, dropout=0.0)
+VARIANTS = {
+    "before": {},
+    "dropout": dict(dropout=0.1),
+    "eps": dict(prediction_type="epsilon"),
+    "lr5e-4": dict(lr=5e-4),
+    "noema": dict(ema=False),
+    "noaug": dict(augment=False),
+    "b32": dict(batch=32),
+}
+# the recipe the variants point to (filled in from the measured table; see README "Training recipe")
+CHOSEN = dict(BEFORE, dropout=0.1, lr=5e-4)
+SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",
+         "actin translocation": "actin transl.", "tubulin +10 % (subtle)": "tubulin", "LC3 puncta": "LC3 puncta"}
+
+
+def recipe_of(name: str) -> dict:
+    if name == "chosen":
+        return dict(CHOSEN)
+    if name in VARIANTS:
+        return dict(BEFORE, **VARIANTS[name])
+    raise SystemExit(f"unknown candidate {name!r}; choose among plain, chosen, {', '.join(VARIANTS)}")
+
+
+def command_line(recipe: dict, steps: int) -> str:
+    """The `phenolens train` command a user would type for RECIPE."""
+    parts = [f"phenolens train DATA MODEL --steps {steps} --batch-size {recipe['batch']} --lr {recipe['lr']:g}",
+             f"--prediction-type {recipe['prediction_type']}"]
+    if recipe["dropout"]:
+        parts.append(f"--cond-dropout {recipe['dropout']:g}")
+    if not recipe["ema"]:
+        parts.append("--no-ema")
+    if not recipe["augment"]:
+        parts.append("--no-augment")
+    return " ".join(parts)
+
+
+def make_data(work: Path, size: int, n: int) -> tuple[Path, Path, Path]:
+    made = []
+    for name, per, seed in (("train", 200, 0), ("heldout", max(n, 8), 1), ("reference", 100, 2)):
+        path = work / name
+        if not (path / "manifest.csv").is_file():
+            simulate(path, conditions=CONDITIONS, per_condition=per, size=size, seed=seed, progress=False,
+                     puncta=True)
+        made.append(path)
+    return made[0], made[1], made[2]
+
+
+def train_candidate(recipe: dict, data: Path, model_dir: Path, steps: int, seed: int) -> float:
+    """Train (or resume) one phenolens candidate; returns the seconds spent now."""
+    t0 = time.perf_counter()
+    info = model_dir / "phenolens.json"
+    if info.is_file() and json.loads(info.read_text()).get("training", {}).get("steps_done") == steps:
+        return 0.0
+    settings = PhenDiffTrainSettings(preset="tiny", prediction_type=recipe["prediction_type"])
+    config = TrainConfig(steps=steps, batch_size=recipe["batch"], lr=recipe["lr"], ema=recipe["ema"],
+                         augment=recipe["augment"], cond_dropout=recipe["dropout"], seed=seed,
+                         checkpoint_every=max(steps // 4, 1))
+    resume = (model_dir / "checkpoints").is_dir()
+    train_phendiff(data, model_dir, settings, config, resume=resume, progress=False,
+                   command=command_line(recipe, steps))
+    return time.perf_counter() - t0
+
+
+def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int = 32, lr: float = 3e-4) -> float:
+    """The baseline: the training loop of the diffusers examples, nothing added (DDPM loss, PhenDiff eq. 4)."""
+    from phenolens.data.dataset import ImageSet
+    from phenolens.data.records import training_records
+    from phenolens.diffusion.ddim import make_scheduler
+    from phenolens.models.store import ModelInfo, save_model
+    from phenolens.models.unet import build_unet, preset_downsample_factor
+
+    if (model_dir / "phenolens.json").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    records, conditions = training_records(data, None)
+    images = ImageSet(records, None, conditions, augment=False, progress=False,
+                      size_multiple=preset_downsample_factor("tiny"))
+    torch.manual_seed(seed)
+    unet = build_unet("tiny", channels=images.n_channels, size=images.size, num_conditions=len(conditions))
+    scheduler = make_scheduler(prediction_type="epsilon")  # linear betas 1e-4..0.02 over 1000 steps
+    alphas = scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.stack(images.images)
+    unet.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (batch,), generator=g)
+        x0, y = x_all[idx], images.labels[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (batch,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    unet.eval()
+    info = ModelInfo(conditions=list(conditions), n_channels=images.n_channels, image_size=images.size,
+                     normalization=images.normalizer.to_dict(), prediction_type="epsilon", preset="tiny",
+                     input_stats=dict(images.input_stats), cond_dropout=0.0, size_rule="own",
+                     training=dict(command=f"bench/recipe.py plain loop: {steps} steps of {batch}, AdamW {lr:g}",
+                                   steps_done=steps))
+    save_model(model_dir, unet, scheduler, info)
+    return time.perf_counter() - t0
+
+
+def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, steps: int = 50,
+             guidance: float = 1.0) -> dict:
+    """Translate the sources to `treated`, measure against the reference, read the planted table."""
+    if not (run_dir / "measure" / "metrics.json").is_file():
+        run_translate(TranslateSettings(model_dir=str(model_dir), input=str(sources), targets=["treated"],
+                                        steps=steps, guidance_scale=guidance), run_dir, progress=False)
+        run_measure(run_dir, MeasureSettings(reference=str(reference), channel_names=channel_names(True),
+                                             judges=False, max_reference=100, workers=1))
+    result = summarize(run_dir, "control", "treated", steps, 0)
+    with open(run_dir / "index.csv", newline="") as fh:  # every row carries its source's reconstruction PSNR
+        psnr = [float(r["recon_psnr"]) for r in csv.DictReader(fh) if r["target_condition"] == "treated"]
+    result.update(psnr_mean=float(np.mean(psnr)), psnr_min=float(np.min(psnr)))
+    return result
+
+
+def write_sources(heldout: Path, n: int, manifest: Path) -> Path:
+    records = discover(heldout, condition="control")[:n]
+    write_csv_atomic(manifest, [dict(path=str(Path(r.path).resolve()), condition="control") for r in records],
+                     ["path", "condition"], only_if_changed=True)
+    return manifest
+
+
+def fmt(v: float, spec: str = ".2f") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    phen = list(PLANTED_FEATURES)
+    head = (["candidate", "steps x batch"] + [f"{SHORT[p]}" for p in phen]
+            + ["mean ratio", "mean abs(ratio-1)", "nuclei kept", "recon PSNR (dB)", "train min"])
+    lines = ["| " + " | ".join(head) + " |", "|:---|---:|" + "---:|" * (len(head) - 2)]
+    lines.append("| real control -> treated (Cohen's d) | | " + " | ".join(fmt(rows[0]["real_d"][p]) for p in phen)
+                 + " | | | | | |")
+    for r in rows:
+        mean = np.nanmean([r["ratios"][p] for p in phen])
+        dev = np.nanmean([abs(r["ratios"][p] - 1) for p in phen])
+        lines.append(f"| {r['candidate']} | {r['steps']} x {r['batch']} | "
+                     + " | ".join(fmt(r["ratios"][p]) for p in phen)
+                     + f" | {fmt(mean)} | {fmt(dev)} | {fmt(100 * r['nuclei_kept'], '.0f')} % | {fmt(r['psnr_mean'], '.1f')} | "
+                     f"{fmt(r['train_seconds'] / 60, '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--images", type=int, default=96000,
+                    help="training images per candidate, the equal compute (default 96000 = 3000 steps of 32)")
+    ap.add_argument("--candidates", default="plain,before,dropout,eps,lr5e-4,noema,noaug,b32,chosen")
+    ap.add_argument("--n", type=int, default=48, help="held-out control sources translated (default 48)")
+    ap.add_argument("--size", type=int, default=48, help="simulated image side (default 48)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: two benches share 2 cores)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, heldout, reference = make_data(args.work, args.size, args.n)
+    sources = write_sources(heldout, args.n, args.work / "sources.csv")
+    times_path = args.work / "train_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    rows = []
+    for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
+        batch = 32 if name == "plain" else recipe_of(name)["batch"]
+        steps = args.images // batch
+        model_dir = args.work / "models" / f"{name}-{args.images}"
+        print(f"{name}: {steps} steps of {batch}", flush=True)
+        if name == "plain":
+            spent = train_plain(train, model_dir, steps, args.seed)
+        else:
+            spent = train_candidate(recipe_of(name), train, model_dir, steps, args.seed)
+        key = f"{name}-{args.images}"
+        times[key] = times.get(key, 0.0) + spent
+        times_path.write_text(json.dumps(times, indent=1))
+        result = evaluate(model_dir, sources, reference, args.work / "runs" / key)
+        result.update(candidate=name, steps=steps, batch=batch, train_seconds=times[key])
+        rows.append(result)
+        print(format_table(rows).splitlines()[-1], flush=True)
+    print(f"\nrecipe bench: {args.images} training images per candidate, {args.n} held-out control sources -> "
+          f"treated, {torch.get_num_threads()} thread(s)\n")
+    print(format_table(rows))
+    if args.out:
+        flat = []
+        for r in rows:
+            row = {k: v for k, v in r.items() if not isinstance(v, dict)}
+            row.update({f"ratio {p}": r["ratios"][p] for p in PLANTED_FEATURES})
+            flat.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        with open(args.out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(flat[0]))
+            w.writeheader()
+            w.writerows(flat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`phenolens validate MODEL HELDOUT OUT`: does the model show the real phenotype on cells it never saw?
+
+HELDOUT holds real cells of every condition that training never saw (a folder per condition or a
+manifest). The held-out cells of the control condition are translated to every condition
+(`phenolens translate`, into OUT/run), measured against all held-out cells (`phenolens measure`,
+OUT/run/measure), and scored by `phenolens.measure.validation`: OUT/validation.md (the table and
+the checks), OUT/validation.json (every number) and OUT/validation.csv (one row per top feature).
+
+OUT is a phenolens output folder (kind "validation"): a re-run resumes (translations and measured
+images are kept), --overwrite removes only what phenolens wrote there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phenolens.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
+from phenolens.data.records import discover
+from phenolens.errors import PhenolensError
+from phenolens.folders import OutputFolder, check_apart
+from phenolens.measure.validation import Criteria, format_validation, validation_summary
+from phenolens.methods.registry import load_model_for
+from phenolens.run.measure import MeasureSettings, run_measure
+from phenolens.run.translate import TranslateSettings, run_translate
+
+logger = logging.getLogger(__name__)
+KIND = "validation"
+FILES = ("sources.csv", "run", "validation.md", "validation.json", "validation.csv")
+
+
+@dataclass
+class ValidateSettings:
+    source: str | None = None  # the control condition; default: the model's first
+    steps: int = 50
+    batch_size: int = 16
+    guidance_scale: float = 1.0
+    max_sources: int | None = None  # at most this many control cells translated (default: all)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    criteria: Criteria = field(default_factory=Criteria)
+
+
+def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, settings: ValidateSettings,
+                 *, overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    """Translate, measure and score; returns the summary (also written into OUT)."""
+    model_dir, heldout, out = Path(model_dir), Path(heldout), Path(out)
+    model = load_model_for(model_dir, device="cpu")
+    source = settings.source or model.conditions[0]
+    model.info.condition_index(source, "--source")
+    records = discover(heldout)
+    found = {r.condition for r in records}
+    unknown = sorted(found - set(model.conditions))
+    if unknown:
+        raise PhenolensError(f"HELDOUT {heldout}: condition(s) {', '.join(unknown)} are not the model's "
+                             f"({', '.join(model.conditions)})")
+    missing = [c for c in model.conditions if c not in found]
+    if missing:
+        raise PhenolensError(f"HELDOUT {heldout}: no real cells of {', '.join(missing)}; validation compares the "
+                             "translations with real held-out cells of every condition")
+    sources = [r for r in records if r.condition == source][:settings.max_sources]
+    if len(sources) < 3:
+        raise PhenolensError(f"HELDOUT {heldout}: {len(sources)} {source!r} cell(s); at least 3 are needed")
+    check_apart(out, inputs=[heldout, *(Path(r.path) for r in records)], models=[model_dir])
+    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
+    folder.record(*(out / f for f in FILES))
+
+    manifest = out / "sources.csv"
+    write_csv_atomic(manifest, [dict(path=str(Path(r.path).resolve()), condition=source) for r in sources],
+                     ["path", "condition"], only_if_changed=True)
+    logger.info(f"validate: {len(sources)} held-out {source} cells -> {', '.join(model.conditions)}; real "
+                f"reference: {len(records)} held-out cells of {heldout}")
+    run_dir = out / "run"
+    run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), steps=settings.steps,
+                                    batch_size=settings.batch_size, guidance_scale=settings.guidance_scale),
+                  run_dir, device=device, progress=progress)
+    measure = settings.measure
+    measure.reference = str(heldout)
+    measure.max_reference = max(measure.max_reference, max(
+        sum(r.condition == c for r in records) for c in model.conditions))  # every held-out cell
+    measure_dir = run_measure(run_dir, measure, progress=progress)
+    summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
+    summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), steps=settings.steps,
+                   guidance_scale=settings.guidance_scale)
+    write_json_atomic(out / "validation.json", summary)
+    write_text_atomic(out / "validation.md", format_validation(summary) + "\n")
+    if summary["features"]:
+        write_csv_atomic(out / "validation.csv", summary["features"], list(summary["features"][0]))
+    return summary
