@@ -72,6 +72,20 @@ def test_summary_counts_the_top_significant_features_against_the_criteria(tmp_pa
     assert "NOT PASSED: 3 of 6 checks" in text and "| f1 | 4.70 | -4.70 |" in text
 
 
+def test_dose_responses_are_in_sd_units_of_the_real_control(tmp_path):
+    from phenolens.report.validation import dose_responses
+
+    out = _fake_measure(tmp_path)
+    resp = dose_responses(out / "features.csv", ["a", "b"], ["ctrl", "high"])
+    with open(out / "features.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    real = np.array([float(r["a"]) for r in rows if r["role"] == "reference"])
+    gen = np.array([float(r["a"]) for r in rows if r["role"] == "generated"])
+    assert resp["a"][("real", "ctrl")][0] == pytest.approx(0, abs=1e-12)
+    assert resp["a"][("translated", "ctrl")][0] == pytest.approx((gen.mean() - real.mean()) / real.std(ddof=1))
+    assert np.isnan(resp["a"][("real", "high")][0])  # no real cells of that condition: no point, no crash
+
+
 def test_validate_end_to_end_on_simulated_cells(tmp_path):
     from phenolens.data.simulate import simulate
 
@@ -91,6 +105,7 @@ def test_validate_end_to_end_on_simulated_cells(tmp_path):
     assert summary["strongest"] == "high" and summary["n_sources"] == 3
     assert summary["null"]["translated_significant"] == 0  # control -> control is the exact reconstruction
     assert (out / "validation.md").read_text().strip() in stdout
+    assert f"wrote {out / 'cells.png'}" in stdout  # the figures are drawn by the command
     with open(out / "run" / "index.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     recon = [float(r["recon_psnr"]) for r in rows if r["kind"] == "reconstruction"]

@@ -567,6 +567,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
                                 measure=_measure_settings(args), criteria=Criteria(top=args.top))
     summary = run_validate(args.model_dir, args.heldout, args.out, settings, overwrite=args.overwrite,
                            device=args.device)
+    from phenolens.report.validation import write_validation_figures
+
+    for path in write_validation_figures(args.out, summary, args.channel_names):
+        print(f"wrote {path}")
     print(format_validation(summary))
     print(f"wrote {Path(args.out) / 'validation.md'}")
 

@@ -4,7 +4,8 @@ HELDOUT holds real cells of every condition that training never saw (a folder pe
 manifest). The held-out cells of the control condition are translated to every condition
 (`phenolens translate`, into OUT/run), measured against all held-out cells (`phenolens measure`,
 OUT/run/measure), and scored by `phenolens.measure.validation`: OUT/validation.md (the table and
-the checks), OUT/validation.json (every number) and OUT/validation.csv (one row per top feature).
+the checks), OUT/validation.json (every number) and OUT/validation.csv (one row per top feature);
+`phenolens.report.validation` then draws OUT/dose_response.png and OUT/cells.png.
 
 OUT is a phenolens output folder (kind "validation"): a re-run resumes (translations and measured
 images are kept), --overwrite removes only what phenolens wrote there.
@@ -27,7 +28,7 @@ from phenolens.run.translate import TranslateSettings, run_translate
 
 logger = logging.getLogger(__name__)
 KIND = "validation"
-FILES = ("sources.csv", "run", "validation.md", "validation.json", "validation.csv")
+FILES = ("sources.csv", "run", "validation.md", "validation.json", "validation.csv", "dose_response.png", "cells.png")
 
 
 @dataclass
