@@ -22,7 +22,7 @@ pytestmark = [
 
 def test_bbbc021_trains_and_translates_in_raw_units(tmp_path):
     model = tmp_path / "model"
-    code, _, err = run_cli("train", BBBC021 / "manifest.csv", model, "--preset", "tiny", "--size", "64",
+    code, _, err = run_cli("train", BBBC021 / "manifest.csv", model, "--preset", "tiny",
                            "--steps", "60", "--batch-size", "8", "--checkpoint-every", "30")
     assert code == 0, err
 
