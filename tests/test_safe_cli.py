@@ -107,7 +107,8 @@ def test_item7_required_option_may_come_from_the_config(recorded, tmp_path):
 
 
 ROUND_TRIP = {
-    "simulate": ["out", "--conditions", "a,b,c", "--per-condition", "3", "--size", "40", "--seed", "2", "--overwrite"],
+    "simulate": ["out", "--conditions", "a,b,c", "--per-condition", "3", "--size", "40", "--seed", "2", "--overwrite",
+                 "--puncta"],
     "train": ["data", "model", "--preset", "small", "--size", "32", "--channels", "0,2", "--conditions", "x,y",
               "--steps", "9", "--lr", "0.001", "--no-ema", "--cond-dropout", "0.1", "--resume",
               "--prediction-type", "epsilon", "--timestep-spacing", "trailing", "--skip-bad"],
@@ -120,6 +121,10 @@ ROUND_TRIP = {
     "measure": ["run", "--reference", "ref", "--channel-names", "a,b", "--nuclei-channel", "1",
                 "--cell-channel", "0", "--nucleus-diameter", "9.5", "--masks", "masks", "--profile", "full",
                 "--max-reference", "7", "--no-judges", "--judge-steps", "4", "--workers", "2"],
+    "validate": ["model", "held", "out", "--source", "a", "--max-sources", "5", "--top", "4", "--steps", "3",
+                 "--guidance-scale", "1.5", "--batch-size", "2", "--channel-names", "a,b", "--nuclei-channel", "1",
+                 "--cell-channel", "0", "--nucleus-diameter", "9.5", "--profile", "full", "--no-judges",
+                 "--workers", "2", "--device", "cpu", "--overwrite"],
     "report": ["run", "--out", "page.html", "--max-images", "3", "--top-features", "2", "--order", "a,b"],
     "memorization": ["data", "out", "--model-a", "ma", "--model-b", "mb", "--base", "b", "--mode", "full",
                      "--channels", "0,1", "--size", "40", "--threshold", "0.8", "--no-augment", "--device", "cpu"],
@@ -141,7 +146,7 @@ def test_item7_save_config_replays_to_the_same_options(recorded, tmp_path, comma
     cfg = tmp_path / "saved.json"
     assert run_cli(command, *argv, "--save-config", cfg)[0] == 0
     # positionals are always named on the command line (demo's OUT is optional: the file's value is used)
-    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "demo": 0}.get(command, 2)
+    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "demo": 0}.get(command, 2)
     positionals = argv[:n_positional]
     assert run_cli(command, *positionals, "--config", cfg)[0] == 0
     first, replay = recorded
@@ -185,7 +190,7 @@ def _device_commands() -> list[str]:
     return []
 
 
-DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"]}
+DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"], "validate": ["m", "h", "o"]}
 
 
 def test_item11_device_options_are_all_checked():

@@ -556,7 +556,6 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from phenolens.measure.validation import Criteria, format_validation
     from phenolens.run.validate import ValidateSettings, run_validate
 
-    check_device(args.device)
     for name in ("steps", "batch_size", "top"):
         if getattr(args, name) < 1:
             raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
