@@ -142,7 +142,9 @@ def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int =
     g = torch.Generator().manual_seed(seed)
     x_all = torch.stack(images.images)
     unet.train()
-    for _ in range(steps):
+    for step in range(steps):
+        if step and step % 250 == 0:
+            print(f"  plain loop: step {step} of {steps}, {time.perf_counter() - t0:.0f} s", flush=True)
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
         x0, y = x_all[idx], images.labels[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -179,7 +181,11 @@ def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, ste
 
 
 def write_sources(heldout: Path, n: int, manifest: Path) -> Path:
-    records = discover(heldout, condition="control")[:n]
+    records = discover(heldout, condition="control")
+    if len(records) < n:
+        raise SystemExit(f"{heldout}: {len(records)} control images, --n asks for {n}; remove {heldout} to simulate "
+                         "it again")
+    records = records[:n]
     write_csv_atomic(manifest, [dict(path=str(Path(r.path).resolve()), condition="control") for r in records],
                      ["path", "condition"], only_if_changed=True)
     return manifest
