@@ -4,10 +4,12 @@ against a plain diffusers loop (issue 11).
     python bench/recipe.py WORK [--images 96000] [--candidates plain,before,dropout,...] [--n 48]
                            [--size 48] [--threads 1] [--out table.csv]
 
-Data (simulated once into WORK, `phenolens simulate --puncta`, 48 px, 5 channels): `train` (seed 0,
-200 images per condition), `heldout` (seed 1: the N control sources) and `reference` (seed 2, 100
-per condition: the real effect), two conditions, control (strength 0) and treated (strength 1), so
-every image carries all six planted phenotypes, the small LC3 puncta among them.
+Data (simulated once into WORK, `phenolens simulate --puncta --phenotypes ...`, 48 px, 5 channels):
+`train` (seed 0, 200 images per condition), `heldout` (seed 1: the N control sources) and `reference`
+(seed 2, 100 per condition: the real effect), two conditions, control (strength 0) and treated
+(strength 1). Planted: every phenotype but cell loss (PHENOTYPES), the small LC3 puncta among them;
+without cell loss a faithful translation keeps every cell, so "source nuclei found again" measures
+identity alone.
 
 Every candidate sees the same number of training images (`--images`, default 96 000 = the plain
 loop's 3000 steps of 32; a batch of 16 gets 6000 steps), then the same evaluation: `phenolens
@@ -49,13 +51,14 @@ from edit_strength import summarize  # noqa: E402
 from phenolens.atomic import write_csv_atomic  # noqa: E402
 from phenolens.data.records import discover  # noqa: E402
 from phenolens.data.simulate import channel_names, simulate  # noqa: E402
-from phenolens.measure.planted import PLANTED_FEATURES  # noqa: E402
+from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES  # noqa: E402
 from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
 from phenolens.run.measure import MeasureSettings, run_measure  # noqa: E402
 from phenolens.run.translate import TranslateSettings, run_translate  # noqa: E402
 from phenolens.train.trainer import TrainConfig  # noqa: E402
 
 CONDITIONS = ["control", "treated"]
+PHENOTYPES = ["nuclear-enlargement", "golgi-fragmentation", "actin-translocation", "tubulin-shift", "lc3-puncta"]
 BEFORE = dict(prediction_type="v_prediction", lr=2e-4, batch=16, ema=True, augment=True, dropout=0.0)
 VARIANTS = {
     "before": {},
@@ -99,7 +102,7 @@ def make_data(work: Path, size: int, n: int) -> tuple[Path, Path, Path]:
         path = work / name
         if not (path / "manifest.csv").is_file():
             simulate(path, conditions=CONDITIONS, per_condition=per, size=size, seed=seed, progress=False,
-                     puncta=True)
+                     puncta=True, phenotypes=PHENOTYPES)
         made.append(path)
     return made[0], made[1], made[2]
 
@@ -196,7 +199,7 @@ def fmt(v: float, spec: str = ".2f") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    phen = list(PLANTED_FEATURES)
+    phen = [p for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in PHENOTYPES]  # what the data plant
     head = (["candidate", "steps x batch"] + [f"{SHORT[p]}" for p in phen]
             + ["mean ratio", "mean abs(ratio-1)", "nuclei kept", "recon PSNR (dB)", "train min"])
     lines = ["| " + " | ".join(head) + " |", "|:---|---:|" + "---:|" * (len(head) - 2)]
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = []
         for r in rows:
             row = {k: v for k, v in r.items() if not isinstance(v, dict)}
-            row.update({f"ratio {p}": r["ratios"][p] for p in PLANTED_FEATURES})
+            row.update({f"ratio {p}": r["ratios"][p] for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in PHENOTYPES})
             flat.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         with open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(flat[0]))

@@ -6,6 +6,9 @@ The images are read from PHENOLENS_TEST_DATA (set by .ci/run), never copied into
 from __future__ import annotations
 
 import csv
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +77,39 @@ def test_bbbc021_trains_and_translates_in_raw_units(tmp_path):
     assert code == 0, err
     page = (out / "report.html").read_text()
     assert "CHX_50uM" in page and strongest[0]["feature"] in (out / "measure" / "stats.csv").read_text()
+
+
+# ------------------------------------------------------------------ the shipped BBBC021 model (issue 11)
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "bbbc021-cycloheximide"
+
+
+def test_shipped_bbbc021_model_validates_as_its_card_and_the_readme_say(tmp_path):
+    """`phenolens validate` from the shipped model on the held-out split: the figures recorded beside the
+    model (and quoted in the README) come out again, and they meet the issue's bar."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bbbc021_split import split
+
+    _, heldout = split(BBBC021, tmp_path / "split")
+    out = tmp_path / "validation"
+    code, stdout, err = run_cli("validate", SHIPPED, heldout, out, "--channel-names", "DNA,tubulin,actin",
+                                "--no-judges")
+    assert code == 0, err
+    now = json.loads((out / "validation.json").read_text())
+    shipped = json.loads((SHIPPED / "validation.json").read_text())
+    assert [f["feature"] for f in now["features"]] == [f["feature"] for f in shipped["features"]]
+    for a, b in zip(now["features"], shipped["features"]):
+        assert a["effect_ratio"] == pytest.approx(b["effect_ratio"], abs=0.02)
+        assert a["dose_r"] == pytest.approx(b["dose_r"], abs=0.02)
+    for key in ("same_direction", "within_tolerance", "correlated"):
+        assert now[key] == shipped[key]
+    assert now["reconstruction_psnr_mean"] == pytest.approx(shipped["reconstruction_psnr_mean"], abs=0.2)
+    assert now["null"]["translated_fraction"] == pytest.approx(shipped["null"]["translated_fraction"], abs=0.005)
+    readme = (REPO / "README.md").read_text()
+    table = [line for line in (SHIPPED / "validation.md").read_text().splitlines() if line.startswith("| ")]
+    assert table and all(line in readme for line in table), "README's BBBC021 table differs from validation.md"
+    # the bar of issue 11
+    assert now["same_direction"] >= 9 and now["within_tolerance"] >= 7 and now["correlated"] >= 7
+    assert now["null"]["translated_fraction"] <= 0.05
+    assert now["reconstruction_psnr_mean"] >= 60
+    assert min(now["nuclei_kept"].values()) >= 0.9

@@ -275,3 +275,37 @@ def test_puncta_channel_plants_small_spots_and_leaves_the_other_channels_alone(t
         rows = list(csv.DictReader(fh))
     spots = {c: np.mean([float(r["lc3_puncta"]) for r in rows if r["condition"] == c]) for c in ("control", "high")}
     assert spots["control"] < 6 < 10 < spots["high"], spots
+
+
+def test_phenotypes_plants_only_the_named_ones(tmp_path):
+    """--phenotypes: a phenotype left out keeps the control's value at every strength (here cell loss,
+    whose absence makes 'source nuclei found again' a measure of identity alone), the named ones move."""
+    import csv
+
+    from phenolens.data.simulate import simulate
+    from phenolens.errors import PhenolensError
+
+    out = simulate(tmp_path / "sel", conditions=["control", "high"], per_condition=30, size=48, seed=2,
+                   progress=False, phenotypes=["nuclear-enlargement", "lc3-puncta"], puncta=True)
+    with open(out / "_groundtruth" / "planted.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by = {c: [r for r in rows if r["condition"] == c] for c in ("control", "high")}
+    for key in ("expected_cells", "golgi_fragments_expected", "translocation_ratio", "tubulin_gain"):
+        assert {r[key] for r in by["high"]} == {r[key] for r in by["control"]}, key  # not planted
+    assert float(by["high"][0]["nucleus_area_scale"]) == pytest.approx(1.4)
+    assert float(by["high"][0]["lc3_puncta_expected"]) > 3 * float(by["control"][0]["lc3_puncta_expected"])
+    assert by["high"][0]["phenotypes"] == "nuclear-enlargement+lc3-puncta"
+    cells = {c: np.mean([int(r["n_cells"]) for r in by[c]]) for c in by}
+    assert abs(cells["high"] / cells["control"] - 1) < 0.25, cells  # no cell loss (40 % when planted)
+    with pytest.raises(PhenolensError, match="unknown golgi"):
+        simulate(tmp_path / "bad", phenotypes=["golgi"], progress=False)
+    with pytest.raises(PhenolensError, match="needs --puncta"):
+        simulate(tmp_path / "bad2", phenotypes=["lc3-puncta"], progress=False)
+
+
+def test_every_planted_phenotype_has_one_readout_feature():
+    from phenolens.data.simulate import PHENOTYPES
+    from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES
+
+    assert set(SIMULATOR_NAMES) == set(PLANTED_FEATURES)
+    assert sorted(SIMULATOR_NAMES.values()) == sorted(PHENOTYPES)

@@ -51,6 +51,10 @@ def _add_simulate(sub) -> None:
                    help="add a fifth channel, LC3, with a punctate phenotype: 1-2 px spots gathering in the cytoplasm "
                         "(3 per cell in the control, 16 at strength 1, holding 10 %% -> 50 %% of the cell's LC3); the "
                         "other four channels are the same files as without it (default: 4 channels)")
+    p.add_argument("--phenotypes", type=csv_list, default=None, metavar="A,B",
+                   help="plant only these phenotypes (the others keep the control's value in every condition): "
+                        "golgi-fragmentation, nuclear-enlargement, cell-loss, actin-translocation, tubulin-shift, "
+                        "lc3-puncta (with --puncta); e.g. leave out cell-loss to score identity alone (default: all)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
                         "OUT/.phenolens.json); files phenolens did not write are never touched")
@@ -449,7 +453,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from phenolens.data.simulate import DEFAULT_CONDITIONS, simulate
 
     out = simulate(args.out, conditions=args.conditions or DEFAULT_CONDITIONS, per_condition=args.per_condition,
-                   size=args.size, seed=args.seed, overwrite=args.overwrite, puncta=args.puncta)
+                   size=args.size, seed=args.seed, overwrite=args.overwrite, puncta=args.puncta,
+                   phenotypes=args.phenotypes)
     print(f"simulated dataset in {out}")
 
 

@@ -111,6 +111,9 @@ __all__ = [
 DEFAULT_CONDITIONS = ["control", "low", "mid", "high"]
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 PUNCTA_CHANNEL = "LC3"      # the fifth channel of `simulate(..., puncta=True)`
+# the planted phenotypes by name (`simulate(..., phenotypes=...)`, `phenolens simulate --phenotypes`)
+PHENOTYPES = ("golgi-fragmentation", "nuclear-enlargement", "cell-loss", "actin-translocation", "tubulin-shift",
+              "lc3-puncta")
 MIN_SIZE = 32
 GROUNDTRUTH = "_groundtruth"
 
@@ -157,21 +160,30 @@ class PhenotypeParams:
     tubulin_gain: float         # multiplies cytoplasmic tubulin
     puncta: float = 1.0         # expected LC3 puncta per cell (the optional fifth channel)
     puncta_share: float = 0.1   # share of the cell's LC3 in puncta
+    golgi_strength: float = 0.0  # the strength the Golgi fragment count is drawn at (0 when not planted)
 
 
-def phenotype_params(strength: float) -> PhenotypeParams:
-    """Map a strength to the planted parameters; one place so docs, renderer and CSVs agree."""
+def phenotype_params(strength: float, planted: Sequence[str] | None = None) -> PhenotypeParams:
+    """Map a strength to the planted parameters; one place so docs, renderer and CSVs agree. A phenotype
+    not in PLANTED (default: all) stays at the control's value whatever the strength."""
     s = float(strength)
+    chosen = set(PHENOTYPES if planted is None else planted)
+
+    def at(name: str) -> float:
+        return s if name in chosen else 0.0
+
     return PhenotypeParams(
         strength=s,
-        expected_cells=CELLS_PER_64 * max(1.0 - CELL_LOSS * s, 0.05),
-        nucleus_area_scale=1.0 + NUCLEUS_GROWTH * s,
-        golgi_fragments=1.0 + GOLGI_FRAGMENTS * s,
-        golgi_scatter=GOLGI_SCATTER0 + GOLGI_SCATTER * s,
-        translocation_ratio=TRANSLOCATION_RATIO0 * (TRANSLOCATION_RATIO1 / TRANSLOCATION_RATIO0) ** s,
-        tubulin_gain=1.0 + TUBULIN_GAIN * s,
-        puncta=1.0 + PUNCTA0 + PUNCTA * s,
-        puncta_share=min(PUNCTA_SHARE0 + PUNCTA_SHARE * s, 0.9),
+        expected_cells=CELLS_PER_64 * max(1.0 - CELL_LOSS * at("cell-loss"), 0.05),
+        nucleus_area_scale=1.0 + NUCLEUS_GROWTH * at("nuclear-enlargement"),
+        golgi_fragments=1.0 + GOLGI_FRAGMENTS * at("golgi-fragmentation"),
+        golgi_scatter=GOLGI_SCATTER0 + GOLGI_SCATTER * at("golgi-fragmentation"),
+        translocation_ratio=TRANSLOCATION_RATIO0 * (TRANSLOCATION_RATIO1 / TRANSLOCATION_RATIO0)
+        ** at("actin-translocation"),
+        tubulin_gain=1.0 + TUBULIN_GAIN * at("tubulin-shift"),
+        puncta=1.0 + PUNCTA0 + PUNCTA * at("lc3-puncta"),
+        puncta_share=min(PUNCTA_SHARE0 + PUNCTA_SHARE * at("lc3-puncta"), 0.9),
+        golgi_strength=at("golgi-fragmentation"),
     )
 
 
@@ -272,13 +284,13 @@ def _gauss_add(img: np.ndarray, y: float, x: float, total: float, sa: float, sb:
 
 
 def render_image(size: int, strength: float, rng: np.random.Generator,
-                 puncta_rng: np.random.Generator | None = None
+                 puncta_rng: np.random.Generator | None = None, planted: Sequence[str] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict], dict]:
     """Render one field: (image uint16 (4,H,W), nuclei labels, cell labels, per-cell rows, image row).
 
     With PUNCTA_RNG the image gets a fifth channel, LC3 with its punctate phenotype (`_lc3_channel`),
     drawn from that generator alone: the first four channels are byte-identical with or without it."""
-    p = phenotype_params(strength)
+    p = phenotype_params(strength, planted)
     lam = p.expected_cells * (size / 64.0) ** 2
     n_target = max(1, int(rng.poisson(lam)))
     cells = _place_cells(rng, size, n_target, p)
@@ -370,7 +382,7 @@ def render_image(size: int, strength: float, rng: np.random.Generator,
 
         # Golgi: one compact ribbon at s = 0, scattered puncta with strength; total conserved
         g_total = GOLGI_TOTAL * math.exp(rng.normal(0.0, 0.25))
-        n_frag = 1 + int(rng.poisson(GOLGI_FRAGMENTS * p.strength))
+        n_frag = 1 + int(rng.poisson(GOLGI_FRAGMENTS * p.golgi_strength))
         sa0, sb0 = 2.0 * rng.uniform(0.8, 1.2), 1.0
         tang = gang + math.pi / 2
         if n_frag == 1:
@@ -495,6 +507,7 @@ class _Job:
     size: int
     seed: int
     puncta: bool = False
+    planted: tuple[str, ...] | None = None
 
 
 def _image_seed(seed: int, cond_index: int, index: int) -> np.random.SeedSequence:
@@ -507,7 +520,7 @@ def _run_job(job: _Job) -> tuple[dict, list[dict]]:
     # the LC3 channel has its own stream, so the other four are the same files with or without it
     puncta_rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.cond_index, job.index, 1))) \
         if job.puncta else None
-    img, nuc, cell, rows, image_row = render_image(job.size, job.strength, rng, puncta_rng)
+    img, nuc, cell, rows, image_row = render_image(job.size, job.strength, rng, puncta_rng, job.planted)
     name = f"{job.condition}_{job.index:05d}"
     rel = f"{job.condition}/{name}.tif"
     out = Path(job.out)
@@ -518,6 +531,8 @@ def _run_job(job: _Job) -> tuple[dict, list[dict]]:
     tifffile.imwrite(mdir / f"{name}_cells.tif", cell, photometric="minisblack", compression="zlib")
     planted = dict(path=rel, condition=job.condition, condition_index=job.cond_index,
                    strength=round(job.strength, 6), seed=job.seed, image_index=job.index, **image_row)
+    if job.planted is not None:
+        planted["phenotypes"] = "+".join(job.planted)
     for r in rows:
         r.update(path=rel, condition=job.condition)
     return planted, rows
@@ -569,6 +584,21 @@ def _validate(conditions: Sequence[str], per_condition: int, size: int, seed: in
             if not (0.0 <= s <= MAX_STRENGTH):
                 raise PhenolensError(f"strengths: {s} is outside [0, {MAX_STRENGTH}]")
     return conds, strs
+
+
+def _check_phenotypes(phenotypes: Sequence[str] | None, puncta: bool) -> tuple[str, ...] | None:
+    if phenotypes is None:
+        return None
+    names = [phenotypes] if isinstance(phenotypes, str) else list(phenotypes)
+    names = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in PHENOTYPES]
+    if unknown:
+        raise PhenolensError(f"--phenotypes: unknown {', '.join(unknown)}; choose among {', '.join(PHENOTYPES)}")
+    if not names:
+        raise PhenolensError(f"--phenotypes: name at least one of {', '.join(PHENOTYPES)}")
+    if "lc3-puncta" in names and not puncta:
+        raise PhenolensError("--phenotypes lc3-puncta needs --puncta (the LC3 channel it is planted in)")
+    return tuple(dict.fromkeys(names))
 
 
 def _planned_files(conds: Sequence[str], per_condition: int) -> list[str]:
@@ -640,20 +670,25 @@ def channel_names(puncta: bool = False) -> list[str]:
 
 def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, per_condition: int = 100,
              size: int = 64, seed: int = 0, strengths: Sequence[float] | None = None, progress: bool = True,
-             workers: int | None = None, *, overwrite: bool = False, puncta: bool = False) -> Path:
+             workers: int | None = None, *, overwrite: bool = False, puncta: bool = False,
+             phenotypes: Sequence[str] | None = None) -> Path:
     """Write a simulated dataset with planted phenotypes into OUT (see the module docstring); returns OUT.
 
     Condition i gets ``strengths[i]`` (default linear 0..1; the first condition is the control).
     Output is byte-identical for a given seed whatever ``workers`` is. PUNCTA adds a fifth channel,
     LC3, with a punctate phenotype (`_lc3_channel`); the other four channels are unchanged by it.
+    PHENOTYPES (names from `PHENOTYPES`, default all) picks which phenotypes are planted; the others stay
+    at the control's value in every condition (e.g. leave out cell loss to score identity alone).
     """
     conds, strs = _validate(conditions, per_condition, size, seed, strengths, workers)
+    planted = _check_phenotypes(phenotypes, puncta)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PhenolensError(f"{out}: exists and is not a folder")
     _prepare_out(out, conds, per_condition, overwrite)
     try:
-        _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress, puncta)
+        _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress, puncta,
+                       planted)
     except OSError as err:  # unwritable or full disk: one line, not a traceback
         where = err.filename or out
         raise PhenolensError(f"{where}: cannot write the simulated dataset ({err.strerror or err})") from None
@@ -661,23 +696,26 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
 
 
 def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition: int, size: int, seed: int,
-                   workers: int | None, progress: bool, puncta: bool = False) -> None:
+                   workers: int | None, progress: bool, puncta: bool = False,
+                   planted: tuple[str, ...] | None = None) -> None:
     """Render every image (in a process pool when it pays off) and write the tables."""
     (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)
     for c in conds:
         (out / c).mkdir(parents=True, exist_ok=True)
         (out / GROUNDTRUTH / "masks" / c).mkdir(parents=True, exist_ok=True)
 
-    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta))
+    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta), planted)
             for ci, c in enumerate(conds) for j in range(int(per_condition))]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     results = list(_map(jobs, int(workers), progress))
 
+    planted_names = planted
     planted = [r[0] for r in results]
     cells = [c for r in results for c in r[1]]
     gt = out / GROUNDTRUTH
-    _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS + (_PUNCTA_PLANTED if puncta else []))
+    _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS + (_PUNCTA_PLANTED if puncta else [])
+                      + (["phenotypes"] if planted_names is not None else []))
     _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS + (_PUNCTA_CELL if puncta else []))
     _write_csv_atomic(out / "manifest.csv", planted, ["path", "condition", "strength"])
 

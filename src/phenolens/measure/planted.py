@@ -31,6 +31,11 @@ PLANTED_FEATURES: dict[str, tuple[str, str]] = {
     # only in datasets simulated with --puncta (a fifth channel)
     "LC3 puncta": ("Cells_Intensity_StdIntensity__LC3", "LC3 contrast per cell (punctate = high)"),
 }
+# each phenotype's name in the simulator (`phenolens simulate --phenotypes`)
+SIMULATOR_NAMES: dict[str, str] = {
+    "nuclear enlargement": "nuclear-enlargement", "cell loss": "cell-loss", "Golgi fragmentation": "golgi-fragmentation",
+    "actin translocation": "actin-translocation", "tubulin +10 % (subtle)": "tubulin-shift", "LC3 puncta": "lc3-puncta",
+}
 EFFECT_TOLERANCE = 0.5  # translated effect within +-50 % of the real one at the strongest dose
 MIN_CORRELATION = 0.8
 SIGNIFICANT_Q = 0.05  # BH-adjusted p of the real effect below which a dose counts for direction
