@@ -110,7 +110,7 @@ ROUND_TRIP = {
     "simulate": ["out", "--conditions", "a,b,c", "--per-condition", "3", "--size", "40", "--seed", "2", "--overwrite",
                  "--puncta"],
     "train": ["data", "model", "--preset", "small", "--size", "32", "--channels", "0,2", "--conditions", "x,y",
-              "--steps", "9", "--lr", "0.001", "--no-ema", "--cond-dropout", "0.1", "--resume",
+              "--steps", "9", "--lr", "0.001", "--no-ema", "--cond-dropout", "0.1", "--resume", "--lr-schedule", "cosine",
               "--prediction-type", "epsilon", "--timestep-spacing", "trailing", "--skip-bad"],
     "finetune": ["data", "model", "--base", "b", "--mode", "svdiff", "--rank", "2", "--lora-alpha", "3",
                  "--prompt", "a=one", "--prompt", "b=two", "--size", "64", "--conditioning", "learned",

@@ -92,3 +92,19 @@ def test_accelerate_launch_two_processes_cpu(tmp_path):
     assert loaded.info.training["config"]["batch_size"] == 2
     assert loaded.info.training["num_processes"] == 2
     assert all(torch.isfinite(p).all() for p in loaded.unet.parameters())
+
+
+def test_cosine_schedule_decays_and_constant_does_not(tmp_path):
+    import csv
+
+    data = write_blob_images(tmp_path / "d", per_condition=2, size=16)
+    lrs = {}
+    for schedule in ("constant", "cosine"):
+        code, _, err = run_cli("train", data, tmp_path / schedule, "--steps", "30", "--batch-size", "2",
+                               "--warmup-steps", "1", "--lr", "0.001", "--lr-schedule", schedule,
+                               "--checkpoint-every", "100")
+        assert code == 0, err
+        with open(tmp_path / schedule / "train_log.csv", newline="") as fh:
+            lrs[schedule] = [float(r["lr"]) for r in csv.DictReader(fh)]
+    assert lrs["constant"] == [0.001] * len(lrs["constant"])
+    assert lrs["cosine"][0] > lrs["cosine"][-1] and lrs["cosine"][-1] < 0.0002

@@ -69,6 +69,9 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> N
     p.add_argument("--lr", type=float, default=lr,
                    help=f"AdamW learning rate after warm-up, above 0 (default {lr:g})")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the warm-up: constant (a run can be extended with --resume and more "
+                        "--steps) or cosine decay to 0 at --steps (default constant)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay of the saved weights, in [0, 1) (default 0.999)")
@@ -112,7 +115,7 @@ def _train_config(args: argparse.Namespace):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
         checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
-        sample_every=max(args.sample_every, 0), augment=not args.no_augment,
+        sample_every=max(args.sample_every, 0), augment=not args.no_augment, lr_schedule=args.lr_schedule,
     )
 
 
