@@ -1,13 +1,16 @@
 """Edit strength on the demo's planted phenotypes: exact fixed-point DDIM against EF-DDPM at each T_skip.
 
     python bench/edit_strength.py WORK [--model MODEL_DIR] [--heldout DIR] [--reference DIR] [--n 24]
-                                  [--steps 50] [--skips 0,10,25,40] [--to high] [--targets all]
+                                  [--steps 50] [--skips 0,10,25,40] [--guidance 1.5,2,3] [--to high]
+                                  [--targets all]
                                   [--max-reference 100] [--judge-steps 300] [--no-judges] [--seed 0]
                                   [--workers 2] [--threads 1] [--out table.csv] [--overwrite]
 
 Why: an exact inversion is only worth its cost if the edit it carries shows the phenotype. EF-DDPM
 (`--inversion ef-ddpm --skip K`) reconstructs exactly by construction at one call per step, and its
-restart point T_skip trades edit strength against staying close to the source. This bench runs the
+restart point T_skip trades edit strength against staying close to the source; classifier-free
+guidance (`--guidance`, for a model trained with condition dropout) strengthens the edit of the exact
+inversion at two network calls per rendering step. This bench runs the
 demo's protocol (`phenolens demo`) once per inversion on the same sources and targets and reads the
 demo's own figures:
 
@@ -44,7 +47,7 @@ from phenolens.atomic import write_csv_atomic
 from phenolens.data.records import discover
 from phenolens.data.simulate import CHANNEL_NAMES, channel_names
 from phenolens.errors import PhenolensError
-from phenolens.measure.planted import PLANTED_FEATURES, planted_table
+from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES, planted_table
 from phenolens.methods.registry import load_model_for
 from phenolens.run.index import read_index
 from phenolens.run.measure import MeasureSettings, run_measure
@@ -122,8 +125,29 @@ def fmt(v: float, spec: str = ".2f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def format_table(results: list[dict], to: str) -> str:
-    phen = list(PLANTED_FEATURES)
+def planted_in(reference: Path) -> list[str]:
+    """The phenotypes the reference data plant (its ground truth names them when `--phenotypes` chose
+    some); a phenotype not planted has no real effect to compare with, so it gets no column."""
+    table = reference / "_groundtruth" / "planted.csv"
+    names = None
+    if table.is_file():
+        with open(table, newline="") as fh:
+            first = next(csv.DictReader(fh), {})
+        if first.get("phenotypes"):
+            names = set(first["phenotypes"].split("+"))
+    has = lambda p: (names is None and p != "LC3 puncta") or (names is not None and SIMULATOR_NAMES[p] in names)  # noqa: E731
+    return [p for p in PLANTED_FEATURES if has(p) or (names is None and p == "LC3 puncta" and _has_lc3(table))]
+
+
+def _has_lc3(table: Path) -> bool:
+    if not table.is_file():
+        return False
+    with open(table, newline="") as fh:
+        return "lc3_puncta" in (csv.DictReader(fh).fieldnames or [])
+
+
+def format_table(results: list[dict], to: str, phen: list[str] | None = None) -> str:
+    phen = phen or list(PLANTED_FEATURES)
     head = (["inversion", "skip", "guidance"] + [f"{SHORT[p]} ratio" for p in phen]
             + ["mean abs(ratio-1)", f"source nuclei kept ({to})", f"oracle success ({to})",
                "recon PSNR mean / min (dB)", f"change MSE ({to})", "calls / image (inversion + edit)"])
@@ -227,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
               f"ratios {', '.join(fmt(v) for v in r['ratios'].values())}", file=sys.stderr, flush=True)
 
     print()
-    print(format_table(results, to))
+    print(format_table(results, to, planted_in(reference)))
     print()
     first = args.work / "runs" / run_name(*plans[0]) / "measure"
     print(f"ratio: translated mean difference (sources -> their translations to {to}) over the real one "
