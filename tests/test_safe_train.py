@@ -156,7 +156,7 @@ def checkpointed(data, tmp_path) -> Path:
 @pytest.mark.parametrize("change, needle", [
     (["--lr", "1e-3"], "--lr"),
     (["--warmup-steps", "2"], "--warmup-steps"),
-    (["--cond-dropout", "0.1"], "--cond-dropout"),
+    (["--cond-dropout", "0.2"], "--cond-dropout"),
     (["--size", "8"], "--size"),
 ])
 def test_item8_resume_refuses_changed_settings(data, checkpointed, change, needle):

@@ -81,8 +81,11 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> N
                         "views of each image: for memorisation experiments (`phenolens memorization`), where a small "
                         "dataset should be seen image by image, or images whose orientation means something "
                         "(default: augment)")
-    p.add_argument("--cond-dropout", type=float, default=0.0,
-                   help="probability of dropping the condition (classifier-free guidance training) (default 0)")
+    p.add_argument("--cond-dropout", type=float, default=0.1,
+                   help="probability of replacing the condition by the null one while training, so that "
+                        "`translate --guidance-scale` can strengthen an edit (classifier-free guidance; PhenDiff's "
+                        "0.1; README \"Edit strength\"); 0 = never, and guidance is then refused. A run started "
+                        "before this default (0) resumes with --cond-dropout 0 (default 0.1)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto = bf16 on a GPU that supports it, else no (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")

@@ -68,7 +68,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema: bool = True
     ema_decay: float = 0.999
-    cond_dropout: float = 0.0  # probability a label is replaced by the null label (classifier-free)
+    cond_dropout: float = 0.1  # probability a label is replaced by the null label (classifier-free; PhenDiff's 0.1)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
