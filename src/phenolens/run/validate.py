@@ -14,7 +14,7 @@ images are kept), --overwrite removes only what phenolens wrote there.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from phenolens.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -75,10 +75,8 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), steps=settings.steps,
                                     batch_size=settings.batch_size, guidance_scale=settings.guidance_scale),
                   run_dir, device=device, progress=progress)
-    measure = settings.measure
-    measure.reference = str(heldout)
-    measure.max_reference = max(measure.max_reference, max(
-        sum(r.condition == c for r in records) for c in model.conditions))  # every held-out cell
+    measure = replace(settings.measure, reference=str(heldout), max_reference=max(  # every held-out cell
+        settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in model.conditions)))
     measure_dir = run_measure(run_dir, measure, progress=progress)
     summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
     summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), steps=settings.steps,
