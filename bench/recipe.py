@@ -26,7 +26,7 @@ Candidates (phenolens ones train with `train_phendiff`, i.e. `phenolens train`):
   flips and rotations, dropout 0), at the data's own size;
 - one-change variants of `before`: `dropout` (condition dropout 0.1), `eps` (ε-prediction),
   `lr5e-4`, `noema`, `noaug`, `b32` (batch 32);
-- `chosen`: the combination the variants point to (see CHOSEN).
+- `chosen`: the recipe the shipped BBBC021 model was trained with (CHOSEN).
 
 Re-running with the same WORK resumes: trained models and measured runs are kept.
 """
@@ -69,7 +69,7 @@ VARIANTS = {
     "noaug": dict(augment=False),
     "b32": dict(batch=32),
 }
-# the recipe the variants point to (filled in from the measured table; see README "Training recipe")
+# the BBBC021 recipe (models/bbbc021-cycloheximide): compared here with the plain loop; README "Training recipe"
 CHOSEN = dict(BEFORE, dropout=0.1, lr=5e-4)
 SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",
          "actin translocation": "actin transl.", "tubulin +10 % (subtle)": "tubulin", "LC3 puncta": "LC3 puncta"}
