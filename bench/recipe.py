@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,10 +45,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edit_strength import summarize  # noqa: E402
+from edit_strength import fmt, summarize, write_sources  # noqa: E402
 
-from phenolens.atomic import write_csv_atomic  # noqa: E402
-from phenolens.data.records import discover  # noqa: E402
 from phenolens.data.simulate import channel_names, simulate  # noqa: E402
 from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES  # noqa: E402
 from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
@@ -183,21 +180,6 @@ def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, ste
     return result
 
 
-def write_sources(heldout: Path, n: int, manifest: Path) -> Path:
-    records = discover(heldout, condition="control")
-    if len(records) < n:
-        raise SystemExit(f"{heldout}: {len(records)} control images, --n asks for {n}; remove {heldout} to simulate "
-                         "it again")
-    records = records[:n]
-    write_csv_atomic(manifest, [dict(path=str(Path(r.path).resolve()), condition="control") for r in records],
-                     ["path", "condition"], only_if_changed=True)
-    return manifest
-
-
-def fmt(v: float, spec: str = ".2f") -> str:
-    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
-
-
 def format_table(rows: list[dict]) -> str:
     phen = [p for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in PHENOTYPES]  # what the data plant
     head = (["candidate", "steps x batch"] + [f"{SHORT[p]}" for p in phen]
@@ -230,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     train, heldout, reference = make_data(args.work, args.size, args.n)
-    sources = write_sources(heldout, args.n, args.work / "sources.csv")
+    sources = write_sources(heldout, "control", args.n, args.work / "sources.csv")
     times_path = args.work / "train_seconds.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     rows = []

@@ -697,25 +697,24 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
 
 def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition: int, size: int, seed: int,
                    workers: int | None, progress: bool, puncta: bool = False,
-                   planted: tuple[str, ...] | None = None) -> None:
+                   phenotypes: tuple[str, ...] | None = None) -> None:
     """Render every image (in a process pool when it pays off) and write the tables."""
     (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)
     for c in conds:
         (out / c).mkdir(parents=True, exist_ok=True)
         (out / GROUNDTRUTH / "masks" / c).mkdir(parents=True, exist_ok=True)
 
-    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta), planted)
+    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta), phenotypes)
             for ci, c in enumerate(conds) for j in range(int(per_condition))]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     results = list(_map(jobs, int(workers), progress))
 
-    planted_names = planted
     planted = [r[0] for r in results]
     cells = [c for r in results for c in r[1]]
     gt = out / GROUNDTRUTH
     _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS + (_PUNCTA_PLANTED if puncta else [])
-                      + (["phenotypes"] if planted_names is not None else []))
+                      + (["phenotypes"] if phenotypes is not None else []))
     _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS + (_PUNCTA_CELL if puncta else []))
     _write_csv_atomic(out / "manifest.csv", planted, ["path", "condition", "strength"])
 

@@ -8,6 +8,7 @@ translated curve follow the real one, and the same cells change the way the real
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -81,8 +82,6 @@ def dose_response_png(responses: dict, conditions: Sequence[str], path: Path, pe
     if n:
         fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     write_bytes_atomic(path, buf.getvalue())
