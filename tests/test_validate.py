@@ -119,12 +119,19 @@ def test_validate_end_to_end_on_simulated_cells(tmp_path):
     code, _, err = run_cli(*args, "--overwrite")
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "validation.json").is_file()
+    # the edit's strength is translate's: EF-DDPM restarted at T_skip 1 of 3, recorded and said
+    code, stdout, err = run_cli(*args, "--inversion", "ef-ddpm", "--skip", "1", "--overwrite")
+    assert code == 0, err
+    summary = json.loads((out / "validation.json").read_text())
+    assert (summary["inversion"], summary["skip"]) == ("ef-ddpm", 1)
+    assert "ef-ddpm inversion, 3 steps, T_skip 1" in (out / "validation.md").read_text()
+    assert json.loads((out / "run" / "run.json").read_text())["inversion"] == "ef-ddpm"
 
 
 def test_validate_refuses_heldout_without_every_condition(tmp_path, tiny_model, blob_data):
     fails_with(run_cli("validate", tiny_model, blob_data / "ctrl", tmp_path / "v"), "no real cells of", "dose1")
 
 
-@pytest.mark.parametrize("option", [("--top", "0"), ("--max-sources", "2")])
+@pytest.mark.parametrize("option", [("--top", "0"), ("--max-sources", "2"), ("--skip", "50")])
 def test_validate_checks_its_options(tmp_path, tiny_model, blob_data, option):
     fails_with(run_cli("validate", tiny_model, blob_data, tmp_path / "v", *option), option[0])

@@ -192,6 +192,23 @@ def _add_finetune(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
+def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
+    """How strong an edit is: the inversion, its restart point and guidance (`translate` and `validate`)."""
+    p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
+                   help="fixed-point: deterministic DDIM, each inversion step solved implicitly (exact); ddim: plain "
+                        "DDIM inversion (one network call per step, inexact); ef-ddpm: edit-friendly DDPM inversion, "
+                        "per-step noise maps drawn from --seed (exact by construction; see --skip) (default fixed-point)")
+    p.add_argument("--skip", type=int, default=0, metavar="K",
+                   help="T_skip: invert only to step K of --steps and render the last steps-K steps under the target; "
+                        "larger K keeps more of the source image (weaker edits); 0 = the whole schedule (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
+                        "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its path, so "
+                        "batching and resuming do not change it); deterministic inversions draw nothing (default 0)")
+
+
 def _add_translate(sub) -> None:
     p = sub.add_parser("translate", help="invert real images and regenerate them under other conditions",
                        description="For every source image: invert it under its own condition, render it under each target, "
@@ -211,13 +228,7 @@ def _add_translate(sub) -> None:
     p.add_argument("--from", dest="source", default=None, metavar="COND",
                    help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
-    p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
-                   help="fixed-point: deterministic DDIM, each inversion step solved implicitly (exact); ddim: plain "
-                        "DDIM inversion (one network call per step, inexact); ef-ddpm: edit-friendly DDPM inversion, "
-                        "per-step noise maps drawn from --seed (exact by construction; see --skip) (default fixed-point)")
-    p.add_argument("--skip", type=int, default=0, metavar="K",
-                   help="T_skip: invert only to step K of --steps and render the last steps-K steps under the target; "
-                        "larger K keeps more of the source image (weaker edits); 0 = the whole schedule (default 0)")
+    _add_edit_strength_options(p)
     p.add_argument("--inversion-iters", type=int, default=DEFAULT_ITERS,
                    help="fixed-point: at most this many network calls per step after the first guess, at least 1 "
                         f"(default {DEFAULT_ITERS})")
@@ -230,18 +241,12 @@ def _add_translate(sub) -> None:
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                    help="fixed-point: start each step from plain DDIM inversion (one more call per step) instead of "
                         "from the previous step's noise estimate")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance of the targets (needs a model trained with --cond-dropout); the "
-                        "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
     p.add_argument("--max-clipped", type=float, default=0.5, metavar="FRACTION",
                    help="refuse (or with --skip-bad skip) an image with more than this fraction of its pixel values "
                         "outside the model's training range, e.g. an 8-bit or 0-1 float image into a 16-bit model; "
                         "above 5%% a warning names the file; index.csv's clipped_fraction gives every image's "
                         "fraction, 0 to 1 (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its path, so "
-                        "batching and resuming do not change it); deterministic inversions draw nothing (default 0)")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:N or mps; refused when this machine lacks it "
                         "(default: cuda if available)")
@@ -403,8 +408,7 @@ def _add_validate(sub) -> None:
                    help="translate at most N control cells (default: all)")
     p.add_argument("--top", type=int, default=10, help="features scored: the largest significant real |d| (default 10)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance of the translations (default 1 = none)")
+    _add_edit_strength_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     _add_feature_options(p)
     p.add_argument("--device", default=None, help="torch device for translation (default: cuda when available, else cpu)")
@@ -573,7 +577,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.max_sources is not None and args.max_sources < 3:
         raise PhenolensError("--max-sources must be at least 3")
     settings = ValidateSettings(source=args.source, steps=args.steps, batch_size=args.batch_size,
-                                guidance_scale=args.guidance_scale, max_sources=args.max_sources,
+                                guidance_scale=args.guidance_scale, inversion=args.inversion, skip=args.skip,
+                                seed=args.seed, max_sources=args.max_sources,
                                 measure=_measure_settings(args), criteria=Criteria(top=args.top))
     summary = run_validate(args.model_dir, args.heldout, args.out, settings, overwrite=args.overwrite,
                            device=args.device)

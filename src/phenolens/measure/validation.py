@@ -158,6 +158,11 @@ def format_validation(summary: dict) -> str:
               f"- reconstruction PSNR mean {s['reconstruction_psnr_mean']:.1f} dB (min "
               f"{s['reconstruction_psnr_min']:.1f}); source nuclei found again: "
               + ", ".join(f"{t} {100 * v:.0f} %" for t, v in s["nuclei_kept"].items()), ""]
+    if "n_sources" in s:  # written by run_validate: how the translations were made
+        how = [s.get("inversion", "fixed-point") + " inversion", f"{s['steps']} steps"]
+        how += [f"T_skip {s['skip']}"] if s.get("skip") else []
+        how += [f"guidance {s['guidance_scale']:g}"] if s.get("guidance_scale", 1) != 1 else []
+        lines.insert(-1, f"- translations: {s['n_sources']} held-out {s['source']} cells, " + ", ".join(how))
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in s["checks"].items()]
     lines.append(f"\n{'PASSED' if s['passed'] else 'NOT PASSED'}: {sum(s['checks'].values())} of "
                  f"{len(s['checks'])} checks")

@@ -37,6 +37,9 @@ class ValidateSettings:
     steps: int = 50
     batch_size: int = 16
     guidance_scale: float = 1.0
+    inversion: str = "fixed-point"  # the edit's strength: translate's --inversion, --skip, --seed
+    skip: int = 0
+    seed: int = 0
     max_sources: int | None = None  # at most this many control cells translated (default: all)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     criteria: Criteria = field(default_factory=Criteria)
@@ -73,14 +76,15 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
                 f"reference: {len(records)} held-out cells of {heldout}")
     run_dir = out / "run"
     run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), steps=settings.steps,
-                                    batch_size=settings.batch_size, guidance_scale=settings.guidance_scale),
+                                    batch_size=settings.batch_size, guidance_scale=settings.guidance_scale,
+                                    inversion=settings.inversion, skip=settings.skip, seed=settings.seed),
                   run_dir, device=device, progress=progress)
     measure = replace(settings.measure, reference=str(heldout), max_reference=max(  # every held-out cell
         settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in model.conditions)))
     measure_dir = run_measure(run_dir, measure, progress=progress)
     summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
     summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), steps=settings.steps,
-                   guidance_scale=settings.guidance_scale)
+                   guidance_scale=settings.guidance_scale, inversion=settings.inversion, skip=settings.skip)
     write_json_atomic(out / "validation.json", summary)
     write_text_atomic(out / "validation.md", format_validation(summary) + "\n")
     if summary["features"]:
