@@ -1,7 +1,8 @@
 """Edit strength on the demo's planted phenotypes: exact fixed-point DDIM against EF-DDPM at each T_skip.
 
     python bench/edit_strength.py WORK [--model MODEL_DIR] [--heldout DIR] [--reference DIR] [--n 24]
-                                  [--steps 50] [--skips 0,10,25,40] [--guidance 1.5,2,3] [--to high]
+                                  [--steps 50] [--skips 0,10,25,40] [--guidance 1.5,2,3] [--guide-ef-ddpm]
+                                  [--only fixed-point|ef-ddpm] [--to high]
                                   [--targets all]
                                   [--max-reference 100] [--judge-steps 300] [--no-judges] [--seed 0]
                                   [--workers 2] [--threads 1] [--out table.csv] [--overwrite]
@@ -189,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", default="",
                     help="classifier-free guidance scales above 1 for the exact fixed-point inversion, e.g. 1.5,2,3 "
                          "(needs a model trained with --cond-dropout; default: none)")
+    ap.add_argument("--guide-ef-ddpm", action="store_true",
+                    help="also run every EF-DDPM T_skip at every --guidance scale (default: EF-DDPM unguided)")
+    ap.add_argument("--only", choices=("fixed-point", "ef-ddpm"), default=None,
+                    help="run one inversion's rows only (two processes can then share WORK; default: both)")
     ap.add_argument("--source", default=None, help="source condition (default: the first of the simulated series)")
     ap.add_argument("--to", default=None, help="the edit judged (default: the last of the simulated series)")
     ap.add_argument("--targets", choices=("all", "to"), default="all",
@@ -226,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps, reference {reference} ({args.max_reference} per condition), targets "
           f"{'all conditions' if targets is None else ', '.join(targets)}, {torch.get_num_threads()} thread(s)")
 
-    plans = [("fixed-point", 0, 1.0)] + [("fixed-point", 0, g) for g in scales] + [("ef-ddpm", k, 1.0) for k in skips]
+    # every inversion at every strength: fixed-point at each guidance scale, EF-DDPM at each T_skip and scale
+    plans = ([("fixed-point", 0, g) for g in [1.0, *scales]]
+             + [("ef-ddpm", k, g) for k in skips for g in ([1.0, *scales] if args.guide_ef_ddpm else [1.0])])
+    plans = [p for p in plans if args.only in (None, p[0])]
     results, t_all = [], time.perf_counter()
     for inversion, skip, guidance in plans:
         run_dir = args.work / "runs" / run_name(inversion, skip, guidance)

@@ -310,7 +310,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         recs = [item.rec for item in batch]
         result = model.translate([item.raw for item in batch], [r.condition for r in recs], targets,
                                  inversion=inversion, guidance_scale=settings.guidance_scale,
-                                 generator=[noise_generator(settings.seed, r) for r in recs]
+                                 generator=[noise_generator(settings.seed, item.rec, item.raw) for item in batch]
                                  if inversion.method == "ef-ddpm" else None)
         forwards.extend(int(f) for f in result.inversion_forwards)
         planned = [output_paths(folders[record_key(item.rec)], item.rec, targets) for item in batch]
@@ -361,10 +361,13 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     return index_path
 
 
-def noise_generator(seed: int, rec: ImageRecord) -> torch.Generator:
-    """EF-DDPM's noise for one image: from --seed and the image itself, so an image gets the same draw
-    whatever batch it falls in and whether or not the run was resumed."""
-    key = f"{seed}:{os.path.realpath(rec.path)}:{rec.condition}".encode()
+def noise_generator(seed: int, rec: ImageRecord, raw: np.ndarray) -> torch.Generator:
+    """EF-DDPM's noise for one image: from --seed, the image's pixels and its condition, so an image gets
+    the same draw whatever batch it falls in, whether or not the run was resumed, and wherever its file
+    lives (a copied dataset, another machine: a validation re-runs to the same figures)."""
+    pixels = np.ascontiguousarray(raw)
+    digest = hashlib.sha256(f"{pixels.dtype.str}:{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+    key = f"{seed}:{digest}:{rec.condition}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
