@@ -205,8 +205,9 @@ def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
                         "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its path, so "
-                        "batching and resuming do not change it); deterministic inversions draw nothing (default 0)")
+                   help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its pixels and "
+                        "condition, so batching, resuming or moving the files do not change it); deterministic "
+                        "inversions draw nothing (default 0)")
 
 
 def _add_translate(sub) -> None:
