@@ -95,7 +95,7 @@ def shipped_validation(tmp_path_factory) -> dict:
     out = tmp / "validation"
     shipped = json.loads((SHIPPED / "validation.json").read_text())  # translated as the card says
     how = ["--inversion", shipped.get("inversion", "fixed-point"), "--skip", str(shipped.get("skip", 0)),
-           "--guidance-scale", str(shipped["guidance_scale"])]
+           "--guidance-scale", str(shipped["guidance_scale"]), "--seed", str(shipped.get("seed", 0))]
     code, _, err = run_cli("validate", SHIPPED, heldout, out, "--channel-names", "DNA,tubulin,actin", "--no-judges",
                            *how)
     assert code == 0, err

@@ -84,7 +84,8 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     measure_dir = run_measure(run_dir, measure, progress=progress)
     summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
     summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), steps=settings.steps,
-                   guidance_scale=settings.guidance_scale, inversion=settings.inversion, skip=settings.skip)
+                   guidance_scale=settings.guidance_scale, inversion=settings.inversion, skip=settings.skip,
+                   seed=settings.seed)
     write_json_atomic(out / "validation.json", summary)
     write_text_atomic(out / "validation.md", format_validation(summary) + "\n")
     if summary["features"]:
