@@ -49,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edit_strength import fmt, summarize, write_sources  # noqa: E402
 
+from phenolens.atomic import write_json_atomic  # noqa: E402
 from phenolens.data.simulate import channel_names, simulate  # noqa: E402
 from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES  # noqa: E402
 from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
@@ -219,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout, reference = make_data(args.work, args.size, args.n)
     sources = write_sources(heldout, "control", args.n, args.work / "sources.csv")
     times_path = args.work / "train_seconds.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     rows = []
     for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
         batch = 32 if name == "plain" else recipe_of(name)["batch"]
@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spent = train_candidate(recipe_of(name), train, model_dir, steps, args.seed)
         key = f"{name}-{args.images}"
+        # read again just before writing: candidates run in parallel on one WORK share this file
+        times = json.loads(times_path.read_text()) if times_path.is_file() else {}
         times[key] = times.get(key, 0.0) + spent
-        times_path.write_text(json.dumps(times, indent=1))
+        write_json_atomic(times_path, times)
         result = evaluate(model_dir, sources, reference, args.work / "runs" / key)
         result.update(candidate=name, steps=steps, batch=batch, train_seconds=times[key])
         rows.append(result)
