@@ -749,10 +749,22 @@ def _(c: Ctx):
 
 
 # ---- item 10: options that cannot work
-@case("guidance-without-condition-dropout", "10", "warn", "guidance")
+@case("guidance-without-condition-dropout", "10", "error", "--cond-dropout")
 def _(c: Ctx):
-    return ["translate", c.model(), c.sim() / "control", c.dir / "out", *FAST, "--to", "high",
+    c.step("train", c.sim(), c.dir / "m0", *TRAIN, "--cond-dropout", "0")  # the default is 0.1 since issue 11
+    return ["translate", c.dir / "m0", c.sim() / "control", c.dir / "out", *FAST, "--to", "high",
             "--guidance-scale", "3"]
+
+
+@case("guidance-on-a-model-that-does-not-record-dropout", "10", "warn", "older model")
+def _(c: Ctx):
+    model = c.model()
+    info = json.loads((model / "phenolens.json").read_text())
+    info.pop("cond_dropout", None)
+    if isinstance(info.get("training"), dict) and isinstance(info["training"].get("config"), dict):
+        info["training"]["config"].pop("cond_dropout", None)
+    (model / "phenolens.json").write_text(json.dumps(info))
+    return ["translate", model, c.sim() / "control", c.dir / "out", *FAST, "--to", "high", "--guidance-scale", "3"]
 
 
 @case("ema-decay-above-1", "10", "error", "--ema-decay")
