@@ -75,17 +75,16 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     logger.info(f"validate: {len(sources)} held-out {source} cells -> {', '.join(model.conditions)}; real "
                 f"reference: {len(records)} held-out cells of {heldout}")
     run_dir = out / "run"
-    run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), steps=settings.steps,
-                                    batch_size=settings.batch_size, guidance_scale=settings.guidance_scale,
-                                    inversion=settings.inversion, skip=settings.skip, seed=settings.seed),
-                  run_dir, device=device, progress=progress)
+    # how the translations are made: handed to translate, and recorded in validation.json
+    how = dict(steps=settings.steps, guidance_scale=settings.guidance_scale, inversion=settings.inversion,
+               skip=settings.skip, seed=settings.seed)
+    run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), batch_size=settings.batch_size,
+                                    **how), run_dir, device=device, progress=progress)
     measure = replace(settings.measure, reference=str(heldout), max_reference=max(  # every held-out cell
         settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in model.conditions)))
     measure_dir = run_measure(run_dir, measure, progress=progress)
     summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
-    summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), steps=settings.steps,
-                   guidance_scale=settings.guidance_scale, inversion=settings.inversion, skip=settings.skip,
-                   seed=settings.seed)
+    summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), **how)
     write_json_atomic(out / "validation.json", summary)
     write_text_atomic(out / "validation.md", format_validation(summary) + "\n")
     if summary["features"]:
