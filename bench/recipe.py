@@ -99,13 +99,18 @@ def command_line(recipe: dict, steps: int) -> str:
     return " ".join(parts)
 
 
-def make_data(work: Path, size: int, n: int) -> tuple[Path, Path, Path]:
+def make_data(work: Path, size: int, n: int, phenotypes: list[str] = PHENOTYPES) -> tuple[Path, Path, Path]:
     made = []
     for name, per, seed in (("train", 200, 0), ("heldout", max(n, 8), 1), ("reference", 100, 2)):
         path = work / name
         if not (path / "manifest.csv").is_file():
             simulate(path, conditions=CONDITIONS, per_condition=per, size=size, seed=seed, progress=False,
-                     puncta=True, phenotypes=PHENOTYPES)
+                     puncta=True, phenotypes=phenotypes)
+        with open(path / "_groundtruth" / "planted.csv", newline="") as fh:
+            planted = next(csv.DictReader(fh)).get("phenotypes", "")
+        if sorted(planted.split("+")) != sorted(phenotypes):
+            raise SystemExit(f"{path}: simulated with phenotypes {planted}, this run asks for "
+                             f"{'+'.join(phenotypes)}: use another WORK")
         made.append(path)
     return made[0], made[1], made[2]
 
@@ -186,8 +191,8 @@ def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, ste
     return result
 
 
-def format_table(rows: list[dict]) -> str:
-    phen = [p for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in PHENOTYPES]  # what the data plant
+def format_table(rows: list[dict], phenotypes: list[str] = PHENOTYPES) -> str:
+    phen = [p for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in phenotypes]  # what the data plant
     head = (["candidate", "steps x batch"] + [f"{SHORT[p]}" for p in phen]
             + ["mean ratio", "mean abs(ratio-1)", "nuclei kept", "recon PSNR (dB)", "train min"])
     lines = ["| " + " | ".join(head) + " |", "|:---|---:|" + "---:|" * (len(head) - 2)]
@@ -213,11 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=48, help="simulated image side (default 48)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: two benches share 2 cores)")
+    ap.add_argument("--phenotypes", default=",".join(PHENOTYPES),
+                    help="phenotypes planted in the simulated data (default: all but cell loss); one WORK per set")
+    ap.add_argument("--guidance", default="1",
+                    help="guidance scales the translations are evaluated at, comma-separated (default 1; "
+                         "above 1 needs a candidate trained with condition dropout)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
     args = ap.parse_args(argv)
+    phenotypes = [p.strip() for p in args.phenotypes.split(",") if p.strip()]
+    scales = [float(g) for g in args.guidance.split(",") if g.strip()]
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    train, heldout, reference = make_data(args.work, args.size, args.n)
+    train, heldout, reference = make_data(args.work, args.size, args.n, phenotypes)
     sources = write_sources(heldout, "control", args.n, args.work / "sources.csv")
     times_path = args.work / "train_seconds.json"
     rows = []
@@ -235,18 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         times = json.loads(times_path.read_text()) if times_path.is_file() else {}
         times[key] = times.get(key, 0.0) + spent
         write_json_atomic(times_path, times)
-        result = evaluate(model_dir, sources, reference, args.work / "runs" / key)
-        result.update(candidate=name, steps=steps, batch=batch, train_seconds=times[key])
-        rows.append(result)
-        print(format_table(rows).splitlines()[-1], flush=True)
+        for g in scales:
+            if g != 1 and not (name != "plain" and recipe_of(name)["dropout"]):
+                print(f"{name}: trained without condition dropout, no guidance {g:g}", flush=True)
+                continue
+            result = evaluate(model_dir, sources, reference, args.work / "runs" / (key + (f"-g{g:g}" if g != 1 else "")),
+                              guidance=g)
+            result.update(candidate=name + (f" (guidance {g:g})" if g != 1 else ""), steps=steps, batch=batch,
+                          train_seconds=times[key])
+            rows.append(result)
+            print(format_table(rows, phenotypes).splitlines()[-1], flush=True)
     print(f"\nrecipe bench: {args.images} training images per candidate, {args.n} held-out control sources -> "
           f"treated, {torch.get_num_threads()} thread(s)\n")
-    print(format_table(rows))
+    print(format_table(rows, phenotypes))
     if args.out:
         flat = []
         for r in rows:
             row = {k: v for k, v in r.items() if not isinstance(v, dict)}
-            row.update({f"ratio {p}": r["ratios"][p] for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in PHENOTYPES})
+            row.update({f"ratio {p}": r["ratios"][p] for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in phenotypes})
             flat.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         with open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(flat[0]))

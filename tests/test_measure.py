@@ -57,6 +57,18 @@ def test_matched_iou_and_centroid_matching_on_known_shapes():
     assert count_matches(a, a[:1], 3.0) == 1  # one-to-one: a single nucleus matches once
 
 
+def test_touches_border_flags_the_objects_cut_by_the_edge():
+    from phenolens.measure.segment import centroids, count_matches, touches_border
+
+    labels = np.zeros((20, 20), int)
+    labels[0:4, 8:12] = 3  # top edge
+    labels[8:12, 8:12] = 1  # inside
+    labels[10:14, 16:20] = 2  # right edge
+    assert touches_border(labels).tolist() == [False, True, True]  # centroids' order: labels 1, 2, 3
+    flagged = np.column_stack([centroids(labels), touches_border(labels)])
+    assert count_matches(flagged, centroids(labels), 3.0) == 3  # the flag column is not a coordinate
+
+
 def test_cohens_d_and_bh_against_hand_computation():
     from phenolens.measure.stats import bh_adjust, cohens_d, contrast
 
@@ -132,6 +144,9 @@ def test_measure_cli_on_a_known_run(sim, tmp_path, monkeypatch):
     metrics = json.loads((m / "metrics.json").read_text())
     assert metrics["identity_nuclei_within_3px"]["low"]["fraction"] == 1.0
     assert metrics["identity_nuclei_within_3px"]["high"]["fraction"] < 0.5  # other cells entirely
+    low = metrics["identity_nuclei_within_3px"]["low"]
+    assert 0 < low["whole_source_nuclei"] <= low["source_nuclei"]
+    assert low["whole_fraction"] == 1.0
     seg = metrics["segmentation_vs_ground_truth"]
     assert seg["nuclei_mean_iou"] > 0.8
     with open(m / "ranked.csv") as fh:

@@ -144,6 +144,16 @@ def centroids(labels: np.ndarray) -> np.ndarray:
     return np.array([r.centroid for r in measure.regionprops(labels)]).reshape(-1, 2)
 
 
+def touches_border(labels: np.ndarray) -> np.ndarray:
+    """Per object (in `centroids` order), whether it touches the image border.
+
+    Why: a nucleus cut by the edge of a crop is a fragment whose segmentation follows small intensity
+    changes; CellProfiler discards such objects by default, and an identity score can report the
+    whole nuclei beside all of them."""
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin([r.label for r in measure.regionprops(labels)], edge)
+
+
 def count_matches(a: np.ndarray, b: np.ndarray, max_distance: float) -> int:
     """Number of one-to-one pairs of centroids of A and B closer than MAX_DISTANCE px.
 
@@ -155,6 +165,6 @@ def count_matches(a: np.ndarray, b: np.ndarray, max_distance: float) -> int:
 
     if len(a) == 0 or len(b) == 0:
         return 0
-    d = cdist(a, b)
+    d = cdist(a[:, :2], b[:, :2])  # (y, x); a third column, if any, is a flag
     rows, cols = linear_sum_assignment(np.where(d <= max_distance, d, 1e6))
     return int((d[rows, cols] <= max_distance).sum())

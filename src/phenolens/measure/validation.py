@@ -114,7 +114,10 @@ def validation_summary(measure_dir: str | Path, source: str, criteria: Criteria 
             same_direction=r["direction_agrees"] == "True",
             within_tolerance=bool(math.isfinite(ratio) and abs(ratio - 1) <= criteria.tolerance),
             dose_r=rr, correlated=bool(math.isfinite(rr) and rr >= criteria.min_r)))
-    kept = {t: _float(metrics.get("identity_nuclei_within_3px", {}).get(t, {}).get("fraction")) for t in targets}
+    identity = metrics.get("identity_nuclei_within_3px", {})
+    kept = {t: _float(identity.get(t, {}).get("fraction")) for t in targets}
+    # the same for the nuclei not cut by the crop's border (reported beside; the check reads all nuclei)
+    kept_whole = {t: _float(identity.get(t, {}).get("whole_fraction")) for t in targets}
     recon = metrics.get("reconstruction", {})
     null = null_tests(measure_dir / "features.csv", source, criteria.q)
     n_same = sum(f["same_direction"] for f in features)
@@ -133,8 +136,16 @@ def validation_summary(measure_dir: str | Path, source: str, criteria: Criteria 
     }
     return dict(source=source, strongest=strongest, targets=targets, criteria=asdict(criteria), features=features,
                 same_direction=n_same, within_tolerance=n_within, correlated=n_corr, nuclei_kept=kept,
+                whole_nuclei_kept=kept_whole,
                 reconstruction_psnr_mean=psnr, reconstruction_psnr_min=_float(recon.get("psnr_min")),
                 null=null, checks=checks, passed=all(checks.values()))
+
+
+def _whole_nuclei(kept: dict) -> str:
+    """'; of those not cut by the border: ...', where the run measured it (runs before it did not)."""
+    if not kept or not all(math.isfinite(v) for v in kept.values()):
+        return ""
+    return "; of those not cut by the border: " + ", ".join(f"{t} {100 * v:.0f} %" for t, v in kept.items())
 
 
 def format_validation(summary: dict) -> str:
@@ -157,7 +168,8 @@ def format_validation(summary: dict) -> str:
               f"{n['real_halves_significant']} of {n['real_halves_tested']} ({100 * n['real_halves_fraction']:.1f} %)",
               f"- reconstruction PSNR mean {s['reconstruction_psnr_mean']:.1f} dB (min "
               f"{s['reconstruction_psnr_min']:.1f}); source nuclei found again: "
-              + ", ".join(f"{t} {100 * v:.0f} %" for t, v in s["nuclei_kept"].items()), ""]
+              + ", ".join(f"{t} {100 * v:.0f} %" for t, v in s["nuclei_kept"].items())
+              + _whole_nuclei(s.get("whole_nuclei_kept", {})), ""]
     if "n_sources" in s:  # written by run_validate: how the translations were made
         how = [s.get("inversion", "fixed-point") + " inversion", f"{s['steps']} steps"]
         how += [f"T_skip {s['skip']}"] if s.get("skip") else []

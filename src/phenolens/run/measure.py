@@ -39,7 +39,7 @@ from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, resolve_source
 from phenolens.run.judges import judge_metrics
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
-from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches,
+from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches, touches_border,
                                        matched_iou, read_user_masks, segment)
 
 ID_COLUMNS = ["image", "condition", "kind", "role", "source_image", "target_condition"]
@@ -117,7 +117,8 @@ def _measure_job(job: _Job) -> tuple[dict, np.ndarray, dict]:
         nuclei, cells = segment(image, job.segmentation)
     row = {k: getattr(job, k) for k in ID_COLUMNS}
     row.update(measure_image(image, nuclei, cells, job.features))
-    centers = label_centroids(nuclei)
+    # (y, x, 1 if the nucleus touches the image border): identity is reported for all and for whole nuclei
+    centers = np.column_stack([label_centroids(nuclei), touches_border(nuclei)]).astype(np.float64)
     scores: dict = {}
     if job.truth is not None:
         scores = dict(nuclei=matched_iou(nuclei, np.asarray(tifffile.imread(job.truth[0]))).tolist(),
@@ -391,7 +392,8 @@ def _measure_all(jobs: list[_Job], out: Path, cache_key: dict, workers: int | No
     for j in jobs:
         key = (j.image, j.kind, j.role, j.target_condition)
         name = "|".join(key)
-        if key in cache_rows and name in saved and (j.truth is None or name in saved_scores):
+        cached = key in cache_rows and name in saved and saved[name].shape[1:] == (3,)  # older runs: (y, x) only
+        if cached and (j.truth is None or name in saved_scores):
             rows[key], centroids[key] = cache_rows[key], saved[name]
             if j.truth is not None:
                 scores[key] = saved_scores[name]
@@ -450,16 +452,21 @@ def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: 
     for tc in conditions:
         pairs = [(str(sources[r["source_path"]]), r["output_path"], r["kind"]) for r in run.rows
                  if r["target_condition"] == tc]
-        found = total = total_gen = 0
+        found = total = total_gen = whole_found = whole = 0
         for src, outp, kind in pairs:
             c_src = centroids[(src, "real", "source", "")]
             c_gen = centroids[(str(run_dir / outp), kind, "generated", tc)]
             total += len(c_src)
             total_gen += len(c_gen)
             found += count_matches(c_src, c_gen, IDENTITY_DISTANCE)
+            inner = c_src[c_src[:, 2] == 0]  # source nuclei not cut by the border, matched against all
+            whole += len(inner)
+            whole_found += count_matches(inner, c_gen, IDENTITY_DISTANCE)
         if total:
             identity[tc] = dict(source_nuclei=total, translated_nuclei=total_gen, matched=found,
-                                fraction=found / total, translated_matched_fraction=found / max(total_gen, 1))
+                                fraction=found / total, translated_matched_fraction=found / max(total_gen, 1),
+                                whole_source_nuclei=whole, whole_matched=whole_found,
+                                whole_fraction=whole_found / whole if whole else math.nan)
     metrics["identity_nuclei_within_3px"] = identity
 
     if scores:
