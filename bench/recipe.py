@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             if g != 1 and not (name != "plain" and recipe_of(name)["dropout"]):
                 print(f"{name}: trained without condition dropout, no guidance {g:g}", flush=True)
                 continue
-            result = evaluate(model_dir, sources, reference, args.work / "runs" / (key + (f"-g{g:g}" if g != 1 else "")),
+            guided = g != 1
+            result = evaluate(model_dir, sources, reference, args.work / "runs" / (key + f"-g{g:g}" * guided),
                               guidance=g)
-            result.update(candidate=name + (f" (guidance {g:g})" if g != 1 else ""), steps=steps, batch=batch,
+            result.update(candidate=name + f" (guidance {g:g})" * guided, steps=steps, batch=batch,
                           train_seconds=times[key])
             rows.append(result)
             print(format_table(rows, phenotypes).splitlines()[-1], flush=True)
