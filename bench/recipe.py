@@ -28,7 +28,8 @@ Candidates (phenolens ones train with `train_phendiff`, i.e. `phenolens train`):
   `lr5e-4`, `noema`, `noaug`, `b32` (batch 32);
 - `chosen`: the recipe the shipped BBBC021 model was trained with (CHOSEN);
 - `eps-b32`: the plain loop's ε-prediction, AdamW 3e-4 and batch 32, plus phenolens' EMA,
-  augmentation, warm-up and condition dropout 0.1.
+  augmentation, warm-up and condition dropout 0.1;
+- `v-b32`: `eps-b32` with v-prediction (phenolens' default).
 
 Re-running with the same WORK resumes: trained models and measured runs are kept.
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,9 @@ CHOSEN = dict(BEFORE, dropout=0.1, lr=5e-4)
 # the plain loop's optimisation (ε, AdamW 3e-4, batch 32) with phenolens' additions (EMA, augmentation,
 # warm-up, condition dropout 0.1 for guidance): do the additions cost identity or effect?
 NAMED = {"chosen": CHOSEN, "eps-b32": dict(BEFORE, prediction_type="epsilon", lr=3e-4, batch=32, dropout=0.1)}
+# eps-b32 with v-prediction: an ε model of 3000 steps draws no cells from noise (its ε is not yet precise
+# enough at high noise, where x0 = (x_t - sqrt(1 - abar) ε) / sqrt(abar) magnifies every error); v is not
+NAMED["v-b32"] = dict(NAMED["eps-b32"], prediction_type="v_prediction")
 SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",
          "actin translocation": "actin transl.", "tubulin +10 % (subtle)": "tubulin", "LC3 puncta": "LC3 puncta"}
 
@@ -191,6 +196,49 @@ def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, ste
     return result
 
 
+@torch.no_grad()
+def sampled_ratios(model_dir: Path, reference: Path, n: int, phenotypes: list[str], steps: int = 50,
+                   guidance: float = 1.0) -> dict[str, float]:
+    """Does the model draw each planted phenotype from noise? Per phenotype: (treated - control) mean of
+    N cells generated from the same fixed noise under each condition, over the real reference's (treated
+    - control); 1 = the model draws the whole effect. A translation can hardly show what sampling from
+    noise does not draw: this separates "not learned" from "not transferred" (issue 11)."""
+    from phenolens.data.io import read_image
+    from phenolens.measure.features import FeatureSettings, measure_image
+    from phenolens.measure.segment import SegmentationSettings, segment
+    from phenolens.methods.registry import load_model_for
+    from phenolens.run.measure import estimate_nucleus_diameter
+
+    with open(reference / "manifest.csv", newline="") as fh:
+        ref = list(csv.DictReader(fh))
+    paths = {c: [reference / r["path"] for r in ref if r["condition"] == c] for c in CONDITIONS}
+    names = tuple(channel_names(True))
+    seg = SegmentationSettings(nuclei_channel=0, cell_channel=1,
+                               nucleus_diameter=estimate_nucleus_diameter(paths["control"], None, 0))
+
+    def features(raw: np.ndarray) -> dict[str, float]:  # as `phenolens measure` reads a 16-bit image
+        img = np.clip(np.asarray(raw, dtype=np.float64), 0, 65535) / 65535.0
+        return measure_image(img, *segment(img, seg), FeatureSettings(channel_names=names))
+
+    real = {c: [features(read_image(p)[0]) for p in paths[c]] for c in CONDITIONS}
+    model = load_model_for(model_dir, device="cpu")
+    size = model.info.image_size
+    noise = torch.randn((n, model.info.n_channels, size, size), generator=torch.Generator().manual_seed(5))
+    drawn = {c: [features(r) for r in model._to_raw(model.generate(noise, [c] * n, steps=steps,
+                                                                   guidance_scale=guidance))]
+             for c in CONDITIONS}
+    out = {}
+    for p in PLANTED_FEATURES:
+        if SIMULATOR_NAMES[p] not in phenotypes:
+            continue
+        key = PLANTED_FEATURES[p][0]
+        mean = {k: {c: np.nanmean([r.get(key, np.nan) for r in v[c]]) for c in CONDITIONS}
+                for k, v in (("real", real), ("drawn", drawn))}
+        real_diff = mean["real"]["treated"] - mean["real"]["control"]
+        out[p] = float((mean["drawn"]["treated"] - mean["drawn"]["control"]) / real_diff) if real_diff else math.nan
+    return out
+
+
 def format_table(rows: list[dict], phenotypes: list[str] = PHENOTYPES) -> str:
     phen = [p for p in PLANTED_FEATURES if SIMULATOR_NAMES[p] in phenotypes]  # what the data plant
     head = (["candidate", "steps x batch"] + [f"{SHORT[p]}" for p in phen]
@@ -223,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", default="1",
                     help="guidance scales the translations are evaluated at, comma-separated (default 1; "
                          "above 1 needs a candidate trained with condition dropout)")
+    ap.add_argument("--sampled", type=int, default=0, metavar="N",
+                    help="also generate N cells per condition from fixed noise and report how much of each "
+                         "planted effect sampling draws (default 0: not measured)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
     args = ap.parse_args(argv)
     phenotypes = [p.strip() for p in args.phenotypes.split(",") if p.strip()]
@@ -247,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         times = json.loads(times_path.read_text()) if times_path.is_file() else {}
         times[key] = times.get(key, 0.0) + spent
         write_json_atomic(times_path, times)
+        if args.sampled:
+            drawn = sampled_ratios(model_dir, reference, args.sampled, phenotypes)
+            print(f"{name}: drawn from noise / real effect, {args.sampled} cells per condition: "
+                  + ", ".join(f"{SHORT[p]} {fmt(v)}" for p, v in drawn.items()), flush=True)
         for g in scales:
             if g != 1 and not (name != "plain" and recipe_of(name)["dropout"]):
                 print(f"{name}: trained without condition dropout, no guidance {g:g}", flush=True)
