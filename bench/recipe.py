@@ -2,7 +2,7 @@
 against a plain diffusers loop (issue 11).
 
     python bench/recipe.py WORK [--images 96000] [--candidates plain,before,dropout,...] [--n 48]
-                           [--size 48] [--threads 1] [--out table.csv]
+                           [--size 48] [--threads 1] [--sampled N] [--out table.csv]
 
 Data (simulated once into WORK, `phenolens simulate --puncta --phenotypes ...`, 48 px, 5 channels):
 `train` (seed 0, 200 images per condition), `heldout` (seed 1: the N control sources) and `reference`
@@ -76,8 +76,8 @@ CHOSEN = dict(BEFORE, dropout=0.1, lr=5e-4)
 # the plain loop's optimisation (ε, AdamW 3e-4, batch 32) with phenolens' additions (EMA, augmentation,
 # warm-up, condition dropout 0.1 for guidance): do the additions cost identity or effect?
 NAMED = {"chosen": CHOSEN, "eps-b32": dict(BEFORE, prediction_type="epsilon", lr=3e-4, batch=32, dropout=0.1)}
-# eps-b32 with v-prediction: an ε model of 3000 steps draws no cells from noise (its ε is not yet precise
-# enough at high noise, where x0 = (x_t - sqrt(1 - abar) ε) / sqrt(abar) magnifies every error); v is not
+# eps-b32 with v-prediction: the ε model of 3000 steps draws no cells from noise (its ε is not yet precise
+# enough at high noise, where x0 = (x_t - sqrt(1 - abar) ε) / sqrt(abar) magnifies every error); does v help?
 NAMED["v-b32"] = dict(NAMED["eps-b32"], prediction_type="v_prediction")
 SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",
          "actin translocation": "actin transl.", "tubulin +10 % (subtle)": "tubulin", "LC3 puncta": "LC3 puncta"}
@@ -197,8 +197,7 @@ def evaluate(model_dir: Path, sources: Path, reference: Path, run_dir: Path, ste
 
 
 @torch.no_grad()
-def sampled_ratios(model_dir: Path, reference: Path, n: int, phenotypes: list[str], steps: int = 50,
-                   guidance: float = 1.0) -> dict[str, float]:
+def sampled_ratios(model_dir: Path, reference: Path, n: int, phenotypes: list[str], steps: int = 50) -> dict[str, float]:
     """Does the model draw each planted phenotype from noise? Per phenotype: (treated - control) mean of
     N cells generated from the same fixed noise under each condition, over the real reference's (treated
     - control); 1 = the model draws the whole effect. A translation can hardly show what sampling from
@@ -212,20 +211,19 @@ def sampled_ratios(model_dir: Path, reference: Path, n: int, phenotypes: list[st
     with open(reference / "manifest.csv", newline="") as fh:
         ref = list(csv.DictReader(fh))
     paths = {c: [reference / r["path"] for r in ref if r["condition"] == c] for c in CONDITIONS}
-    names = tuple(channel_names(True))
+    settings = FeatureSettings(channel_names=tuple(channel_names(True)))
     seg = SegmentationSettings(nuclei_channel=0, cell_channel=1,
                                nucleus_diameter=estimate_nucleus_diameter(paths["control"], None, 0))
 
     def features(raw: np.ndarray) -> dict[str, float]:  # as `phenolens measure` reads a 16-bit image
         img = np.clip(np.asarray(raw, dtype=np.float64), 0, 65535) / 65535.0
-        return measure_image(img, *segment(img, seg), FeatureSettings(channel_names=names))
+        return measure_image(img, *segment(img, seg), settings)
 
     real = {c: [features(read_image(p)[0]) for p in paths[c]] for c in CONDITIONS}
     model = load_model_for(model_dir, device="cpu")
     size = model.info.image_size
     noise = torch.randn((n, model.info.n_channels, size, size), generator=torch.Generator().manual_seed(5))
-    drawn = {c: [features(r) for r in model._to_raw(model.generate(noise, [c] * n, steps=steps,
-                                                                   guidance_scale=guidance))]
+    drawn = {c: [features(r) for r in model._to_raw(model.generate(noise, [c] * n, steps=steps))]
              for c in CONDITIONS}
     out = {}
     for p in PLANTED_FEATURES:
