@@ -62,7 +62,8 @@ from phenolens.train.trainer import TrainConfig  # noqa: E402
 
 CONDITIONS = ["control", "treated"]
 PHENOTYPES = ["nuclear-enlargement", "golgi-fragmentation", "actin-translocation", "tubulin-shift", "lc3-puncta"]
-BEFORE = dict(prediction_type="v_prediction", lr=2e-4, batch=16, ema=True, augment=True, dropout=0.0)
+BEFORE = dict(prediction_type="v_prediction", lr=2e-4, batch=16, ema=True, augment=True, dropout=0.0,
+              lr_schedule="constant")
 VARIANTS = {
     "before": {},
     "dropout": dict(dropout=0.1),
@@ -105,7 +106,7 @@ def command_line(recipe: dict, steps: int) -> str:
         parts.append("--no-ema")
     if not recipe["augment"]:
         parts.append("--no-augment")
-    if recipe.get("lr_schedule", "constant") != "constant":
+    if recipe["lr_schedule"] != "constant":
         parts.append(f"--lr-schedule {recipe['lr_schedule']}")
     return " ".join(parts)
 
@@ -135,7 +136,7 @@ def train_candidate(recipe: dict, data: Path, model_dir: Path, steps: int, seed:
     settings = PhenDiffTrainSettings(preset="tiny", prediction_type=recipe["prediction_type"])
     config = TrainConfig(steps=steps, batch_size=recipe["batch"], lr=recipe["lr"], ema=recipe["ema"],
                          augment=recipe["augment"], cond_dropout=recipe["dropout"], seed=seed,
-                         lr_schedule=recipe.get("lr_schedule", "constant"),
+                         lr_schedule=recipe["lr_schedule"],
                          checkpoint_every=max(steps // 4, 1))
     resume = (model_dir / "checkpoints").is_dir()
     train_phendiff(data, model_dir, settings, config, resume=resume, progress=False,
