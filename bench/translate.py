@@ -1,13 +1,15 @@
 """Images/s of `phenolens translate` against a plain per-image loop with diffusers' schedulers.
 
-    python bench/translate.py [--model DIR] [--n 16] [--steps 50] [--targets 3]
+    python bench/translate.py [--model DIR] [--data FOLDER] [--n 16] [--steps 50] [--targets 3] [--workers 2]
 
 The baseline is what one writes by hand with diffusers: for each image, DDIMInverseScheduler.step
 to invert under the source label, then DDIMScheduler.step to render under each target (one image
 at a time). phenolens batches images and targets; its default inversion is fixed-point (warm start,
 tolerance, Anderson: about 2 network evaluations per inversion step on the demo model), so it is also
 timed with plain DDIM inversion, which does the baseline's exact amount of network work, and with the
-fixed-point inversion of earlier versions (6 evaluations per step). Same model, same images, one run.
+fixed-point inversion of earlier versions (6 evaluations per step), and with `--workers N` (N CPU
+processes, the torch threads shared out among them) against one process using every thread. Same
+model, same images, one run.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="source images (default 16)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--targets", type=int, default=3, help="target conditions per image (default 3)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a folder of source images of the model's first condition, e.g. "
+                         "../shared/data/bbbc021-cycloheximide/DMSO with --model models/bbbc021-cycloheximide "
+                         "(default: simulated cells of the demo's shape)")
+    ap.add_argument("--workers", type=int, default=2, help="processes of the --workers row (default 2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n, one batch)")
     args = ap.parse_args()
 
     from phenolens.data.simulate import simulate
@@ -81,9 +89,16 @@ def main() -> None:
         model_dir = args.model or demo_like_model(tmp)
         info = PhenDiff.from_pretrained(model_dir).info
         source, targets = info.conditions[0], info.conditions[1:1 + args.targets]
-        data = simulate(tmp / "data", conditions=[source], per_condition=args.n, size=info.image_size, seed=7,
-                        progress=False)
-        paths = sorted((data / source).glob("*.tif"))
+        if args.data:
+            paths = sorted(args.data.glob("*.tif*"))[:args.n]
+            if len(paths) < args.n:
+                raise SystemExit(f"--data {args.data}: {len(paths)} TIFF file(s), --n asks for {args.n}")
+        else:
+            data = simulate(tmp / "data", conditions=[source], per_condition=args.n, size=info.image_size, seed=7,
+                            progress=False)
+            paths = sorted((data / source).glob("*.tif"))
+        manifest = tmp / "sources.csv"
+        manifest.write_text("path,condition\n" + "".join(f"{p.resolve()},{source}\n" for p in paths))
         results = {}
         t0 = time.perf_counter()
         baseline_loop(model_dir, paths, source, targets, args.steps)
@@ -93,22 +108,25 @@ def main() -> None:
             "phenolens translate (default fixed-point)": {},
             "phenolens translate --inversion-tol 0 --inversion-iters 5 --solver picard --no-warm-start (earlier default)":
                 dict(inversion_tol=0.0, inversion_iters=5, solver="picard", warm_start=False),
+            f"phenolens translate --workers {args.workers} (default fixed-point)": dict(workers=args.workers),
         }
         for i, (name, options) in enumerate(variants.items()):
-            settings = TranslateSettings(model_dir=str(model_dir), input=str(data / source), targets=targets,
-                                         steps=args.steps, batch_size=args.n, **options)
+            workers = options.pop("workers", 1)
+            settings = TranslateSettings(model_dir=str(model_dir), input=str(manifest), targets=targets,
+                                         steps=args.steps, batch_size=args.batch_size or args.n, **options)
             t0 = time.perf_counter()
-            run_translate(settings, tmp / f"run-{i}", progress=False)
+            run_translate(settings, tmp / f"run-{i}", progress=False, workers=workers)
             results[name] = time.perf_counter() - t0
 
     base = results["baseline: per-image diffusers loop (plain DDIM inversion)"]
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"python {sys.version.split()[0]}, torch {torch.__version__}")
     print(f"model: {model_dir}; {args.n} images of {info.image_size} px, {len(targets)} targets, {args.steps} steps")
-    print("| method | seconds | images/s | speed vs baseline |")
-    print("|---|---|---|---|")
+    one = results["phenolens translate (default fixed-point)"]
+    print("| method | seconds | images/s | speed vs baseline | speed vs one process |")
+    print("|---|---|---|---|---|")
     for name, sec in results.items():
-        print(f"| {name} | {sec:.1f} | {args.n / sec:.2f} | {base / sec:.2f}x |")
+        print(f"| {name} | {sec:.1f} | {args.n / sec:.2f} | {base / sec:.2f}x | {one / sec:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,29 @@ def test_resume_after_partial_run(tiny_model, blob_data, tmp_path):
     assert (out / full[-1]["output_path"]).is_file()
 
 
+def test_worker_processes_translate_as_one_process_does(tiny_model, blob_data, tmp_path):
+    """--workers 2 spreads the batches over two CPU processes; the files, the index and EF-DDPM's
+    per-image noise are those of a one-process run (to the last unit of a uint16 pixel: the processes
+    run fewer torch threads, which may round differently)."""
+    args = ["--batch-size", "4", "--inversion", "ef-ddpm", "--seed", "5", "--steps", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("translate", tiny_model, blob_data, one, *args)[0] == 0
+    code, _, err = run_cli("translate", tiny_model, blob_data, two, *args, "--workers", "2")
+    assert code == 0, err
+    a, b = read_rows(one / "index.csv"), read_rows(two / "index.csv")
+    assert [(r["source_path"], r["target_condition"], r["output_path"]) for r in a] == \
+        [(r["source_path"], r["target_condition"], r["output_path"]) for r in b]
+    assert len(a) == 12 * 3
+    for ra, rb in zip(a, b):
+        assert float(ra["change_mse"]) == pytest.approx(float(rb["change_mse"]), rel=1e-3, abs=1e-9)
+        x = tifffile.imread(one / ra["output_path"]).astype(np.int64)
+        y = tifffile.imread(two / rb["output_path"]).astype(np.int64)
+        assert np.abs(x - y).max() <= 1
+    assert {r["change_mse"] for r in a if r["kind"] == "translation"} != {"0"}  # the edits changed something
+    code, _, err = run_cli("translate", tiny_model, blob_data, tmp_path / "bad", *args, "--workers", "0")
+    assert code == 2 and "--workers" in err and "Traceback" not in err
+
+
 def test_images_not_a_multiple_of_the_unet_are_padded_and_cropped_back(tiny_model, tmp_path):
     data = write_blob_images(tmp_path / "odd", conditions=["ctrl"], per_condition=2, size=22)
     out = tmp_path / "run"

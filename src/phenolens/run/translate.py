@@ -78,6 +78,7 @@ from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs,
                                   unique_targets)
 from phenolens.run.notices import Notices, warn
 from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
+from phenolens.run.workers import check_workers, map_in_order
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +238,13 @@ def legacy_run_files(out: Path) -> list[str] | None:
 
 # ---------------------------------------------------------------------------------------- run
 def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bool = False,
-                  skip_bad: bool = False, device: str | None = None, progress: bool = True) -> Path:
-    """Translate every image of INPUT to every target; returns the path of index.csv."""
+                  skip_bad: bool = False, device: str | None = None, progress: bool = True, workers: int = 1) -> Path:
+    """Translate every image of INPUT to every target; returns the path of index.csv. WORKERS > 1
+    translates batches on that many CPU processes (`phenolens.run.workers`); the outputs are the same."""
     out = Path(out)
     check_settings(settings)
     model = load_model_for(settings.model_dir, device=device)
+    check_workers(workers, model.device)
     records = discover(settings.input, condition=settings.source)
     for rec in records:
         model.info.condition_index(rec.condition, "--from" if settings.source else f"source condition of {rec.path}")
@@ -305,13 +308,11 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     inversion = settings.inversion_settings()
     forwards: list[int] = []
     bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
-    for batch in batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
-                                  skip_bad, skipped, check=check):
-        recs = [item.rec for item in batch]
-        result = model.translate([item.raw for item in batch], [r.condition for r in recs], targets,
-                                 inversion=inversion, guidance_scale=settings.guidance_scale,
-                                 generator=[noise_generator(settings.seed, item.rec, item.raw) for item in batch]
-                                 if inversion.method == "ef-ddpm" else None)
+    batches = batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
+                               skip_bad, skipped, check=check)
+    jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], targets, inversion,
+                     settings.guidance_scale, settings.seed)) for batch in batches)
+    for batch, result in map_in_order(translate_batch, jobs, model, settings.model_dir, workers):
         forwards.extend(int(f) for f in result.inversion_forwards)
         planned = [output_paths(folders[record_key(item.rec)], item.rec, targets) for item in batch]
         folder.record(*(p for recon_rel, paths in planned for p in (recon_rel, *paths.values())))  # before writing:
@@ -359,6 +360,15 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     elif skipped_path.is_file() and folder.owns(skipped_path.name):
         skipped_path.unlink()  # from an earlier run whose bad files are now done or gone
     return index_path
+
+
+def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], targets: list[str],
+                    inversion: InversionSettings, guidance_scale: float, seed: int):
+    """One batch of sources (one shape) translated to every target: what a worker process runs."""
+    return model.translate(raws, [r.condition for r in recs], targets, inversion=inversion,
+                           guidance_scale=guidance_scale,
+                           generator=[noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)]
+                           if inversion.method == "ef-ddpm" else None)
 
 
 def noise_generator(seed: int, rec: ImageRecord, raw: np.ndarray) -> torch.Generator:

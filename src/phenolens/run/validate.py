@@ -41,6 +41,7 @@ class ValidateSettings:
     skip: int = 0
     seed: int = 0
     max_sources: int | None = None  # at most this many control cells translated (default: all)
+    workers: int = 1  # CPU processes translating (translate's --workers); measuring has its own
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     criteria: Criteria = field(default_factory=Criteria)
 
@@ -79,7 +80,7 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     how = dict(steps=settings.steps, guidance_scale=settings.guidance_scale, inversion=settings.inversion,
                skip=settings.skip, seed=settings.seed)
     run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), batch_size=settings.batch_size,
-                                    **how), run_dir, device=device, progress=progress)
+                                    **how), run_dir, device=device, progress=progress, workers=settings.workers)
     measure = replace(settings.measure, reference=str(heldout), max_reference=max(  # every held-out cell
         settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in model.conditions)))
     measure_dir = run_measure(run_dir, measure, progress=progress)
