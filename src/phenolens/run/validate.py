@@ -22,7 +22,7 @@ from phenolens.data.records import discover
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.measure.validation import Criteria, format_validation, validation_summary
-from phenolens.methods.registry import load_model_for
+from phenolens.models.store import load_info
 from phenolens.run.measure import MeasureSettings, run_measure
 from phenolens.run.translate import TranslateSettings, run_translate
 
@@ -50,16 +50,16 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
                  *, overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
     """Translate, measure and score; returns the summary (also written into OUT)."""
     model_dir, heldout, out = Path(model_dir), Path(heldout), Path(out)
-    model = load_model_for(model_dir, device="cpu")
-    source = settings.source or model.conditions[0]
-    model.info.condition_index(source, "--source")
+    info = load_info(model_dir)  # the weights are loaded once, by translate
+    source = settings.source or info.conditions[0]
+    info.condition_index(source, "--source")
     records = discover(heldout)
     found = {r.condition for r in records}
-    unknown = sorted(found - set(model.conditions))
+    unknown = sorted(found - set(info.conditions))
     if unknown:
         raise PhenolensError(f"HELDOUT {heldout}: condition(s) {', '.join(unknown)} are not the model's "
-                             f"({', '.join(model.conditions)})")
-    missing = [c for c in model.conditions if c not in found]
+                             f"({', '.join(info.conditions)})")
+    missing = [c for c in info.conditions if c not in found]
     if missing:
         raise PhenolensError(f"HELDOUT {heldout}: no real cells of {', '.join(missing)}; validation compares the "
                              "translations with real held-out cells of every condition")
@@ -73,7 +73,7 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     manifest = out / "sources.csv"
     write_csv_atomic(manifest, [dict(path=str(Path(r.path).resolve()), condition=source) for r in sources],
                      ["path", "condition"], only_if_changed=True)
-    logger.info(f"validate: {len(sources)} held-out {source} cells -> {', '.join(model.conditions)}; real "
+    logger.info(f"validate: {len(sources)} held-out {source} cells -> {', '.join(info.conditions)}; real "
                 f"reference: {len(records)} held-out cells of {heldout}")
     run_dir = out / "run"
     # how the translations are made: handed to translate, and recorded in validation.json
@@ -82,9 +82,9 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
     run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), batch_size=settings.batch_size,
                                     **how), run_dir, device=device, progress=progress, workers=settings.workers)
     measure = replace(settings.measure, reference=str(heldout), max_reference=max(  # every held-out cell
-        settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in model.conditions)))
+        settings.measure.max_reference, max(sum(r.condition == c for r in records) for c in info.conditions)))
     measure_dir = run_measure(run_dir, measure, progress=progress)
-    summary = validation_summary(measure_dir, source, settings.criteria, list(model.conditions))
+    summary = validation_summary(measure_dir, source, settings.criteria, list(info.conditions))
     summary.update(model=str(model_dir), heldout=str(heldout), n_sources=len(sources), **how)
     write_json_atomic(out / "validation.json", summary)
     write_text_atomic(out / "validation.md", format_validation(summary) + "\n")
