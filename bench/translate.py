@@ -28,6 +28,10 @@ from phenolens.data.io import read_image
 from phenolens.run.translate import TranslateSettings, run_translate
 
 
+BASELINE = "baseline: per-image diffusers loop (plain DDIM inversion)"
+ONE = "phenolens translate (default fixed-point)"
+
+
 @torch.no_grad()
 def baseline_loop(model_dir: Path, paths: list[Path], source: str, targets: list[str], steps: int) -> None:
     from phenolens.methods.phendiff import PhenDiff
@@ -79,6 +83,8 @@ def main() -> None:
                          "(default: simulated cells of the demo's shape)")
     ap.add_argument("--workers", type=int, default=2, help="processes of the --workers row (default 2)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per batch (default: --n, one batch)")
+    ap.add_argument("--workers-only", action="store_true",
+                    help="time only the default translation in one process and with --workers (no baseline)")
     args = ap.parse_args()
 
     from phenolens.data.simulate import simulate
@@ -100,16 +106,19 @@ def main() -> None:
         manifest = tmp / "sources.csv"
         manifest.write_text("path,condition\n" + "".join(f"{p.resolve()},{source}\n" for p in paths))
         results = {}
-        t0 = time.perf_counter()
-        baseline_loop(model_dir, paths, source, targets, args.steps)
-        results["baseline: per-image diffusers loop (plain DDIM inversion)"] = time.perf_counter() - t0
+        if not args.workers_only:
+            t0 = time.perf_counter()
+            baseline_loop(model_dir, paths, source, targets, args.steps)
+            results[BASELINE] = time.perf_counter() - t0
         variants = {
             "phenolens translate --inversion ddim": dict(inversion="ddim"),
-            "phenolens translate (default fixed-point)": {},
+            ONE: {},
             "phenolens translate --inversion-tol 0 --inversion-iters 5 --solver picard --no-warm-start (earlier default)":
                 dict(inversion_tol=0.0, inversion_iters=5, solver="picard", warm_start=False),
             f"phenolens translate --workers {args.workers} (default fixed-point)": dict(workers=args.workers),
         }
+        if args.workers_only:
+            variants = {k: v for k, v in variants.items() if k == ONE or "--workers" in k}
         for i, (name, options) in enumerate(variants.items()):
             workers = options.pop("workers", 1)
             settings = TranslateSettings(model_dir=str(model_dir), input=str(manifest), targets=targets,
@@ -118,15 +127,16 @@ def main() -> None:
             run_translate(settings, tmp / f"run-{i}", progress=False, workers=workers)
             results[name] = time.perf_counter() - t0
 
-    base = results["baseline: per-image diffusers loop (plain DDIM inversion)"]
+    base = results.get(BASELINE)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"python {sys.version.split()[0]}, torch {torch.__version__}")
     print(f"model: {model_dir}; {args.n} images of {info.image_size} px, {len(targets)} targets, {args.steps} steps")
-    one = results["phenolens translate (default fixed-point)"]
+    one = results[ONE]
     print("| method | seconds | images/s | speed vs baseline | speed vs one process |")
     print("|---|---|---|---|---|")
     for name, sec in results.items():
-        print(f"| {name} | {sec:.1f} | {args.n / sec:.2f} | {base / sec:.2f}x | {one / sec:.2f}x |")
+        vs_base = f"{base / sec:.2f}x" if base else "not run"
+        print(f"| {name} | {sec:.1f} | {args.n / sec:.2f} | {vs_base} | {one / sec:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -252,9 +252,9 @@ def _add_translate(sub) -> None:
                    help="torch device: cpu, cuda, cuda:N or mps; refused when this machine lacks it "
                         "(default: cuda if available)")
     p.add_argument("--workers", type=int, default=1,
-                   help="on the CPU: processes translating batches side by side, sharing the torch threads; "
-                        "faster than threads alone for the small UNets of `phenolens train` (each loads the "
-                        "model); the outputs are the same (default 1)")
+                   help="on the CPU: processes translating batches side by side, sharing the torch threads "
+                        "(each loads the model; worth it where torch's threads use the cores poorly, time it: "
+                        "bench/translate.py --workers-only); the outputs are the same (default 1)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in OUT/skipped.csv")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the outputs phenolens wrote into OUT in an earlier run (listed in "
