@@ -4,10 +4,10 @@ Why: the UNets phenolens trains are small, and torch's intra-op threads use a CP
 them (on the 2-core developer machine, 2 threads run a batch of 16 BBBC021 crops only 1.3-1.5x faster
 than 1 thread); processes of fewer threads, each translating whole batches, may use them better. How
 much depends on the machine (1.10x for 2 workers there, memory bandwidth being shared too:
-bench/translate.py --workers-only). The main process keeps reading the sources and writing every output and index.csv in
-the input's order, so resuming, provenance and the folder's guarantees are those of a one-process run,
-and each batch is translated exactly as it would be there (EF-DDPM's noise is drawn per image from the
-seed and its pixels, never from a process's state).
+bench/translate.py --workers-only). The main process keeps reading the sources and writing every
+output and index.csv in the input's order, so resuming, provenance and the folder's guarantees are
+those of a one-process run, and each batch is translated exactly as it would be there (EF-DDPM's
+noise is drawn per image from the seed and its pixels, never from a process's state).
 """
 
 from __future__ import annotations
