@@ -38,6 +38,7 @@ from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, resolve_source
 from phenolens.run.judges import judge_metrics
+from phenolens.run.workers import check_workers
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches, touches_border,
                                        matched_iou, read_user_masks, segment)
@@ -183,8 +184,8 @@ def check_settings(settings: MeasureSettings) -> None:
             raise PhenolensError(f"{option} {value}: channels are counted from 0")
     if settings.nucleus_diameter is not None and not settings.nucleus_diameter > 0:
         raise PhenolensError(f"--nucleus-diameter must be above 0 px (got {settings.nucleus_diameter})")
-    if settings.workers is not None and settings.workers < 1:
-        raise PhenolensError(f"--workers must be at least 1 (got {settings.workers})")
+    if settings.workers is not None:
+        check_workers(settings.workers, "cpu")  # measuring runs on the CPU's cores
     if settings.judges and settings.judge_steps < 1:
         raise PhenolensError(f"--judge-steps must be at least 1 (got {settings.judge_steps})")
 
