@@ -137,7 +137,7 @@ def train_candidate(recipe: dict, data: Path, model_dir: Path, steps: int, seed:
     config = TrainConfig(steps=steps, batch_size=recipe["batch"], lr=recipe["lr"], ema=recipe["ema"],
                          augment=recipe["augment"], cond_dropout=recipe["dropout"], seed=seed,
                          lr_schedule=recipe["lr_schedule"],
-                         checkpoint_every=max(steps // 4, 1))
+                         checkpoint_every=min(max(steps // 4, 1), 500))  # a session may stop a long run
     resume = (model_dir / "checkpoints").is_dir()
     train_phendiff(data, model_dir, settings, config, resume=resume, progress=False,
                    command=command_line(recipe, steps))

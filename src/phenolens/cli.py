@@ -62,16 +62,19 @@ def _add_simulate(sub) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
-    """The optimiser-loop options `train` and `finetune` share (one trainer, one set of options)."""
-    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
+def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int = 16,
+                      lr_schedule: str = "constant", why: str = "") -> None:
+    """The optimiser-loop options `train` and `finetune` share (one trainer, one set of options; each
+    command its own defaults, WHY says where they come from)."""
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps}{why})")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per step over all processes (default {batch_size}{why})")
     p.add_argument("--lr", type=float, default=lr,
-                   help=f"AdamW learning rate after warm-up, above 0 (default {lr:g})")
+                   help=f"AdamW learning rate after warm-up, above 0 (default {lr:g}{why})")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=lr_schedule,
                    help="learning rate after the warm-up: constant (a run can be extended with --resume and more "
-                        "--steps) or cosine decay to 0 at --steps (default constant)")
+                        f"--steps) or cosine decay to 0 at --steps (default {lr_schedule}{why})")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay of the saved weights, in [0, 1) (default 0.999)")
