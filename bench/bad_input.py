@@ -46,7 +46,8 @@ import numpy as np
 import tifffile
 
 FAST = ["--steps", "2", "--inversion-iters", "1"]
-TRAIN = ["--steps", "2", "--size", "32", "--batch-size", "4", "--checkpoint-every", "1"]
+# a constant schedule: item 8 extends these runs by resuming with more --steps (a cosine one is refused)
+TRAIN = ["--steps", "2", "--size", "32", "--batch-size", "4", "--checkpoint-every", "1", "--lr-schedule", "constant"]
 CONDITIONS = ["control", "low", "mid", "high"]
 BIG_FILE = 256 << 20
 BAD = ("data-loss", "traceback", "silently-wrong")
@@ -698,7 +699,7 @@ def _resume(change: str):
         sim = c.sim()
         c.step("train", sim, c.dir / "m", *TRAIN)
         argv = ["train", sim, c.dir / "m", "--steps", "4", "--size", "32", "--batch-size", "4",
-                "--checkpoint-every", "1", "--resume"]
+                "--checkpoint-every", "1", "--lr-schedule", "constant", "--resume"]
         if change == "lr":
             argv += ["--lr", "0.01"]
         elif change == "warmup":

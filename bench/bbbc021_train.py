@@ -37,9 +37,11 @@ from bbbc021_split import split  # noqa: E402
 
 CONDITIONS = ["DMSO", "CHX_5uM", "CHX_15uM", "CHX_50uM"]
 CHANNELS = ["DNA", "tubulin", "actin"]
-# the recipe (issue 11): native size, classifier-free dropout for guidance at translation
+# the settings models/bbbc021-cycloheximide was trained with: native size, classifier-free dropout for
+# guidance at translation, v-prediction and a constant rate (it predates the default training recipe,
+# src/phenolens/train/recipe.py, so every setting is spelled out and its sittings resume the same run)
 RECIPE = ["--preset", "tiny", "--size", "68", "--batch-size", "16", "--lr", "5e-4", "--cond-dropout", "0.1",
-          "--checkpoint-every", "500"]
+          "--prediction-type", "v_prediction", "--lr-schedule", "constant", "--checkpoint-every", "500"]
 
 
 def read_rows(manifest: Path) -> list[dict]:

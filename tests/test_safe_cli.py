@@ -78,7 +78,8 @@ def test_item7_abbreviated_option_wins_over_the_config(recorded, tmp_path):
     ("inversion", "foo", "'inversion'"),
     ("to", "dose1", "'to'"),              # nargs="+": a list, as --save-config writes it
     ("overwrite", "yes", "'overwrite'"),  # a switch takes a JSON boolean
-    ("guidance_scale", None, "'guidance_scale'"),
+    ("guidance_scale", "strong", "'guidance_scale'"),
+    ("batch_size", None, "'batch_size'"),  # null only where the option has no default
     ("input", 3, "'input'"),
 ])
 def test_item7_bad_config_value_is_one_line_naming_file_and_key(recorded, tmp_path, key, value, needle):

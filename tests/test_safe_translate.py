@@ -339,6 +339,34 @@ def test_item10_guidance_on_a_model_of_unknown_dropout_warns(tiny_model, small_d
     assert any(line.startswith("warning: --guidance-scale") for line in err.splitlines()), err
 
 
+def test_default_guidance_follows_the_model_and_the_inversion(tiny_model, small_data, tmp_path, caplog):
+    """Unasked, guidance is 2 for a PhenDiff model trained with the default recipe (README "Edit strength"),
+    1 with EF-DDPM, for a model trained otherwise or without dropout, and for one that does not record
+    how it was trained; the scale used is recorded."""
+    def trained(name: str, dropout: float, schedule: str = "cosine", prediction: str = "epsilon") -> Path:
+        return copy_model(tiny_model, tmp_path / name, cond_dropout=dropout, prediction_type=prediction,
+                          training={"config": {"lr_schedule": schedule, "cond_dropout": dropout}})
+
+    with_dropout = trained("recipe", 0.1)
+    cases = [(with_dropout, [], 2.0), (with_dropout, ["--inversion", "ef-ddpm"], 1.0),
+             (trained("none", 0.0), [], 1.0), (trained("constant", 0.1, "constant"), [], 1.0),
+             (trained("v", 0.1, prediction="v_prediction"), [], 1.0), (tiny_model, [], 1.0)]
+    for i, (model, extra, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        caplog.clear()
+        code, _, err = run_cli("translate", model, small_data / "ctrl", out, "--to", "dose1", *FAST, *extra)
+        assert code == 0, err
+        assert json.loads((out / "run.json").read_text())["guidance_scale"] == expected, model
+        assert ("guidance scale 2 (the default" in caplog.text) == (expected == 2.0), caplog.text
+    # the value compared on a re-run is the one used: the default run continues under an explicit 2,
+    # and an explicit 1 is another run (refused without --overwrite)
+    again = run_cli("translate", with_dropout, small_data / "ctrl", tmp_path / "run0", "--to", "dose1", *FAST,
+                    "--guidance-scale", "2")
+    assert again[0] == 0, again[2]
+    fails_with(run_cli("translate", with_dropout, small_data / "ctrl", tmp_path / "run0", "--to", "dose1", *FAST,
+                       "--guidance-scale", "1"), "guidance")
+
+
 # ------------------------------------------------------------- 11: a damaged index.csv on resume
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_item11_damaged_index_on_resume_is_redone_without_traceback(tiny_model, small_data, tmp_path, damage):

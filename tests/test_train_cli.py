@@ -108,3 +108,30 @@ def test_cosine_schedule_decays_and_constant_does_not(tmp_path):
             lrs[schedule] = [float(r["lr"]) for r in csv.DictReader(fh)]
     assert lrs["constant"] == [0.001] * len(lrs["constant"])
     assert lrs["cosine"][0] > lrs["cosine"][-1] and lrs["cosine"][-1] < 0.0002
+
+
+def test_defaults_are_the_measured_recipe(tmp_path):
+    """Without options, `train` uses the recipe of README "Training recipe" (src/phenolens/train/recipe.py):
+    ε-prediction, batch 32, cosine decay from 1e-3 on `tiny`; --zero-terminal-snr alone switches to v."""
+    data = write_blob_images(tmp_path / "d", conditions=["a", "b"], per_condition=2, size=16)
+    code, _, err = run_cli("train", data, tmp_path / "m", "--steps", "2", "--checkpoint-every", "100")
+    assert code == 0, err
+    info = json.loads((tmp_path / "m" / "phenolens.json").read_text())
+    config = info["training"]["config"]
+    assert (config["batch_size"], config["lr"], config["lr_schedule"]) == (32, 1e-3, "cosine")
+    assert config["cond_dropout"] == 0.1 and config["augment"] is True and config["ema"] is True
+    scheduler = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon"
+    # and `translate` guides its edits by default, as measured for this recipe (README "Edit strength")
+    code, _, err = run_cli("translate", tmp_path / "m", data / "a", tmp_path / "run", "--steps", "2", "--to", "b")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["guidance_scale"] == 2.0
+    code, _, err = run_cli("train", data, tmp_path / "z", "--steps", "1", "--batch-size", "2", "--zero-terminal-snr",
+                           "--preset", "small", "--checkpoint-every", "100")
+    assert code == 0, err
+    scheduler = json.loads((tmp_path / "z" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    assert json.loads((tmp_path / "z" / "phenolens.json").read_text())["training"]["config"]["lr"] == 2e-4
+    code, _, err = run_cli("train", data, tmp_path / "e", "--steps", "1", "--zero-terminal-snr",
+                           "--prediction-type", "epsilon")
+    assert code != 0 and "--zero-terminal-snr needs --prediction-type v_prediction" in err

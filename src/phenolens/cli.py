@@ -21,6 +21,8 @@ from phenolens.errors import PhenolensError
 from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT_TOL
 from phenolens.logs import setup_cli_logging
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
+from phenolens.train.recipe import (RECIPE_BATCH_SIZE, RECIPE_LR, RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE,
+                                    RECIPE_STEPS, recipe_lr)
 
 INVERSION_CHOICES = ("fixed-point", "ddim", "ef-ddpm")
 FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
@@ -62,15 +64,17 @@ def _add_simulate(sub) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int = 16,
+def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str, batch_size: int = 16,
                       lr_schedule: str = "constant", why: str = "") -> None:
     """The optimiser-loop options `train` and `finetune` share (one trainer, one set of options; each
-    command its own defaults, WHY says where they come from)."""
+    command its own defaults, WHY says where they come from). LR given as text is a rule the command
+    applies itself (the option then defaults to None)."""
     p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps}{why})")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"images per step over all processes (default {batch_size}{why})")
-    p.add_argument("--lr", type=float, default=lr,
-                   help=f"AdamW learning rate after warm-up, above 0 (default {lr:g}{why})")
+    p.add_argument("--lr", type=float, default=None if isinstance(lr, str) else lr,
+                   help=f"AdamW learning rate after warm-up, above 0 (default {lr if isinstance(lr, str) else f'{lr:g}'}"
+                        f"{why})")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=lr_schedule,
                    help="learning rate after the warm-up: constant (a run can be extended with --resume and more "
@@ -105,8 +109,8 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float, batc
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
 
 
-def _train_config(args: argparse.Namespace):
-    """TrainConfig from the shared loop options, after checking them."""
+def _train_config(args: argparse.Namespace, lr: float | None = None):
+    """TrainConfig from the shared loop options, after checking them (LR: the rate when --lr is not given)."""
     from phenolens.train.trainer import TrainConfig
 
     mixed = args.mixed_precision
@@ -118,7 +122,8 @@ def _train_config(args: argparse.Namespace):
         if getattr(args, name) < 1:
             raise PhenolensError(f"--{name.replace('_', '-')} must be at least 1")
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr if args.lr is not None else lr,
+        warmup_steps=args.warmup_steps,
         grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
         checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
         sample_every=max(args.sample_every, 0), augment=not args.no_augment, lr_schedule=args.lr_schedule,
@@ -141,10 +146,14 @@ def _add_train(sub) -> None:
     p.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
     p.add_argument("--conditions", type=csv_list, default=None,
                    help="every condition in the order to keep, e.g. a dose series DMSO,CHX_5uM,CHX_50uM (default: the order of a manifest.csv beside the condition folders, else a control-like name such as DMSO first and then natural order, doses compared as numbers; the order used is printed)")
-    _add_loop_options(p, steps=2000, lr=2e-4)
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
-                   help="what the network predicts; ε and v invert equally exactly in bench/schedules.py, v was the "
-                        "PhenDiff code's choice (default v_prediction)")
+    why = ', README "Training recipe"'
+    _add_loop_options(p, steps=RECIPE_STEPS, batch_size=RECIPE_BATCH_SIZE, lr_schedule=RECIPE_LR_SCHEDULE, why=why,
+                      lr="; ".join(f"{lr:g} with --preset {name}" for name, lr in RECIPE_LR.items()))
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the network predicts; ε and v invert equally exactly in bench/schedules.py and learned "
+                        "the simulator's small spots about equally at 3000 steps; v was the PhenDiff code's choice, the "
+                        f"recipe was measured with ε (default {RECIPE_PREDICTION_TYPE}; v_prediction with "
+                        f"--zero-terminal-snr{why})")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale betas to zero terminal SNR (as the PhenDiff code; slightly less exact inversion in "
                         "bench/schedules.py); implies --timestep-spacing trailing")
@@ -204,9 +213,11 @@ def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", type=int, default=0, metavar="K",
                    help="T_skip: invert only to step K of --steps and render the last steps-K steps under the target; "
                         "larger K keeps more of the source image (weaker edits); 0 = the whole schedule (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
-                        "inversion and the reconstruction stay unguided and exact; 1 = none (default 1)")
+                        "inversion and the reconstruction stay unguided and exact; 1 = none (default: 2 for a PhenDiff "
+                        "model trained with `train`'s default recipe and a fixed-point or ddim inversion, where it was "
+                        "measured to help; else 1, e.g. with EF-DDPM; README \"Edit strength\")")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its pixels and "
                         "condition, so batching, resuming or moving the files do not change it); deterministic "
@@ -485,12 +496,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.zero_terminal_snr and args.prediction_type == "epsilon":
         raise PhenolensError("--zero-terminal-snr needs --prediction-type v_prediction (an ε-model cannot predict "
                              "the image from pure noise)")
+    prediction_type = args.prediction_type or ("v_prediction" if args.zero_terminal_snr else RECIPE_PREDICTION_TYPE)
     settings = PhenDiffTrainSettings(
         preset=args.preset, size=args.size, channels=parse_channels(args.channels), conditions=args.conditions,
-        prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
+        prediction_type=prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         timestep_spacing="trailing" if args.zero_terminal_snr else args.timestep_spacing, skip_bad=args.skip_bad,
     )
-    config = _train_config(args)
+    config = _train_config(args, lr=recipe_lr(args.preset))
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)

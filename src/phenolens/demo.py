@@ -31,8 +31,9 @@ DEMO_LR = 5e-4
 DEMO_TRAIN_COMMANDS = (
     f"phenolens simulate data/demo --size {DEMO_SIZE} --per-condition {DEMO_PER_CONDITION} --seed 0",
     f"phenolens train data/demo src/phenolens/assets/demo_model --size {DEMO_SIZE} --steps {DEMO_TRAIN_STEPS} "
-    f"--batch-size 16 --lr {DEMO_LR} --preset tiny",
-)
+    f"--batch-size 16 --lr {DEMO_LR} --preset tiny --prediction-type v_prediction --lr-schedule constant "
+    "--cond-dropout 0",
+)  # the demo model predates the training recipe and its condition dropout: its settings are spelled out
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 DEMO_MEASURE_REFERENCE = 100  # real images per condition measured as the reference
 # what the demo writes into OUT itself; data/, heldout/, model/, translate/ are output folders of
@@ -105,8 +106,10 @@ def run_demo(out: str | Path, *, train: bool = False, steps: int = 50, n_images:
         model_dir = Path(model)
     elif train or not (DEMO_MODEL / "phenolens.json").is_file():
         model_dir = out / "model"
-        train_phendiff(data, model_dir, PhenDiffTrainSettings(preset="tiny", size=DEMO_SIZE),
-                       TrainConfig(steps=train_steps, batch_size=16, lr=DEMO_LR), command=DEMO_TRAIN_COMMANDS[1],
+        train_phendiff(data, model_dir, PhenDiffTrainSettings(preset="tiny", size=DEMO_SIZE,
+                                                              prediction_type="v_prediction"),
+                       TrainConfig(steps=train_steps, batch_size=16, lr=DEMO_LR, lr_schedule="constant",
+                                   cond_dropout=0.0), command=DEMO_TRAIN_COMMANDS[1],
                        overwrite=overwrite, progress=progress)
     else:
         model_dir = DEMO_MODEL

@@ -29,6 +29,7 @@ from phenolens.methods.core import NamedConditionModel
 from phenolens.models.store import MODEL_FILES, ModelInfo, apply_umask, load_model, save_model
 from phenolens.models.unet import preset_downsample_factor, unet_downsample_factor
 from phenolens.train.inputs import condition_order_line, size_line, training_inputs
+from phenolens.train.recipe import RECIPE_PREDICTION_TYPE
 from phenolens.train.samples import write_sample_grid
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class PhenDiffTrainSettings:
     size: int | None = None  # training crop side; None = the data's own size (no image is resized)
     channels: list[int] | None = None
     conditions: list[str] | None = None  # order to keep (a dose series); default: as found
-    prediction_type: str = "v_prediction"
+    prediction_type: str = RECIPE_PREDICTION_TYPE  # models trained before the recipe: v_prediction
     beta_schedule: str = "linear"
     zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"

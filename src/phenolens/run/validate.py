@@ -24,7 +24,7 @@ from phenolens.folders import OutputFolder, check_apart
 from phenolens.measure.validation import Criteria, format_validation, validation_summary
 from phenolens.models.store import load_info
 from phenolens.run.measure import MeasureSettings, run_measure
-from phenolens.run.translate import TranslateSettings, run_translate
+from phenolens.run.translate import TranslateSettings, default_guidance, run_translate
 
 logger = logging.getLogger(__name__)
 KIND = "validation"
@@ -36,7 +36,7 @@ class ValidateSettings:
     source: str | None = None  # the control condition; default: the model's first
     steps: int = 50
     batch_size: int = 16
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None = translate's default for the model and inversion
     inversion: str = "fixed-point"  # the edit's strength: translate's --inversion, --skip, --seed
     skip: int = 0
     seed: int = 0
@@ -77,7 +77,9 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
                 f"reference: {len(records)} held-out cells of {heldout}")
     run_dir = out / "run"
     # how the translations are made: handed to translate, and recorded in validation.json
-    how = dict(steps=settings.steps, guidance_scale=settings.guidance_scale, inversion=settings.inversion,
+    guidance = settings.guidance_scale
+    how = dict(steps=settings.steps, inversion=settings.inversion,
+               guidance_scale=default_guidance(settings.inversion, info) if guidance is None else guidance,
                skip=settings.skip, seed=settings.seed)
     run_translate(TranslateSettings(model_dir=str(model_dir), input=str(manifest), batch_size=settings.batch_size,
                                     **how), run_dir, device=device, progress=progress, workers=settings.workers)
