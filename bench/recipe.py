@@ -29,8 +29,14 @@ Candidates (phenolens ones train with `train_phendiff`, i.e. `phenolens train`):
 - `chosen`: the recipe the shipped BBBC021 model was trained with (CHOSEN);
 - `eps-b32`: the plain loop's ε-prediction, AdamW 3e-4 and batch 32, plus phenolens' EMA,
   augmentation, warm-up and condition dropout 0.1;
-- `v-b32`: `eps-b32` with v-prediction (phenolens' default);
-- `eps-b32-cos1e-3`: `eps-b32` with a peak lr of 1e-3 annealed by a cosine schedule.
+- `v-b32`: `eps-b32` with v-prediction (phenolens' default before the recipe);
+- `eps-b32-cos1e-3`: `eps-b32` with a peak lr of 1e-3 annealed by a cosine schedule: the recipe
+  `phenolens train` now uses by default (src/phenolens/train/recipe.py);
+- `default`: whatever `phenolens train` does by default (read from src/phenolens/train/recipe.py and
+  TrainConfig), so that a later change of the defaults is measured by the same bench.
+
+The translation is unguided unless `--guidance` names scales (translate's own default guides the
+edits of a model trained with the default recipe by 2; give `--guidance 1,2` to see both).
 
 Re-running with the same WORK resumes: trained models and measured runs are kept.
 """
@@ -58,6 +64,8 @@ from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES  # noqa:
 from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
 from phenolens.run.measure import MeasureSettings, run_measure  # noqa: E402
 from phenolens.run.translate import TranslateSettings, run_translate  # noqa: E402
+from phenolens.train.recipe import (RECIPE_BATCH_SIZE, RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE,  # noqa: E402
+                                    recipe_lr)
 from phenolens.train.trainer import TrainConfig  # noqa: E402
 
 CONDITIONS = ["control", "treated"]
@@ -84,6 +92,10 @@ NAMED["v-b32"] = dict(NAMED["eps-b32"], prediction_type="v_prediction")
 # eps-b32 learning faster: its loss still falls ~20 % over the last 1000 of 3000 steps (undertrained), so a
 # 3x higher peak lr, annealed to 0 by a cosine schedule so that the last steps settle what was learned
 NAMED["eps-b32-cos1e-3"] = dict(NAMED["eps-b32"], lr=1e-3, lr_schedule="cosine")
+# `phenolens train` without options (today: the same as eps-b32-cos1e-3)
+NAMED["default"] = dict(prediction_type=RECIPE_PREDICTION_TYPE, lr=recipe_lr("tiny"), batch=RECIPE_BATCH_SIZE,
+                        ema=TrainConfig.ema, augment=TrainConfig.augment, dropout=TrainConfig.cond_dropout,
+                        lr_schedule=RECIPE_LR_SCHEDULE)
 SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",
          "actin translocation": "actin transl.", "tubulin +10 % (subtle)": "tubulin", "LC3 puncta": "LC3 puncta"}
 
