@@ -47,6 +47,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,8 +157,11 @@ def train_candidate(recipe: dict, data: Path, model_dir: Path, steps: int, seed:
     return time.perf_counter() - t0
 
 
-def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int = 32, lr: float = 3e-4) -> float:
-    """The baseline: the training loop of the diffusers examples, nothing added (DDPM loss, PhenDiff eq. 4)."""
+def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
+                checkpoint_every: int = 500) -> float:
+    """The baseline: the training loop of the diffusers examples, nothing added (DDPM loss, PhenDiff eq. 4).
+    Its state (weights, optimiser, random generator, step) is saved every CHECKPOINT_EVERY steps into
+    MODEL_DIR/plain_state.pt, and a re-run continues from it exactly (a long budget spans sessions)."""
     from phenolens.data.dataset import ImageSet
     from phenolens.data.records import training_records
     from phenolens.diffusion.ddim import make_scheduler
@@ -176,9 +180,26 @@ def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int =
     alphas = scheduler.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    state_path, start = model_dir / "plain_state.pt", 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        if (state["steps"], state["batch"], state["lr"]) != (steps, batch, lr):
+            raise SystemExit(f"{state_path}: a plain loop of {state['steps']} steps of {state['batch']} at lr "
+                             f"{state['lr']:g}, not of this run: remove it or use another WORK")
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        start = int(state["step"])
+        print(f"  plain loop: resumed at step {start}", flush=True)
     x_all = torch.stack(images.images)
     unet.train()
-    for step in range(steps):
+    for step in range(start, steps):
+        if step > start and step % checkpoint_every == 0:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(dict(unet=unet.state_dict(), opt=opt.state_dict(), generator=g.get_state(), step=step,
+                            steps=steps, batch=batch, lr=lr), tmp)
+            os.replace(tmp, state_path)
         if step and step % 250 == 0:
             print(f"  plain loop: step {step} of {steps}, {time.perf_counter() - t0:.0f} s", flush=True)
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
@@ -198,6 +219,7 @@ def train_plain(data: Path, model_dir: Path, steps: int, seed: int, batch: int =
                      training=dict(command=f"bench/recipe.py plain loop: {steps} steps of {batch}, AdamW {lr:g}",
                                    steps_done=steps))
     save_model(model_dir, unet, scheduler, info)
+    state_path.unlink(missing_ok=True)
     return time.perf_counter() - t0
 
 
