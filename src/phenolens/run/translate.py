@@ -78,8 +78,8 @@ from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs,
                                   unique_targets)
 from phenolens.run.notices import Notices, warn
 from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
-from phenolens.train.recipe import RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE
 from phenolens.run.workers import check_workers, map_in_order
+from phenolens.train.recipe import RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE
 
 logger = logging.getLogger(__name__)
 
