@@ -65,8 +65,8 @@ from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES  # noqa:
 from phenolens.methods.phendiff import PhenDiffTrainSettings, train_phendiff  # noqa: E402
 from phenolens.run.measure import MeasureSettings, run_measure  # noqa: E402
 from phenolens.run.translate import TranslateSettings, run_translate  # noqa: E402
-from phenolens.train.recipe import (RECIPE_BATCH_SIZE, RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE,  # noqa: E402
-                                    recipe_lr)
+from phenolens.train.recipe import (RECIPE_BATCH_SIZE, RECIPE_LR, RECIPE_LR_SCHEDULE,  # noqa: E402
+                                    RECIPE_PREDICTION_TYPE)
 from phenolens.train.trainer import TrainConfig  # noqa: E402
 
 CONDITIONS = ["control", "treated"]
@@ -94,7 +94,7 @@ NAMED["v-b32"] = dict(NAMED["eps-b32"], prediction_type="v_prediction")
 # 3x higher peak lr, annealed to 0 by a cosine schedule so that the last steps settle what was learned
 NAMED["eps-b32-cos1e-3"] = dict(NAMED["eps-b32"], lr=1e-3, lr_schedule="cosine")
 # `phenolens train` without options (today: the same as eps-b32-cos1e-3)
-NAMED["default"] = dict(prediction_type=RECIPE_PREDICTION_TYPE, lr=recipe_lr("tiny"), batch=RECIPE_BATCH_SIZE,
+NAMED["default"] = dict(prediction_type=RECIPE_PREDICTION_TYPE, lr=RECIPE_LR["tiny"], batch=RECIPE_BATCH_SIZE,
                         ema=TrainConfig.ema, augment=TrainConfig.augment, dropout=TrainConfig.cond_dropout,
                         lr_schedule=RECIPE_LR_SCHEDULE)
 SHORT = {"nuclear enlargement": "nucleus", "cell loss": "cell loss", "Golgi fragmentation": "Golgi",

@@ -27,9 +27,9 @@ def test_the_default_candidate_is_the_measured_recipe_and_the_train_command():
     line = bench.command_line(default, 3000)
     assert "--lr-schedule cosine" in line and "--prediction-type epsilon" in line and "--batch-size 32" in line
     from phenolens.cli import build_parser, _train_config
-    from phenolens.train.recipe import recipe_lr
+    from phenolens.train.recipe import RECIPE_LR
 
     args = build_parser().parse_args(["train", "D", "M"])
-    config = _train_config(args, lr=recipe_lr(args.preset))
+    config = _train_config(args, lr=RECIPE_LR[args.preset])
     assert (config.steps, config.batch_size, config.lr, config.lr_schedule, config.cond_dropout) == \
         (3000, default["batch"], default["lr"], default["lr_schedule"], default["dropout"])

@@ -22,7 +22,7 @@ from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT
 from phenolens.logs import setup_cli_logging
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
 from phenolens.train.recipe import (RECIPE_BATCH_SIZE, RECIPE_LR, RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE,
-                                    RECIPE_STEPS, recipe_lr)
+                                    RECIPE_STEPS)
 
 INVERSION_CHOICES = ("fixed-point", "ddim", "ef-ddpm")
 FINETUNE_MODES = ("lora", "svdiff", "attention", "full")  # = phenolens.models.adapters.MODES (no torch import here)
@@ -502,7 +502,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         prediction_type=prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         timestep_spacing="trailing" if args.zero_terminal_snr else args.timestep_spacing, skip_bad=args.skip_bad,
     )
-    config = _train_config(args, lr=recipe_lr(args.preset))
+    config = _train_config(args, lr=RECIPE_LR[args.preset])  # --preset's choices are RECIPE_LR's
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)

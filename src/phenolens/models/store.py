@@ -50,6 +50,20 @@ class ModelInfo:
     # data's own), and translate resizes its inputs the same way; None = an older model, not recorded
     size_rule: str | None = None
 
+    @property
+    def training_config(self) -> dict[str, Any]:
+        """The optimiser-loop settings the model was trained with, as recorded ({} when not recorded)."""
+        config = self.training.get("config") if isinstance(self.training, dict) else None
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def trained_dropout(self) -> float | None:
+        """The condition dropout it was trained with; None when not recorded (older models)."""
+        if self.cond_dropout is not None:
+            return self.cond_dropout
+        value = self.training_config.get("cond_dropout")  # older models: their training config may say
+        return float(value) if isinstance(value, (int, float)) else None
+
     def condition_index(self, name: str, option: str = "condition") -> int:
         if name not in self.conditions:
             raise PhenolensError(

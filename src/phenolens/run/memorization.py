@@ -191,9 +191,8 @@ def _training_records(model, fallback: list[ImageRecord], label: str) -> tuple[l
 
 def _trained_augmented(model) -> bool | None:
     """Whether the model was trained with flips/rotations, as its phenolens.json records (None: unknown)."""
-    training = model.info.training if isinstance(model.info.training, dict) else {}
-    config = training.get("config")
-    if not isinstance(config, dict):
+    config = model.info.training_config
+    if not config:
         return None
     return bool(config.get("augment", True))  # recorded before the option existed: always augmented
 

@@ -144,27 +144,13 @@ class TranslateSettings:
 DEFAULT_GUIDANCE = 2.0
 
 
-def _training_config(info: ModelInfo) -> dict:
-    config = info.training.get("config") if isinstance(info.training, dict) else None
-    return config if isinstance(config, dict) else {}
-
-
-def trained_dropout(info: ModelInfo) -> float | None:
-    """The model's condition dropout, None when it does not record it (older models)."""
-    dropout = info.cond_dropout
-    if dropout is None:  # older models: their training config may still say
-        value = _training_config(info).get("cond_dropout")
-        dropout = float(value) if isinstance(value, (int, float)) else None
-    return dropout
-
-
 def default_guidance(inversion: str, info: ModelInfo) -> float:
     """The guidance scale when --guidance-scale is not given: DEFAULT_GUIDANCE for a PhenDiff model trained
     with the default recipe (ε-prediction, cosine schedule, condition dropout) and a deterministic
     inversion, where it was measured to help; else 1 (none)."""
-    dropout = trained_dropout(info)
+    dropout = info.trained_dropout
     recipe = (info.prediction_type == RECIPE_PREDICTION_TYPE
-              and _training_config(info).get("lr_schedule") == RECIPE_LR_SCHEDULE)
+              and info.training_config.get("lr_schedule") == RECIPE_LR_SCHEDULE)
     if info.method == "phendiff" and recipe and inversion != "ef-ddpm" and dropout is not None and dropout > 0:
         return DEFAULT_GUIDANCE
     return 1.0
@@ -176,7 +162,7 @@ def check_guidance(settings: TranslateSettings, info: ModelInfo) -> None:
     untrained null condition, so guided targets would follow noise."""
     if settings.guidance_scale == 1:
         return
-    dropout = trained_dropout(info)
+    dropout = info.trained_dropout
     if dropout is not None and dropout <= 0:
         raise PhenolensError(f"--guidance-scale {settings.guidance_scale:g}: {settings.model_dir} was trained "
                              "without condition dropout, so its null condition was never trained and guidance "

@@ -12,25 +12,9 @@ No torch here: the command line reads these numbers to print its defaults.
 """
 from __future__ import annotations
 
-from phenolens.errors import PhenolensError
-
 RECIPE_STEPS = 3000
 RECIPE_BATCH_SIZE = 32
 RECIPE_LR_SCHEDULE = "cosine"
 RECIPE_PREDICTION_TYPE = "epsilon"  # models trained before the recipe: v_prediction
 RECIPE_LR = {"tiny": 1e-3, "small": 2e-4, "paper": 2e-4}
 
-
-def recipe_lr(preset: str) -> float:
-    if preset not in RECIPE_LR:
-        raise PhenolensError(f"--preset {preset!r} is unknown; choose one of {', '.join(RECIPE_LR)}")
-    return RECIPE_LR[preset]
-
-
-def recipe_config(preset: str = "tiny", **overrides):
-    """The TrainConfig of the recipe for PRESET (`phenolens train`'s defaults), with OVERRIDES applied."""
-    from phenolens.train.trainer import TrainConfig
-
-    values = dict(steps=RECIPE_STEPS, batch_size=RECIPE_BATCH_SIZE, lr=recipe_lr(preset),
-                  lr_schedule=RECIPE_LR_SCHEDULE)
-    return TrainConfig(**{**values, **overrides})
