@@ -309,3 +309,58 @@ def test_every_planted_phenotype_has_one_readout_feature():
 
     assert set(SIMULATOR_NAMES) == set(PLANTED_FEATURES)
     assert sorted(SIMULATOR_NAMES.values()) == sorted(PHENOTYPES)
+
+
+def test_separate_mode_plants_one_phenotype_per_condition(tmp_path):
+    """--mode separate (issue 12, item 7): 'control' plus one condition per phenotype, named after it; each
+    plants its phenotype alone, and the cell count stays the control's (cell loss left out by default)."""
+    import csv
+
+    from phenolens.data.simulate import simulate
+
+    out = simulate(tmp_path / "sep", per_condition=30, size=48, seed=3, progress=False, mode="separate")
+    with open(out / "manifest.csv", newline="") as fh:
+        conds = list(dict.fromkeys(r["condition"] for r in csv.DictReader(fh)))
+    assert conds == ["control", "golgi-fragmentation", "nuclear-enlargement", "actin-translocation",
+                     "tubulin-shift"]
+    with open(out / "_groundtruth" / "planted.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    first = {c: next(r for r in rows if r["condition"] == c) for c in conds}
+    ctrl = first["control"]
+    assert ctrl["phenotypes"] == "" and float(ctrl["strength"]) == 0.0
+    # the parameter each phenotype moves, and its value at strength 1
+    moved = {"golgi-fragmentation": "golgi_fragments_expected", "nuclear-enlargement": "nucleus_area_scale",
+             "actin-translocation": "translocation_ratio", "tubulin-shift": "tubulin_gain"}
+    for cond, key in moved.items():
+        r = first[cond]
+        assert r["phenotypes"] == cond and float(r["strength"]) == 1.0
+        for other_key in moved.values():  # its own parameter moves, every other one is the control's
+            assert (r[other_key] != ctrl[other_key]) == (other_key == key), (cond, other_key)
+        assert r["expected_cells"] == ctrl["expected_cells"]
+    # in the pixels: nuclei grow only where nuclear enlargement is planted
+    with open(out / "_groundtruth" / "cells.csv", newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    area = {c: np.mean([float(r["nucleus_area"]) for r in cells if r["condition"] == c]) for c in conds}
+    assert area["nuclear-enlargement"] > 1.2 * area["control"], area
+    assert abs(area["golgi-fragmentation"] / area["control"] - 1) < 0.1, area
+    n = {c: np.mean([int(r["n_cells"]) for r in rows if r["condition"] == c]) for c in conds}
+    assert all(abs(n[c] / n["control"] - 1) < 0.25 for c in conds), n
+
+
+def test_separate_mode_options(tmp_path):
+    import csv
+
+    from phenolens.cli import main
+    from phenolens.data.simulate import simulate
+    from phenolens.errors import PhenolensError
+
+    main(["simulate", str(tmp_path / "s"), "--mode", "separate", "--phenotypes", "cell-loss,lc3-puncta",
+          "--puncta", "--per-condition", "1", "--size", "32"])
+    with open(tmp_path / "s" / "manifest.csv", newline="") as fh:
+        assert [r["condition"] for r in csv.DictReader(fh)] == ["control", "cell-loss", "lc3-puncta"]
+    with pytest.raises(PhenolensError, match="--conditions cannot be given with --mode separate"):
+        simulate(tmp_path / "x", conditions=["a", "b"], mode="separate", progress=False)
+    with pytest.raises(PhenolensError, match="--mode: 'apart' is unknown"):
+        simulate(tmp_path / "y", mode="apart", progress=False)
+    with pytest.raises(PhenolensError, match="strengths: got 2 values for 5 conditions"):
+        simulate(tmp_path / "z", mode="separate", strengths=[0, 1], progress=False)

@@ -41,11 +41,11 @@ def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="simulate fluorescence images of cells with planted phenotypes",
                        description="Write OUT/<condition>/*.tif (16-bit, 4 channels: DNA, tubulin, actin, Golgi), "
                                    "a manifest and the ground truth (planted parameters, label masks) under OUT/_groundtruth/. "
-                                   "Condition i plants every phenotype at strength i/(n-1).")
+                                   "Condition i plants every phenotype at strength i/(n-1) (--mode separate: one phenotype per condition).")
     p.add_argument("out", type=Path, help="output folder (a dataset that `phenolens train OUT` reads as it is)")
     p.add_argument("--conditions", type=csv_list, default=None,
                    help="comma-separated condition names, weakest first; the first is the untreated control "
-                        "(default: control,low,mid,high)")
+                        "(default: control,low,mid,high; not with --mode separate, which names its own)")
     p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
@@ -57,6 +57,11 @@ def _add_simulate(sub) -> None:
                    help="plant only these phenotypes (the others keep the control's value in every condition): "
                         "golgi-fragmentation, nuclear-enlargement, cell-loss, actin-translocation, tubulin-shift, "
                         "lc3-puncta (with --puncta); e.g. leave out cell-loss to score identity alone (default: all)")
+    p.add_argument("--mode", choices=["together", "separate"], default="together",
+                   help="together: every condition plants all the phenotypes at its strength (a dose series); "
+                        "separate: the conditions are 'control' and one per phenotype, named after it, each "
+                        "planting that phenotype alone at strength 1 and leaving the cell count alone (cell-loss "
+                        "only if named in --phenotypes); for disentanglement and identity tests (default together)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
                         "OUT/.phenolens.json); files phenolens did not write are never touched")
@@ -481,11 +486,11 @@ def check_device(device: str | None, option: str = "--device") -> None:
 
 # ------------------------------------------------------------------------------- commands
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from phenolens.data.simulate import DEFAULT_CONDITIONS, simulate
+    from phenolens.data.simulate import simulate
 
-    out = simulate(args.out, conditions=args.conditions or DEFAULT_CONDITIONS, per_condition=args.per_condition,
+    out = simulate(args.out, conditions=args.conditions, per_condition=args.per_condition,
                    size=args.size, seed=args.seed, overwrite=args.overwrite, puncta=args.puncta,
-                   phenotypes=args.phenotypes)
+                   phenotypes=args.phenotypes, mode=args.mode)
     print(f"simulated dataset in {out}")
 
 

@@ -73,6 +73,14 @@ the PSF) and intensity-weighted Golgi radius 2.4 -> 5 px; actin nuclear/cytoplas
 0.25 -> 1.5 (the PSF and the cortex tail pull the measured ratio below the planted one); cytoplasmic
 tubulin x1.08-1.11.
 
+Planting one phenotype per condition (``mode="separate"``, ``phenolens simulate --mode separate``):
+the conditions are ``control`` and one condition per phenotype, named after it
+(``golgi-fragmentation``, ...), each planting that phenotype alone at strength 1 (``strengths`` may
+set others) and leaving the rest at the control's value. Cell loss is left out unless named in
+``phenotypes``, so the cell count stays the control's and a translation's identity (source nuclei
+found again) can be scored for each phenotype on its own. This is what a disentanglement test needs
+(do the directions a method finds separate the phenotypes?).
+
 Strengths from 0 to 2 are accepted (above 1 every parameter is extrapolated linearly as above).
 
 Determinism: image j of condition i is drawn from ``numpy.random.SeedSequence(seed,
@@ -109,6 +117,8 @@ __all__ = [
 ]
 
 DEFAULT_CONDITIONS = ["control", "low", "mid", "high"]
+MODES = ("together", "separate")  # every condition plants all phenotypes / one condition per phenotype
+SEPARATE_CONTROL = "control"     # the first condition of mode="separate"
 CHANNEL_NAMES = ["DNA", "tubulin", "actin", "Golgi"]
 PUNCTA_CHANNEL = "LC3"      # the fifth channel of `simulate(..., puncta=True)`
 # the planted phenotypes by name (`simulate(..., phenotypes=...)`, `phenolens simulate --phenotypes`)
@@ -548,11 +558,16 @@ def _write_csv_atomic(path: Path, rows: list[dict], fields: Sequence[str]) -> No
     os.replace(tmp, path)
 
 
+def _condition_list(conditions: Sequence[str] | str) -> list[str]:
+    """Condition names from a list or a comma-separated string."""
+    if isinstance(conditions, str):
+        return [c.strip() for c in conditions.split(",")]
+    return [str(c) for c in conditions]
+
+
 def _validate(conditions: Sequence[str], per_condition: int, size: int, seed: int,
               strengths: Sequence[float] | None, workers: int | None) -> tuple[list[str], list[float]]:
-    if isinstance(conditions, str):
-        conditions = [c.strip() for c in conditions.split(",")]
-    conds = [str(c) for c in conditions]
+    conds = _condition_list(conditions)
     if not conds:
         raise PhenolensError("--conditions: give at least one condition name")
     seen: set[str] = set()
@@ -599,6 +614,18 @@ def _check_phenotypes(phenotypes: Sequence[str] | None, puncta: bool) -> tuple[s
     if "lc3-puncta" in names and not puncta:
         raise PhenolensError("--phenotypes lc3-puncta needs --puncta (the LC3 channel it is planted in)")
     return tuple(dict.fromkeys(names))
+
+
+def _separate_conditions(conditions: Sequence[str] | None, phenotypes: tuple[str, ...] | None,
+                         puncta: bool) -> tuple[list[str], list[tuple[str, ...]]]:
+    """mode="separate": the control, then one condition per phenotype named after it, each planting that
+    phenotype alone. Without PHENOTYPES every phenotype but cell loss (the cell count stays the control's)."""
+    if conditions is not None:
+        raise PhenolensError("--conditions cannot be given with --mode separate: its conditions are "
+                             f"'{SEPARATE_CONTROL}' and one per phenotype, named after it (choose them with --phenotypes)")
+    if phenotypes is None:
+        phenotypes = tuple(n for n in PHENOTYPES if n != "cell-loss" and (puncta or n != "lc3-puncta"))
+    return [SEPARATE_CONTROL, *phenotypes], [(), *((n,) for n in phenotypes)]
 
 
 def _planned_files(conds: Sequence[str], per_condition: int) -> list[str]:
@@ -668,27 +695,38 @@ def channel_names(puncta: bool = False) -> list[str]:
     return CHANNEL_NAMES + [PUNCTA_CHANNEL] if puncta else list(CHANNEL_NAMES)
 
 
-def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, per_condition: int = 100,
+def simulate(out: Path | str, conditions: Sequence[str] | None = None, per_condition: int = 100,
              size: int = 64, seed: int = 0, strengths: Sequence[float] | None = None, progress: bool = True,
              workers: int | None = None, *, overwrite: bool = False, puncta: bool = False,
-             phenotypes: Sequence[str] | None = None) -> Path:
+             phenotypes: Sequence[str] | None = None, mode: str = "together") -> Path:
     """Write a simulated dataset with planted phenotypes into OUT (see the module docstring); returns OUT.
 
-    Condition i gets ``strengths[i]`` (default linear 0..1; the first condition is the control).
-    Output is byte-identical for a given seed whatever ``workers`` is. PUNCTA adds a fifth channel,
-    LC3, with a punctate phenotype (`_lc3_channel`); the other four channels are unchanged by it.
-    PHENOTYPES (names from `PHENOTYPES`, default all) picks which phenotypes are planted; the others stay
-    at the control's value in every condition (e.g. leave out cell loss to score identity alone).
+    Condition i gets ``strengths[i]`` (default linear 0..1 over CONDITIONS, default `DEFAULT_CONDITIONS`;
+    the first condition is the control). Output is byte-identical for a given seed whatever ``workers`` is.
+    PUNCTA adds a fifth channel, LC3, with a punctate phenotype (`_lc3_channel`); the other four channels
+    are unchanged by it. PHENOTYPES (names from `PHENOTYPES`, default all) picks which phenotypes are
+    planted; the others stay at the control's value in every condition (e.g. leave out cell loss to score
+    identity alone). MODE "separate" plants them one per condition instead (`_separate_conditions`; its
+    conditions are named for you, strengths default to 0 for the control and 1 for the others).
     """
-    conds, strs = _validate(conditions, per_condition, size, seed, strengths, workers)
+    if mode not in MODES:
+        raise PhenolensError(f"--mode: {mode!r} is unknown; choose one of {', '.join(MODES)}")
     planted = _check_phenotypes(phenotypes, puncta)
+    if mode == "separate":
+        conditions, per_cond_planted = _separate_conditions(conditions, planted, puncta)
+        if strengths is None:
+            strengths = [0.0] + [1.0] * (len(conditions) - 1)
+    else:
+        conditions = DEFAULT_CONDITIONS if conditions is None else conditions
+        per_cond_planted = None if planted is None else [planted] * len(_condition_list(conditions))
+    conds, strs = _validate(conditions, per_condition, size, seed, strengths, workers)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PhenolensError(f"{out}: exists and is not a folder")
     _prepare_out(out, conds, per_condition, overwrite)
     try:
         _write_dataset(out, conds, strs, int(per_condition), int(size), int(seed), workers, progress, puncta,
-                       planted)
+                       per_cond_planted)
     except OSError as err:  # unwritable or full disk: one line, not a traceback
         where = err.filename or out
         raise PhenolensError(f"{where}: cannot write the simulated dataset ({err.strerror or err})") from None
@@ -697,14 +735,16 @@ def simulate(out: Path | str, conditions: Sequence[str] = DEFAULT_CONDITIONS, pe
 
 def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition: int, size: int, seed: int,
                    workers: int | None, progress: bool, puncta: bool = False,
-                   phenotypes: tuple[str, ...] | None = None) -> None:
-    """Render every image (in a process pool when it pays off) and write the tables."""
+                   planted: Sequence[tuple[str, ...]] | None = None) -> None:
+    """Render every image (in a process pool when it pays off) and write the tables. PLANTED: the
+    phenotypes each condition plants (None: all of them everywhere)."""
     (out / GROUNDTRUTH).mkdir(parents=True, exist_ok=True)
     for c in conds:
         (out / c).mkdir(parents=True, exist_ok=True)
         (out / GROUNDTRUTH / "masks" / c).mkdir(parents=True, exist_ok=True)
 
-    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta), phenotypes)
+    jobs = [_Job(str(out), c, ci, j, strs[ci], int(size), int(seed), bool(puncta),
+                 None if planted is None else tuple(planted[ci]))
             for ci, c in enumerate(conds) for j in range(int(per_condition))]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
@@ -714,7 +754,7 @@ def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition
     cells = [c for r in results for c in r[1]]
     gt = out / GROUNDTRUTH
     _write_csv_atomic(gt / "planted.csv", planted, _PLANTED_FIELDS + (_PUNCTA_PLANTED if puncta else [])
-                      + (["phenotypes"] if phenotypes is not None else []))
+                      + (["phenotypes"] if planted is not None else []))
     _write_csv_atomic(gt / "cells.csv", cells, _CELL_FIELDS + (_PUNCTA_CELL if puncta else []))
     _write_csv_atomic(out / "manifest.csv", planted, ["path", "condition", "strength"])
 

@@ -51,7 +51,9 @@ def _read(path: Path) -> list[dict]:
 def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) -> list[dict]:
     """One row per planted phenotype: real and translated d at the strongest dose, their ratio,
     direction agreement at every dose where the real effect is significant (q < 0.05), and the
-    real-vs-translated correlation across doses."""
+    real-vs-translated correlation across doses. On data simulated with ``--mode separate`` (conditions
+    named after the phenotypes) each phenotype is read at its own condition, and there is no dose
+    series to correlate (r is NaN)."""
     measure_dir = Path(measure_dir)
     stats = _read(measure_dir / "stats.csv")
     corr = {r["feature"]: r for r in _read(measure_dir / "dose_correlation.csv")}
@@ -59,20 +61,23 @@ def planted_table(measure_dir: str | Path, conditions: list[str] | None = None) 
         import json
 
         conditions = json.loads((measure_dir / "measure.json").read_text())["conditions"]
-    strongest = conditions[-1]
+    # data simulated with --mode separate: each phenotype's own condition, not a dose series
+    separate = any(name in conditions for name in SIMULATOR_NAMES.values())
     rows = []
     for phenotype, (feature, reads) in PLANTED_FEATURES.items():
+        target = SIMULATOR_NAMES[phenotype] if separate else conditions[-1]
+        series = [target] if separate else conditions
         per_target = {r["target_condition"]: r for r in stats if r["feature"] == feature}
-        if strongest not in per_target:
+        if target not in per_target:
             continue
-        s = per_target[strongest]
+        s = per_target[target]
         real_d, own_d = float(s["real_d"]), float(s["trans_d"])
         trans_d = float(s["trans_d_common"]) if s.get("trans_d_common") not in (None, "") else math.nan
         ratio = trans_d / real_d if real_d else math.nan
         # direction is only defined where the real images move: doses whose real effect is significant
-        moving = [c for c in conditions if c in per_target and float(per_target[c]["real_q"]) < SIGNIFICANT_Q]
+        moving = [c for c in series if c in per_target and float(per_target[c]["real_q"]) < SIGNIFICANT_Q]
         agree = [per_target[c]["direction_agrees"] == "True" for c in moving]
-        r = float(corr[feature]["pearson_r"]) if feature in corr else math.nan
+        r = float(corr[feature]["pearson_r"]) if feature in corr and not separate else math.nan
         rows.append(dict(phenotype=phenotype, feature=feature, reads=reads, real_d=real_d, translated_d=trans_d,
                          ratio=ratio, translated_own_d=own_d, own_d_ratio=own_d / real_d if real_d else math.nan, same_direction_all_doses=all(agree) and bool(agree),
                          doses_checked=",".join(moving),

@@ -1,0 +1,46 @@
+"""measure.planted on dose series and on one-phenotype-per-condition data (simulate --mode separate)."""
+
+import csv
+import math
+
+import pytest
+
+from phenolens.measure.planted import PLANTED_FEATURES, SIMULATOR_NAMES, planted_table
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _stats(tmp_path, conditions, d_of):
+    """A measure folder whose translated effect is half the real one, real d = d_of(feature, condition)."""
+    rows = [dict(feature=f, target_condition=c, real_d=d_of(f, c), trans_d=d_of(f, c) / 2,
+                 trans_d_common=d_of(f, c) / 2, real_q=0.001 if d_of(f, c) else 0.9, direction_agrees="True")
+            for f, _ in PLANTED_FEATURES.values() for c in conditions[1:]]
+    _write(tmp_path / "stats.csv", rows)
+    _write(tmp_path / "dose_correlation.csv", [dict(feature=f, pearson_r=0.9) for f, _ in PLANTED_FEATURES.values()])
+    return tmp_path
+
+
+def test_dose_series_reads_the_strongest_condition(tmp_path):
+    conds = ["control", "low", "high"]
+    rows = planted_table(_stats(tmp_path, conds, lambda f, c: {"low": 1.0, "high": 3.0}[c]), conds)
+    assert len(rows) == len(PLANTED_FEATURES)
+    for r in rows:
+        assert r["real_d"] == 3.0 and r["ratio"] == pytest.approx(0.5)
+        assert r["doses_checked"] == "low,high" and r["dose_correlation"] == 0.9
+
+
+def test_separate_mode_reads_each_phenotype_at_its_own_condition(tmp_path):
+    planted = ["golgi-fragmentation", "nuclear-enlargement"]
+    feature_of = {SIMULATOR_NAMES[p]: f for p, (f, _) in PLANTED_FEATURES.items()}
+    conds = ["control", *planted]
+    # each feature moves by 2 in its own condition and by 0.1 elsewhere
+    rows = planted_table(_stats(tmp_path, conds, lambda f, c: 2.0 if feature_of[c] == f else 0.1), conds)
+    assert {SIMULATOR_NAMES[r["phenotype"]] for r in rows} == set(planted)
+    for r in rows:
+        assert r["real_d"] == 2.0 and r["doses_checked"] == SIMULATOR_NAMES[r["phenotype"]]
+        assert math.isnan(r["dose_correlation"]) and not r["correlation_ok"]  # no series to correlate
