@@ -130,26 +130,35 @@ ROUND_TRIP = {
     "memorization": ["data", "out", "--model-a", "ma", "--model-b", "mb", "--base", "b", "--mode", "full",
                      "--channels", "0,1", "--size", "40", "--threshold", "0.8", "--no-augment", "--device", "cpu"],
     "demo": ["there", "--train", "--model", "m", "--steps", "5", "--n-images", "2", "--overwrite"],
+    "classifier train": ["data", "out", "--conditions", "x,y", "--channels", "0,2", "--shape", "mobilenet_v2",
+                         "--steps", "9", "--batch-size", "4", "--lr", "0.01", "--heldout", "0.3", "--seed", "3",
+                         "--device", "cpu", "--overwrite"],
 }
 
 
-def test_item7_round_trip_covers_every_subcommand():
-    commands = set()
-    for action in cli.build_parser()._actions:
+def _commands(parser=None, prefix=()):
+    """Every runnable command as (words, parser), nested ones (`classifier train`) included."""
+    for action in (parser or cli.build_parser())._actions:
         if isinstance(action, argparse._SubParsersAction):
-            commands = set(action.choices)
-    assert commands == set(ROUND_TRIP)
+            for name, sub in action.choices.items():
+                inner = list(_commands(sub, (*prefix, name)))
+                yield from inner or [((*prefix, name), sub)]
+
+
+def test_item7_round_trip_covers_every_subcommand():
+    assert {" ".join(words) for words, _ in _commands()} == set(ROUND_TRIP)
 
 
 @pytest.mark.parametrize("command", sorted(ROUND_TRIP))
 def test_item7_save_config_replays_to_the_same_options(recorded, tmp_path, command):
     argv = ROUND_TRIP[command]
     cfg = tmp_path / "saved.json"
-    assert run_cli(command, *argv, "--save-config", cfg)[0] == 0
+    words = command.split()
+    assert run_cli(*words, *argv, "--save-config", cfg)[0] == 0
     # positionals are always named on the command line (demo's OUT is optional: the file's value is used)
     n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "demo": 0}.get(command, 2)
     positionals = argv[:n_positional]
-    assert run_cli(command, *positionals, "--config", cfg)[0] == 0
+    assert run_cli(*words, *positionals, "--config", cfg)[0] == 0
     first, replay = recorded
     assert options(replay) == options(first)
     assert replay.func is first.func
@@ -184,14 +193,12 @@ def test_item11_save_config_where_nothing_can_be_written_is_one_line(recorded, t
 
 
 def _device_commands() -> list[str]:
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return sorted(name for name, sub in action.choices.items()
-                          if any("--device" in a.option_strings for a in sub._actions))
-    return []
+    return sorted(" ".join(words) for words, sub in _commands()
+                  if any("--device" in a.option_strings for a in sub._actions))
 
 
-DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"], "validate": ["m", "h", "o"]}
+DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"], "validate": ["m", "h", "o"],
+               "classifier train": ["data", "out"]}
 
 
 def test_item11_device_options_are_all_checked():
@@ -200,15 +207,15 @@ def test_item11_device_options_are_all_checked():
 
 @pytest.mark.parametrize("command", sorted(DEVICE_ARGS))
 def test_item11_unknown_device_is_one_line_naming_device(recorded, command):
-    one_line_error(run_cli(command, *DEVICE_ARGS[command], "--device", "banana"), "--device", "banana")
+    one_line_error(run_cli(*command.split(), *DEVICE_ARGS[command], "--device", "banana"), "--device", "banana")
     assert recorded == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", sorted(DEVICE_ARGS))
 def test_item11_cuda_without_cuda_is_one_line(recorded, command):
-    one_line_error(run_cli(command, *DEVICE_ARGS[command], "--device", "cuda"), "--device", "CUDA")
-    one_line_error(run_cli(command, *DEVICE_ARGS[command], "--device", "cuda:3"), "--device")
+    one_line_error(run_cli(*command.split(), *DEVICE_ARGS[command], "--device", "cuda"), "--device", "CUDA")
+    one_line_error(run_cli(*command.split(), *DEVICE_ARGS[command], "--device", "cuda:3"), "--device")
     assert recorded == []
 
 
@@ -257,11 +264,9 @@ def test_item11_a_bug_keeps_its_traceback(monkeypatch):
 
 # ------------------------------------------------------------------ Also: --help tells the truth
 def _all_actions():
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                for a in sub._actions:
-                    yield name, a
+    for words, sub in _commands():
+        for a in sub._actions:
+            yield " ".join(words), a
 
 
 def test_also_every_overwrite_help_says_only_what_phenolens_wrote_is_removed():

@@ -1,4 +1,5 @@
-"""The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, demo.
+"""The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, classifier,
+demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -445,6 +446,39 @@ def _add_validate(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+def _add_classifier(sub) -> None:
+    p = sub.add_parser("classifier", help="train a classifier of the conditions (the classifier DiffEx explains)",
+                       description="Classifiers of the conditions. `phenolens classifier train DATA OUT` trains one.")
+    actions = p.add_subparsers(dest="subcommand", metavar="ACTION")
+    actions.required = True
+    t = actions.add_parser("train", help="train a small CNN on the images and their conditions, report its held-out "
+                                         "accuracy",
+                           description="Train a classifier of DATA's conditions (a small network of one of the oracle "
+                                       "ensemble's shapes, from scratch) and score it on a held-out share of each "
+                                       "condition. OUT gets config.json + model.safetensors (transformers; class "
+                                       "names in id2label), phenolens_classifier.json (channels, normalisation, crop "
+                                       "size, accuracy) and heldout.csv (one row per held-out image).")
+    t.add_argument("data", type=Path, help="images: a folder with one sub-folder per condition, or a manifest CSV")
+    t.add_argument("out", type=Path, help="output folder for the classifier (new, or one phenolens wrote)")
+    t.add_argument("--conditions", type=csv_list, default=None,
+                   help="every condition of DATA, in the order of the classifier's classes (default: DATA's order)")
+    t.add_argument("--channels", default=None, help="file channels to use, in order, e.g. 0,2,1 (default: all)")
+    t.add_argument("--shape", choices=["resnet18", "mobilenet_v2", "efficientnet_b0"], default="resnet18",
+                   help="network shape, narrowed for small crops as in the oracle ensemble (default resnet18)")
+    t.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
+    t.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    t.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, one-cycle schedule (default 2e-3)")
+    t.add_argument("--heldout", type=float, default=0.2,
+                   help="share of each condition kept out of training and scored, 0 to below 1 (default 0.2)")
+    t.add_argument("--seed", type=int, default=0, help="random seed: the held-out draw and the training (default 0)")
+    t.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train again into an OUT that holds a classifier: remove what phenolens wrote there (listed "
+                        "in OUT/.phenolens.json); files phenolens did not write are never touched")
+    _add_config_options(t)
+    t.set_defaults(func=cmd_classifier_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenolens",
@@ -454,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_memorization,
-                _add_demo):
+                _add_classifier, _add_demo):
         add(sub)
     return parser
 
@@ -616,6 +650,19 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     print(format_validation(summary))
     print(f"wrote {Path(args.out) / 'validation.md'}")
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> None:
+    from phenolens.data.io import parse_channels
+    from phenolens.run.classifier import ClassifierSettings, format_evaluation, train_condition_classifier
+
+    settings = ClassifierSettings(shape=args.shape, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  heldout=args.heldout, seed=args.seed)
+    ev = train_condition_classifier(args.data, args.out, settings, conditions=args.conditions,
+                                    channels=parse_channels(args.channels), overwrite=args.overwrite,
+                                    device=args.device, invocation=["phenolens", *args.invocation])
+    print(format_evaluation(ev))
+    print(f"wrote the classifier to {args.out}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from phenolens.errors import PhenolensError
 
-NOT_OPTIONS = ("func", "config", "save_config", "command", "invocation")
+# "subcommand": the dest of a command's own commands (`phenolens classifier train`)
+NOT_OPTIONS = ("func", "config", "save_config", "command", "subcommand", "invocation")
 
 
 def csv_list(text: str) -> list[str]:
@@ -34,8 +35,24 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    return subcommands(parser)[command]
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ARGS ran, descending into a command's own commands
+    (`phenolens classifier train` -> the parser of `train`)."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None:
+            return parser
+        parser = action.choices[getattr(args, action.dest)]
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser, nested ones included."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += [sub, *_all_subparsers(sub)]
+    return found
 
 
 def _convert_one(action: argparse.Action, value):
@@ -139,11 +156,7 @@ def parse_command(argv: list[str], parser: argparse.ArgumentParser) -> argparse.
     judges) win over the file as they should, and the file's values are checked like typed ones.
     """
         # first pass: only to learn the command and --config (options the file may supply are not yet required)
-    relaxed = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                relaxed += [a for a in sub._actions if a.required and a.option_strings]
+    relaxed = [a for sub in _all_subparsers(parser) for a in sub._actions if a.required and a.option_strings]
     for a in relaxed:
         a.required = False
     try:
@@ -155,8 +168,9 @@ def parse_command(argv: list[str], parser: argparse.ArgumentParser) -> argparse.
     if path is None:
         args = parser.parse_args(argv)
     else:
-        sub = _subparser(parser, first.command)
-        defaults = config_defaults(sub, path, _read_config(path), first.command)
+        sub = _leaf_parser(parser, first)
+        name = " ".join(filter(None, (first.command, getattr(first, "subcommand", None))))
+        defaults = config_defaults(sub, path, _read_config(path), name)
         saved = {a.dest: (a.default, a.required) for a in sub._actions}
         try:
             for a in sub._actions:

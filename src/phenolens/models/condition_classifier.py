@@ -1,0 +1,157 @@
+"""A classifier of the conditions, saved and loaded like a model: the classifier DiffEx explains.
+
+DiffEx (paper 001, §3) starts from a classifier that separates the conditions and asks, with images,
+what it has learnt: its scores become part of the semantic code of a diffusion autoencoder (eq. 1)
+and the directions found in that code are ranked by how much they move it (Algorithm 1). So the
+classifier must be usable on raw files and on a diffusion model's images alike, with gradients.
+
+Layout of a classifier folder (transformers' `save_pretrained`, safetensors only, plus one file)::
+
+    config.json                 the network (a transformers image classifier); class names in id2label
+    model.safetensors           its weights
+    phenolens_classifier.json   which file channels it reads, how raw intensities become its input
+                                (per-channel percentiles, `Normalizer`), its crop size, how it was
+                                trained and its held-out accuracy
+
+Class names come from the data (id2label), never from code. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from phenolens.atomic import write_json_atomic
+from phenolens.data.normalize import Normalizer
+from phenolens.errors import PhenolensError
+
+CLASSIFIER_FILE = "phenolens_classifier.json"
+CLASSIFIER_FILES = ("config.json", "model.safetensors", CLASSIFIER_FILE)  # what `save_pretrained` writes
+
+
+@dataclass
+class ClassifierInfo:
+    """Everything needed to run the network on real files, besides its weights and class names."""
+
+    n_channels: int
+    image_size: int  # the crop side it reads; larger images are centre-cropped
+    normalization: dict[str, Any]  # `Normalizer.to_dict()`: raw -> [-1, 1], per channel
+    channels: list[int] | None = None  # file channels it reads, in order (--channels); None = all
+    shape: str = "resnet18"  # the architecture (`phenolens.measure.oracles.ORACLE_SHAPES`)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # held-out accuracy, per class, images
+    training: dict[str, Any] = field(default_factory=dict)  # data, conditions, steps, command line
+    version: str = ""
+
+
+class ConditionClassifier:
+    """A trained transformers image classifier with the class names, channels and normalisation it needs."""
+
+    def __init__(self, model: torch.nn.Module, info: ClassifierInfo) -> None:
+        self.model = model.eval()
+        self.info = info
+        self.normalizer = Normalizer.from_dict(info.normalization)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in output order (the model config's id2label)."""
+        id2label = self.model.config.id2label
+        return [str(id2label[i]) for i in range(len(id2label))]
+
+    # ------------------------------------------------------------------------------ saving, loading
+    def save_pretrained(self, path: str | Path) -> list[str]:
+        """Write the classifier into PATH atomically (temporary folder inside it, then renames, the
+        info file last: it is what marks a complete classifier); returns the names written."""
+        from phenolens import __version__
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".classifier.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.info.version = self.info.version or __version__
+        write_json_atomic(tmp / CLASSIFIER_FILE, asdict(self.info))
+        if (path / CLASSIFIER_FILE).is_file():
+            (path / CLASSIFIER_FILE).unlink()
+        for name in CLASSIFIER_FILES:
+            os.replace(tmp / name, path / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        from phenolens.models.store import apply_umask
+
+        apply_umask(*(path / name for name in CLASSIFIER_FILES))
+        return list(CLASSIFIER_FILES)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "ConditionClassifier":
+        """Load a folder written by `save_pretrained` (`phenolens classifier train`)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise PhenolensError(f"{path}: no such classifier folder")
+        info_file = path / CLASSIFIER_FILE
+        if not info_file.is_file():
+            raise PhenolensError(f"{path}: not a phenolens classifier (no {CLASSIFIER_FILE}); train one with "
+                                 "`phenolens classifier train DATA OUT`")
+        try:
+            info = ClassifierInfo(**json.loads(info_file.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise PhenolensError(f"{info_file}: not a valid classifier description ({err})") from None
+        if not (path / "model.safetensors").is_file():
+            raise PhenolensError(f"{path}: model.safetensors is missing (only safetensors weights are loaded)")
+        from transformers import AutoModelForImageClassification
+
+        try:
+            model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise PhenolensError(f"{path}: cannot load the classifier network ({err})") from None
+        classifier = cls(model.to(device), info)
+        if len(classifier.classes) < 2:
+            raise PhenolensError(f"{path}: the classifier has {len(classifier.classes)} class(es); it needs 2 or more")
+        return classifier
+
+    # ------------------------------------------------------------------------------ use
+    def class_index(self, name: str, option: str = "class") -> int:
+        if name not in self.classes:
+            raise PhenolensError(f"{option} {name!r} is not a class of this classifier; it knows: "
+                                 f"{', '.join(self.classes)}")
+        return self.classes.index(name)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of images already in the classifier's space ([-1, 1], its channels and
+        size); differentiable, so a diffusion model can be trained or steered through it."""
+        return self.model(pixel_values=x).logits
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Softmax probabilities (B, classes) of images in the classifier's space."""
+        device = next(self.model.parameters()).device
+        out = [self.logits(x[i:i + batch_size].to(device)).float().softmax(1).cpu()
+               for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy()
+
+    def prepare(self, raws: Sequence[np.ndarray], names: Sequence[str] | None = None) -> torch.Tensor:
+        """Raw images (C, H, W, the file's units, its channels already picked) -> the classifier's input:
+        normalised and centre-cropped to its size. An image smaller than that is refused, naming it."""
+        s = self.info.image_size
+        out = []
+        for i, raw in enumerate(raws):
+            name = names[i] if names is not None else f"image {i}"
+            if raw.shape[0] != self.info.n_channels:
+                raise PhenolensError(f"{name}: has {raw.shape[0]} channel(s); the classifier reads "
+                                     f"{self.info.n_channels}")
+            h, w = raw.shape[-2:]
+            if min(h, w) < s:
+                raise PhenolensError(f"{name}: is {h}x{w} px; the classifier reads crops of {s} px")
+            top, left = (h - s) // 2, (w - s) // 2
+            out.append(np.asarray(self.normalizer.to_model(raw[:, top:top + s, left:left + s]), dtype=np.float32))
+        return torch.from_numpy(np.stack(out))
+
+
+__all__ = ["CLASSIFIER_FILE", "CLASSIFIER_FILES", "ClassifierInfo", "ConditionClassifier"]

@@ -1,0 +1,165 @@
+"""`phenolens classifier train DATA OUT`: a classifier of the conditions, with its held-out accuracy.
+
+Why: DiffEx explains a classifier that separates the conditions (paper 001, §3). Many biologists
+have none; this trains one from the images and their conditions, in one of the small shapes the
+oracle ensemble already uses (`phenolens.measure.oracles`), and says how good it is on images it
+never saw: a classifier near chance has nothing to explain.
+
+A share of each condition (`heldout`, drawn with the seed) is kept out of training and scored;
+OUT gets the classifier (`ConditionClassifier.save_pretrained`) and heldout.csv (one row per held-out
+image: its condition, the predicted one, the probability of each class). OUT is a phenolens output
+folder (kind "classifier"): a finished one is only replaced with --overwrite, which removes what
+phenolens wrote there and nothing else. Training takes minutes on a CPU, so it does not resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from phenolens.atomic import write_csv_atomic
+from phenolens.data.records import ImageRecord, training_records
+from phenolens.errors import PhenolensError
+from phenolens.folders import OutputFolder, check_apart
+from phenolens.measure.oracles import ORACLE_SHAPES
+from phenolens.models.condition_classifier import CLASSIFIER_FILE, ClassifierInfo, ConditionClassifier
+
+logger = logging.getLogger(__name__)
+KIND = "classifier"
+HELDOUT_TABLE = "heldout.csv"
+
+
+@dataclass
+class ClassifierSettings:
+    shape: str = "resnet18"  # one of ORACLE_SHAPES
+    steps: int = 600  # optimiser steps of batch_size images (flips and 90° rotations)
+    batch_size: int = 32
+    lr: float = 2e-3  # AdamW peak, one-cycle schedule (as the oracles)
+    heldout: float = 0.2  # share of each condition kept out of training and scored
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.shape not in ORACLE_SHAPES:
+            raise PhenolensError(f"--shape {self.shape!r}: choose one of {', '.join(ORACLE_SHAPES)}")
+        if self.steps < 1:
+            raise PhenolensError(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise PhenolensError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise PhenolensError(f"--lr {self.lr}: must be a number above 0")
+        if not 0 <= self.heldout < 1:
+            raise PhenolensError(f"--heldout {self.heldout}: must be a share from 0 (score nothing) to below 1")
+        if self.seed < 0:
+            raise PhenolensError(f"--seed {self.seed}: must be 0 or more")
+
+
+def split_heldout(records: Sequence[ImageRecord], conditions: Sequence[str], share: float,
+                  seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, held out): round(share x n) images of each condition, at least one when share > 0,
+    drawn with SEED; file order is kept within each part."""
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    for cond in conditions:
+        idx = [i for i, r in enumerate(records) if r.condition == cond]
+        if share > 0:
+            if len(idx) < 2:
+                raise PhenolensError(f"condition {cond!r} has {len(idx)} image(s); a held-out split needs at least "
+                                     "2 per condition (or --heldout 0)")
+            n = min(max(1, round(share * len(idx))), len(idx) - 1)
+            held.update(int(i) for i in rng.permutation(idx)[:n])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def _centre_crops(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    crops = []
+    for img in images:
+        h, w = img.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        crops.append(img[:, top:top + size, left:left + size])
+    return torch.stack(crops)
+
+
+def train_condition_classifier(data: str | Path, out: str | Path, settings: ClassifierSettings, *,
+                               conditions: Sequence[str] | None = None, channels: Sequence[int] | None = None,
+                               overwrite: bool = False, device: str | None = None, progress: bool = True,
+                               invocation: Sequence[str] | None = None) -> dict:
+    """Train, score on the held-out share, write OUT; returns the evaluation (also in OUT)."""
+    from phenolens.data.dataset import ImageSet
+    from phenolens.measure.oracles import build_oracle
+    from phenolens.models.classifier import recalibrate_batchnorm, train_classifier
+
+    settings.check()
+    data, out = Path(data), Path(out)
+    records, conditions = training_records(data, conditions)
+    check_apart(out, inputs=[data, *(r.path for r in records)])
+    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
+    if (out / CLASSIFIER_FILE).is_file():
+        raise PhenolensError(f"OUT {out}: holds a trained classifier already; pass --overwrite to train it again "
+                             "(only what phenolens wrote there is removed) or choose another folder")
+    train_recs, held_recs = split_heldout(records, conditions, settings.heldout, settings.seed)
+    train_set = ImageSet(train_recs, None, list(conditions), channels=channels, augment=False, progress=progress)
+    size = train_set.size
+    x = _centre_crops(train_set.images, size)
+    logger.info("classifier: %s on %d images of %d px, %d conditions (%s); %d held out", settings.shape, len(x), size,
+                len(conditions), ", ".join(conditions), len(held_recs))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def build(n_channels: int, n_classes: int):
+        return build_oracle(settings.shape, n_channels, n_classes, size)
+
+    model = train_classifier(x.to(device), train_set.labels.to(device), len(conditions), steps=settings.steps,
+                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, progress=progress,
+                             build=build)
+    model = recalibrate_batchnorm(model, x.to(device), seed=settings.seed)
+    model.config.id2label = dict(enumerate(conditions))
+    model.config.label2id = {c: i for i, c in enumerate(conditions)}
+    info = ClassifierInfo(n_channels=train_set.n_channels, image_size=size, normalization=train_set.normalizer.to_dict(),
+                          channels=list(channels) if channels is not None else None, shape=settings.shape,
+                          training=dict(data=str(data), conditions=list(conditions), images=len(x),
+                                        settings=asdict(settings), command=list(invocation or [])))
+    classifier = ConditionClassifier(model, info)
+    rows: list[dict] = []
+    if held_recs:
+        held = ImageSet(held_recs, None, list(conditions), normalizer=train_set.normalizer, channels=channels,
+                        augment=False, progress=False)
+        small = [r.path for r, im in zip(held.records, held.images) if min(im.shape[-2:]) < size]
+        if small:  # the classifier reads crops of `size` and never resizes (it would change the cells' scale)
+            raise PhenolensError(f"{small[0]}: is smaller than the {size} px crops the classifier is trained on "
+                                 "(the smallest training image); give images of one size, or crop them")
+        proba = classifier.predict_proba(_centre_crops(held.images, size))
+        info.evaluation = evaluation(proba, held.labels.numpy(), conditions)
+        for rec, p, label in zip(held.records, proba, held.labels.tolist()):
+            rows.append(dict(path=str(rec.path), condition=conditions[label], predicted=conditions[int(p.argmax())],
+                             **{f"p_{c}": f"{v:.4f}" for c, v in zip(conditions, p)}))
+    written = classifier.save_pretrained(out)
+    folder.record(*written)
+    if rows:
+        write_csv_atomic(out / HELDOUT_TABLE, rows, list(rows[0]))
+        folder.record(HELDOUT_TABLE)
+    return info.evaluation
+
+
+def evaluation(proba: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy overall and per class, and the confusion counts (true class -> predicted class)."""
+    pred = proba.argmax(1)
+    per_class = {c: float((pred[labels == k] == k).mean()) for k, c in enumerate(classes) if (labels == k).any()}
+    confusion = {c: {d: int(((labels == k) & (pred == j)).sum()) for j, d in enumerate(classes)}
+                 for k, c in enumerate(classes)}
+    return dict(images=int(len(labels)), accuracy=float((pred == labels).mean()), per_class=per_class,
+                confusion=confusion, chance=float(np.bincount(labels, minlength=len(classes)).max() / len(labels)))
+
+
+def format_evaluation(ev: dict) -> str:
+    """One line for the terminal."""
+    if not ev:
+        return "no held-out images (--heldout 0): accuracy not measured"
+    per = ", ".join(f"{c} {100 * a:.0f} %" for c, a in ev["per_class"].items())
+    return (f"held-out accuracy {100 * ev['accuracy']:.1f} % on {ev['images']} images ({per}; "
+            f"the largest class alone: {100 * ev['chance']:.0f} %)")
