@@ -66,7 +66,7 @@ def test_saved_classifier_loads_with_class_names_from_the_data(trained):
 def test_a_finished_classifier_is_replaced_only_with_overwrite(trained, sim, tmp_path):
     mine = trained / "notes.txt"
     mine.write_text("mine")
-    with pytest.raises(PhenolensError, match="holds a trained classifier already; pass --overwrite"):
+    with pytest.raises(PhenolensError, match="holds a classifier already; pass --overwrite"):
         from phenolens.run.classifier import ClassifierSettings, train_condition_classifier
 
         train_condition_classifier(sim, trained, ClassifierSettings(steps=2), progress=False)
@@ -117,3 +117,88 @@ def test_config_of_the_nested_command_is_checked_by_its_own_options(sim, tmp_pat
     bad.write_text(json.dumps({"preset": "tiny"}))
     assert main(["classifier", "train", str(sim), str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert "unknown option 'preset' for `phenolens classifier train`" in capsys.readouterr().err
+
+
+class _TinyNet(__import__("torch").nn.Module):
+    """A user's own classifier: any torch module whose forward maps (B, C, H, W) to logits."""
+
+    def __init__(self, n_channels: int, n_classes: int):
+        import torch
+
+        super().__init__()
+        self.conv = torch.nn.Conv2d(n_channels, 8, 3)
+        self.head = torch.nn.Linear(8, n_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean((-2, -1)))
+
+
+def test_import_a_torchscript_classifier_and_evaluate_it(sim, tmp_path, capsys):
+    import torch
+
+    from phenolens.models.condition_classifier import ConditionClassifier
+
+    torch.manual_seed(0)
+    net = _TinyNet(2, 2).eval()
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "mine.pt"))
+    assert main(["classifier", "import", str(tmp_path / "mine.pt"), str(tmp_path / "clf"), "--size", "32",
+                 "--classes", "control,high", "--channels", "3,0", "--offset", "100,0", "--scale", "1000"]) == 0
+    clf = ConditionClassifier.from_pretrained(tmp_path / "clf")
+    assert clf.classes == ["control", "high"] and clf.info.format == "torchscript"
+    raw = read_image(sim / "high" / "high_00000.tif", channels=[3, 0])[0]
+    crop = raw[:, 4:36, 4:36]  # centre 32 px of 40
+    expected = net(torch.from_numpy((crop - np.array([100, 0])[:, None, None]) / 1000).float()[None]).softmax(1)
+    np.testing.assert_allclose(clf.predict_proba(clf.prepare([raw])), expected.detach().numpy(), atol=1e-5)
+    # evaluate: every image of DATA, rows written, accuracy matches them
+    assert main(["classifier", "evaluate", str(tmp_path / "clf"), str(sim), "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    acc = np.mean([r["condition"] == r["predicted"] for r in rows])
+    assert len(rows) == 40 and f"accuracy {100 * acc:.1f} % on 40 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "a,b,c", "--channels", "0,1"], "names 3 class(es) (a, b, c) but SOURCE"),
+    (["--classes", "a,b"], "channel count is unknown; give --channels"),
+    (["--classes", "a,b", "--channels", "0,1,2"], "fails on a batch of 3-channel 32 px images"),
+    (["--classes", "a,a", "--channels", "0,1"], "need 2 or more distinct names"),
+    (["--classes", "a,b", "--channels", "0,1", "--scale", "0"], "--scale: values must be above 0"),
+    (["--classes", "a,b", "--channels", "0,1", "--offset", "1,2,3"], "one per channel (2); got 3"),
+    (["--classes", "a,b", "--channels", "0,1", "--offset", "x"], "--offset x: expected numbers"),
+])
+def test_import_checks_the_declaration_against_the_network(tmp_path, capsys, argv, message):
+    import torch
+
+    torch.jit.save(torch.jit.script(_TinyNet(2, 2)), str(tmp_path / "mine.pt"))
+    assert main(["classifier", "import", str(tmp_path / "mine.pt"), str(tmp_path / "o"), "--size", "32", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "o" / "phenolens_classifier.json").exists()
+
+
+def test_import_a_transformers_folder_takes_its_labels_and_refuses_placeholders(tmp_path, capsys):
+    from phenolens.models.classifier import build_classifier
+    from phenolens.models.condition_classifier import ConditionClassifier
+
+    model = build_classifier(4, 2)
+    model.save_pretrained(tmp_path / "tf")
+    assert main(["classifier", "import", str(tmp_path / "tf"), str(tmp_path / "o"), "--size", "40"]) == 2
+    assert "give --classes" in capsys.readouterr().err
+    model.config.id2label = {0: "DMSO", 1: "CHX"}
+    model.save_pretrained(tmp_path / "tf")
+    assert main(["classifier", "import", str(tmp_path / "tf"), str(tmp_path / "o"), "--size", "40"]) == 0
+    assert ConditionClassifier.from_pretrained(tmp_path / "o").classes == ["DMSO", "CHX"]
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    assert main(["classifier", "import", str(tmp_path / "bad.pt"), str(tmp_path / "o2"), "--size", "40"]) == 2
+    assert "not a TorchScript model" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_data_whose_conditions_are_not_its_classes(trained, tmp_path, capsys):
+    from phenolens.data.simulate import simulate
+
+    other = simulate(tmp_path / "d", conditions=["control", "treated"], per_condition=1, size=40, progress=False)
+    assert main(["classifier", "evaluate", str(trained), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "condition(s) treated are not classes of the classifier" in err and "high, control" in err
+    assert main(["classifier", "evaluate", str(tmp_path / "nothing"), str(other)]) == 2
+    assert "no such classifier folder" in capsys.readouterr().err

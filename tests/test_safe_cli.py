@@ -133,6 +133,9 @@ ROUND_TRIP = {
     "classifier train": ["data", "out", "--conditions", "x,y", "--channels", "0,2", "--shape", "mobilenet_v2",
                          "--steps", "9", "--batch-size", "4", "--lr", "0.01", "--heldout", "0.3", "--seed", "3",
                          "--device", "cpu", "--overwrite"],
+    "classifier import": ["mine.pt", "out", "--size", "68", "--classes", "a,b", "--channels", "2,0", "--offset", "1,2",
+                          "--scale", "300", "--overwrite"],
+    "classifier evaluate": ["clf", "data", "--out", "p.csv"],
 }
 
 

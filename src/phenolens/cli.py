@@ -478,6 +478,42 @@ def _add_classifier(sub) -> None:
     _add_config_options(t)
     t.set_defaults(func=cmd_classifier_train)
 
+    i = actions.add_parser("import", help="declare your own classifier (a transformers folder or a TorchScript file)",
+                           description="Copy a classifier you trained elsewhere into OUT with what phenolens needs to "
+                                       "run it on raw files: class names, file channels, crop size and the input "
+                                       "transform input = (raw - offset) / scale, per channel. The declaration is "
+                                       "checked by running the network once.")
+    i.add_argument("source", type=Path, help="a transformers image-classifier folder (config.json + model.safetensors) "
+                                             "or a TorchScript file whose forward takes (B, C, H, W) and returns logits")
+    i.add_argument("out", type=Path, help="output folder for the declared classifier")
+    i.add_argument("--size", type=int, required=True, help="the crop side in pixels it reads (larger images are "
+                                                           "centre-cropped, smaller ones refused)")
+    i.add_argument("--classes", type=csv_list, default=None,
+                   help="its class names in output order, e.g. DMSO,CHX (default: a transformers config's labels)")
+    i.add_argument("--channels", default=None,
+                   help="file channels it reads, in order, e.g. 0,2,1 (default: all; required for TorchScript, whose "
+                        "channel count is not recorded)")
+    i.add_argument("--offset", type=csv_list, default=["0"], metavar="V[,V...]",
+                   help="input = (raw - offset) / scale: one value or one per channel (default 0)")
+    i.add_argument("--scale", type=csv_list, default=["65535"], metavar="V[,V...]",
+                   help="... one value or one per channel, above 0 (default 65535: 16-bit images to [0, 1])")
+    i.add_argument("--overwrite", action="store_true",
+                   help="replace a classifier in OUT: remove what phenolens wrote there (listed in "
+                        "OUT/.phenolens.json); files phenolens did not write are never touched")
+    _add_config_options(i)
+    i.set_defaults(func=cmd_classifier_import)
+
+    e = actions.add_parser("evaluate", help="a classifier's accuracy on labelled images",
+                           description="Classify DATA's images and compare with their conditions (each must be one of "
+                                       "the classifier's classes): accuracy overall and per class.")
+    e.add_argument("classifier", type=Path, help="a classifier folder (`classifier train` or `classifier import`)")
+    e.add_argument("data", type=Path, help="images: a folder with one sub-folder per condition, or a manifest CSV")
+    e.add_argument("--out", type=Path, default=None,
+                   help="also write one row per image (condition, predicted, probability of each class) to this CSV; "
+                        "an existing file is not replaced")
+    _add_config_options(e)
+    e.set_defaults(func=cmd_classifier_evaluate)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -663,6 +699,37 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
                                     device=args.device, invocation=["phenolens", *args.invocation])
     print(format_evaluation(ev))
     print(f"wrote the classifier to {args.out}")
+
+
+def _numbers(values: list[str], option: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise PhenolensError(f"{option} {','.join(values)}: expected numbers, e.g. 0 or 100,120,90") from None
+
+
+def cmd_classifier_import(args: argparse.Namespace) -> None:
+    from phenolens.data.io import parse_channels
+    from phenolens.run.classifier import import_classifier
+
+    clf = import_classifier(args.source, args.out, size=args.size, classes=args.classes,
+                            channels=parse_channels(args.channels), offset=_numbers(args.offset, "--offset"),
+                            scale=_numbers(args.scale, "--scale"), overwrite=args.overwrite)
+    print(f"wrote the classifier to {args.out}: {clf.info.format}, classes {', '.join(clf.classes)}, "
+          f"{clf.info.n_channels} channel(s), {clf.info.image_size} px")
+
+
+def cmd_classifier_evaluate(args: argparse.Namespace) -> None:
+    from phenolens.atomic import write_csv_atomic
+    from phenolens.run.classifier import evaluate_classifier, format_evaluation
+
+    if args.out is not None and args.out.exists():
+        raise PhenolensError(f"--out {args.out}: exists; phenolens does not replace it: choose a new file name")
+    ev, rows = evaluate_classifier(args.classifier, args.data)
+    print(format_evaluation(ev).replace("held-out accuracy", "accuracy"))
+    if args.out is not None:
+        write_csv_atomic(args.out, rows, list(rows[0]))
+        print(f"wrote {args.out}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -98,15 +98,18 @@ class Normalizer:
             return (torch.from_numpy(low).to(x.device), torch.from_numpy(span).to(x.device))
         return low, span
 
-    def to_model(self, raw: ArrayLike) -> ArrayLike:
-        """Raw CHW/BCHW -> float32 in [-1, 1] (clipped); same type (numpy or torch) as given."""
+    def to_model(self, raw: ArrayLike, clip: bool = True) -> ArrayLike:
+        """Raw CHW/BCHW -> float32 in [-1, 1] (clipped unless CLIP is False: then the plain affine map, for
+        a user's classifier whose inputs are standardised); same type (numpy or torch) as given."""
         if isinstance(raw, torch.Tensor):
             x = raw.float()
             low, span = self._params(x)
-            return ((x - low) / span * 2 - 1).clamp_(-1, 1)
+            y = (x - low) / span * 2 - 1
+            return y.clamp_(-1, 1) if clip else y
         x = np.asarray(raw, dtype=np.float32)
         low, span = self._params(x)
-        return np.clip((x - low) / span * 2 - 1, -1, 1).astype(np.float32, copy=False)
+        y = (x - low) / span * 2 - 1
+        return (np.clip(y, -1, 1) if clip else y).astype(np.float32, copy=False)
 
     def from_model(self, x: ArrayLike) -> ArrayLike:
         """[-1, 1] -> raw units (no clipping: the writer clips to the file's dtype)."""

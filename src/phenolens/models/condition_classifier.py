@@ -13,7 +13,14 @@ Layout of a classifier folder (transformers' `save_pretrained`, safetensors only
                                 (per-channel percentiles, `Normalizer`), its crop size, how it was
                                 trained and its held-out accuracy
 
-Class names come from the data (id2label), never from code. Loading never unpickles.
+A user's own classifier comes in through `phenolens classifier import` (`import_classifier`): a
+transformers image-classifier folder (copied as it is) or a TorchScript file (copied to model.pt; its
+forward takes a (B, C, H, W) float tensor and returns logits), with its class names, the file channels
+it reads, its crop size and its input transform declared. The input transform is per channel affine,
+input = (raw - offset) / scale (raw/65535 is offset 0, scale 65535; ImageNet-style mean and sd on
+[0, 1] images are offset mean x 65535, scale sd x 65535), which `Normalizer` represents exactly.
+
+Class names come from the data (id2label) or the user, never from code. Loading never unpickles.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from phenolens.errors import PhenolensError
 
 CLASSIFIER_FILE = "phenolens_classifier.json"
 CLASSIFIER_FILES = ("config.json", "model.safetensors", CLASSIFIER_FILE)  # what `save_pretrained` writes
+TORCHSCRIPT_FILE = "model.pt"  # an imported TorchScript classifier's copy
+FORMATS = ("transformers", "torchscript")
 
 
 @dataclass
@@ -44,7 +53,10 @@ class ClassifierInfo:
     image_size: int  # the crop side it reads; larger images are centre-cropped
     normalization: dict[str, Any]  # `Normalizer.to_dict()`: raw -> [-1, 1], per channel
     channels: list[int] | None = None  # file channels it reads, in order (--channels); None = all
-    shape: str = "resnet18"  # the architecture (`phenolens.measure.oracles.ORACLE_SHAPES`)
+    shape: str = "resnet18"  # the architecture (`phenolens.measure.oracles.ORACLE_SHAPES`); "" = imported
+    format: str = "transformers"  # or "torchscript" (an imported model.pt)
+    classes: list[str] | None = None  # a TorchScript classifier's class names (transformers: id2label)
+    clip: bool = True  # inputs clipped to [-1, 1] as in training; False for an imported (raw - offset) / scale
     evaluation: dict[str, Any] = field(default_factory=dict)  # held-out accuracy, per class, images
     training: dict[str, Any] = field(default_factory=dict)  # data, conditions, steps, command line
     version: str = ""
@@ -60,7 +72,9 @@ class ConditionClassifier:
 
     @property
     def classes(self) -> list[str]:
-        """Class names in output order (the model config's id2label)."""
+        """Class names in output order (declared, or the transformers config's id2label)."""
+        if self.info.classes:
+            return list(self.info.classes)
         id2label = self.model.config.id2label
         return [str(id2label[i]) for i in range(len(id2label))]
 
@@ -76,18 +90,23 @@ class ConditionClassifier:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        if self.info.format == "torchscript":
+            torch.jit.save(self.model, str(tmp / TORCHSCRIPT_FILE))
+            names = [TORCHSCRIPT_FILE, CLASSIFIER_FILE]
+        else:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            names = list(CLASSIFIER_FILES)
         self.info.version = self.info.version or __version__
         write_json_atomic(tmp / CLASSIFIER_FILE, asdict(self.info))
         if (path / CLASSIFIER_FILE).is_file():
             (path / CLASSIFIER_FILE).unlink()
-        for name in CLASSIFIER_FILES:
+        for name in names:
             os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
         from phenolens.models.store import apply_umask
 
-        apply_umask(*(path / name for name in CLASSIFIER_FILES))
-        return list(CLASSIFIER_FILES)
+        apply_umask(*(path / name for name in names))
+        return names
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "ConditionClassifier":
@@ -98,19 +117,15 @@ class ConditionClassifier:
         info_file = path / CLASSIFIER_FILE
         if not info_file.is_file():
             raise PhenolensError(f"{path}: not a phenolens classifier (no {CLASSIFIER_FILE}); train one with "
-                                 "`phenolens classifier train DATA OUT`")
+                                 "`phenolens classifier train DATA OUT`, or declare your own with "
+                                 "`phenolens classifier import SOURCE OUT`")
         try:
             info = ClassifierInfo(**json.loads(info_file.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
             raise PhenolensError(f"{info_file}: not a valid classifier description ({err})") from None
-        if not (path / "model.safetensors").is_file():
-            raise PhenolensError(f"{path}: model.safetensors is missing (only safetensors weights are loaded)")
-        from transformers import AutoModelForImageClassification
-
-        try:
-            model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
-        except (OSError, ValueError, KeyError) as err:
-            raise PhenolensError(f"{path}: cannot load the classifier network ({err})") from None
+        if info.format not in FORMATS:
+            raise PhenolensError(f"{info_file}: format {info.format!r} is not one of {', '.join(FORMATS)}")
+        model = load_network(path / TORCHSCRIPT_FILE if info.format == "torchscript" else path, info.format)
         classifier = cls(model.to(device), info)
         if len(classifier.classes) < 2:
             raise PhenolensError(f"{path}: the classifier has {len(classifier.classes)} class(es); it needs 2 or more")
@@ -124,9 +139,9 @@ class ConditionClassifier:
         return self.classes.index(name)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, classes) of images already in the classifier's space ([-1, 1], its channels and
+        """Logits (B, classes) of images already in the classifier's space (normalised, its channels and
         size); differentiable, so a diffusion model can be trained or steered through it."""
-        return self.model(pixel_values=x).logits
+        return network_logits(self.model, x, self.info.format)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
@@ -150,8 +165,49 @@ class ConditionClassifier:
             if min(h, w) < s:
                 raise PhenolensError(f"{name}: is {h}x{w} px; the classifier reads crops of {s} px")
             top, left = (h - s) // 2, (w - s) // 2
-            out.append(np.asarray(self.normalizer.to_model(raw[:, top:top + s, left:left + s]), dtype=np.float32))
+            crop = raw[:, top:top + s, left:left + s]
+            out.append(np.asarray(self.normalizer.to_model(crop, clip=self.info.clip), dtype=np.float32))
         return torch.from_numpy(np.stack(out))
 
 
-__all__ = ["CLASSIFIER_FILE", "CLASSIFIER_FILES", "ClassifierInfo", "ConditionClassifier"]
+def load_network(source: Path, fmt: str) -> torch.nn.Module:
+    """The network of a classifier: a transformers image-classifier folder (safetensors weights only)
+    or a TorchScript file; a clear error naming SOURCE otherwise."""
+    if fmt == "torchscript":
+        if not source.is_file():
+            raise PhenolensError(f"{source}: no such TorchScript file")
+        try:
+            return torch.jit.load(str(source), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PhenolensError(f"{source}: not a TorchScript model ({first})") from None
+    if not (source / "config.json").is_file():
+        raise PhenolensError(f"{source}: no config.json; expected a transformers image-classifier folder "
+                             "(save_pretrained) or a TorchScript file")
+    if not (source / "model.safetensors").is_file():
+        raise PhenolensError(f"{source}: model.safetensors is missing (only safetensors weights are loaded; "
+                             "re-save with save_pretrained(..., safe_serialization=True))")
+    from transformers import AutoModelForImageClassification
+
+    try:
+        return AutoModelForImageClassification.from_pretrained(source, use_safetensors=True).eval()
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PhenolensError(f"{source}: cannot load it as a transformers image classifier ({first})") from None
+
+
+def network_logits(model: torch.nn.Module, x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Logits of either kind of network: transformers' output object, or a TorchScript tensor (the first
+    element of a tuple, or the "logits" entry of a dict)."""
+    if fmt == "transformers":
+        return model(pixel_values=x).logits
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif isinstance(out, dict):
+        out = out["logits"]
+    return out
+
+
+__all__ = ["CLASSIFIER_FILE", "CLASSIFIER_FILES", "ClassifierInfo", "ConditionClassifier", "FORMATS",
+           "load_network", "network_logits"]

@@ -1,4 +1,4 @@
-"""`phenolens classifier train DATA OUT`: a classifier of the conditions, with its held-out accuracy.
+"""`phenolens classifier train | import | evaluate`: the classifier DiffEx explains, and how good it is.
 
 Why: DiffEx explains a classifier that separates the conditions (paper 001, §3). Many biologists
 have none; this trains one from the images and their conditions, in one of the small shapes the
@@ -10,6 +10,11 @@ OUT gets the classifier (`ConditionClassifier.save_pretrained`) and heldout.csv 
 image: its condition, the predicted one, the probability of each class). OUT is a phenolens output
 folder (kind "classifier"): a finished one is only replaced with --overwrite, which removes what
 phenolens wrote there and nothing else. Training takes minutes on a CPU, so it does not resume.
+
+`import_classifier` brings a user's own classifier in (a transformers folder or a TorchScript file,
+see `phenolens.models.condition_classifier`), checking what is declared against the network itself;
+`evaluate_classifier` scores any classifier on labelled images, and refuses data whose conditions
+are not its classes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from phenolens.data.records import ImageRecord, training_records
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.measure.oracles import ORACLE_SHAPES
-from phenolens.models.condition_classifier import CLASSIFIER_FILE, ClassifierInfo, ConditionClassifier
+from phenolens.models.condition_classifier import (CLASSIFIER_FILE, ClassifierInfo, ConditionClassifier,
+                                                   load_network, network_logits)
 
 logger = logging.getLogger(__name__)
 KIND = "classifier"
@@ -99,10 +105,7 @@ def train_condition_classifier(data: str | Path, out: str | Path, settings: Clas
     data, out = Path(data), Path(out)
     records, conditions = training_records(data, conditions)
     check_apart(out, inputs=[data, *(r.path for r in records)])
-    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
-    if (out / CLASSIFIER_FILE).is_file():
-        raise PhenolensError(f"OUT {out}: holds a trained classifier already; pass --overwrite to train it again "
-                             "(only what phenolens wrote there is removed) or choose another folder")
+    folder = _open_out(out, overwrite)
     train_recs, held_recs = split_heldout(records, conditions, settings.heldout, settings.seed)
     train_set = ImageSet(train_recs, None, list(conditions), channels=channels, augment=False, progress=progress)
     size = train_set.size
@@ -163,3 +166,114 @@ def format_evaluation(ev: dict) -> str:
     per = ", ".join(f"{c} {100 * a:.0f} %" for c, a in ev["per_class"].items())
     return (f"held-out accuracy {100 * ev['accuracy']:.1f} % on {ev['images']} images ({per}; "
             f"the largest class alone: {100 * ev['chance']:.0f} %)")
+
+
+def _open_out(out: Path, overwrite: bool) -> OutputFolder:
+    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
+    if (out / CLASSIFIER_FILE).is_file():
+        raise PhenolensError(f"OUT {out}: holds a classifier already; pass --overwrite to replace it "
+                             "(only what phenolens wrote there is removed) or choose another folder")
+    return folder
+
+
+def _per_channel(values: Sequence[float], n: int, option: str) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise PhenolensError(f"{option}: give one value, or one per channel ({n}); got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise PhenolensError(f"{option}: values must be finite numbers")
+    return values
+
+
+def import_classifier(source: str | Path, out: str | Path, *, size: int, classes: Sequence[str] | None = None,
+                      channels: Sequence[int] | None = None, offset: Sequence[float] = (0.0,),
+                      scale: Sequence[float] = (65535.0,), overwrite: bool = False) -> ConditionClassifier:
+    """Declare a user's classifier (a transformers folder or a TorchScript file) and copy it into OUT.
+
+    What is declared is checked against the network: it is run once on SIZE px images of its channel
+    count, and must give one logit per class. Classes: CLASSES, else a transformers config's own labels
+    (not the placeholder LABEL_0 ...). Input = (raw - OFFSET) / SCALE per channel."""
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise PhenolensError(f"SOURCE {source}: no such file or folder")
+    fmt = "torchscript" if source.is_file() else "transformers"
+    model = load_network(source, fmt)
+    if size < 1:
+        raise PhenolensError(f"--size {size}: must be a positive number of pixels")
+    n_channels = len(channels) if channels else getattr(getattr(model, "config", None), "num_channels", None)
+    if not n_channels:
+        raise PhenolensError(f"SOURCE {source}: its channel count is unknown; give --channels (the file channels "
+                             "it reads, in order)")
+    try:
+        with torch.no_grad():
+            logits = network_logits(model, torch.zeros(2, n_channels, size, size), fmt)
+    except Exception as err:  # a user's network: whatever it raises, say which input it refused
+        raise PhenolensError(f"SOURCE {source}: fails on a batch of {n_channels}-channel {size} px images "
+                             f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                             "check --channels and --size") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 2:
+        raise PhenolensError(f"SOURCE {source}: returns {getattr(logits, 'shape', type(logits).__name__)} for 2 "
+                             "images; expected logits of shape (images, classes)")
+    n_out = int(logits.shape[1])
+    if classes is None and fmt == "transformers":
+        labels = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
+        if labels != [f"LABEL_{i}" for i in range(len(labels))]:
+            classes = labels
+    if not classes:
+        raise PhenolensError(f"SOURCE {source}: give --classes, its {n_out} class names in output order")
+    classes = list(classes)
+    if len(classes) != n_out:
+        raise PhenolensError(f"--classes names {len(classes)} class(es) ({', '.join(classes)}) but SOURCE {source} "
+                             f"has {n_out} outputs")
+    if len(set(classes)) != len(classes) or n_out < 2:
+        raise PhenolensError(f"--classes {', '.join(classes)}: need 2 or more distinct names")
+    offsets = _per_channel(offset, n_channels, "--offset")
+    scales = _per_channel(scale, n_channels, "--scale")
+    if any(v <= 0 for v in scales):
+        raise PhenolensError("--scale: values must be above 0")
+    from phenolens.data.normalize import Normalizer
+
+    # input = (raw - offset) / scale is Normalizer's map with low = offset - scale, high = offset + scale
+    normalizer = Normalizer(low=[o - s for o, s in zip(offsets, scales)], high=[o + s for o, s in zip(offsets, scales)])
+    check_apart(out, inputs=[source])
+    folder = _open_out(out, overwrite)
+    if fmt == "transformers":
+        model.config.id2label = dict(enumerate(classes))
+        model.config.label2id = {c: i for i, c in enumerate(classes)}
+    info = ClassifierInfo(n_channels=n_channels, image_size=int(size), normalization=normalizer.to_dict(),
+                          channels=list(channels) if channels else None, shape="", format=fmt,
+                          classes=classes if fmt == "torchscript" else None, clip=False,
+                          training=dict(imported_from=str(source.resolve()), offset=offsets, scale=scales))
+    classifier = ConditionClassifier(model, info)
+    folder.record(*classifier.save_pretrained(out))
+    return classifier
+
+
+def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, progress: bool = True
+                        ) -> tuple[dict, list[dict]]:
+    """Accuracy of a classifier on labelled images (every condition of DATA must be one of its classes);
+    returns the evaluation and one row per image."""
+    from tqdm.auto import tqdm
+
+    from phenolens.data.io import read_image
+    from phenolens.data.records import conditions_in_order, discover
+
+    clf = ConditionClassifier.from_pretrained(classifier_dir)
+    records = discover(data)
+    unknown = [c for c in conditions_in_order(records) if c not in clf.classes]
+    if unknown:
+        raise PhenolensError(f"DATA {data}: condition(s) {', '.join(unknown)} are not classes of the classifier "
+                             f"{classifier_dir} (its classes: {', '.join(clf.classes)})")
+    rows, probas, labels = [], [], []
+    for i in tqdm(range(0, len(records), 64), desc="classify", disable=None if progress else True):
+        chunk = records[i:i + 64]
+        raws = [read_image(r.path, channels=clf.info.channels)[0] for r in chunk]
+        proba = clf.predict_proba(clf.prepare(raws, [str(r.path) for r in chunk]))
+        for rec, p in zip(chunk, proba):
+            rows.append(dict(path=str(rec.path), condition=rec.condition, predicted=clf.classes[int(p.argmax())],
+                             **{f"p_{c}": f"{v:.4f}" for c, v in zip(clf.classes, p)}))
+        probas.append(proba)
+        labels += [clf.classes.index(r.condition) for r in chunk]
+    return evaluation(np.concatenate(probas), np.array(labels), clf.classes), rows
