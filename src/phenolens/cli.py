@@ -94,11 +94,12 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str
                         "views of each image: for memorisation experiments (`phenolens memorization`), where a small "
                         "dataset should be seen image by image, or images whose orientation means something "
                         "(default: augment)")
-    p.add_argument("--cond-dropout", type=float, default=0.1,
+    p.add_argument("--cond-dropout", type=float, default=None,
                    help="probability of replacing the condition by the null one while training, so that "
                         "`translate --guidance-scale` can strengthen an edit (classifier-free guidance; PhenDiff's "
                         "0.1; README \"Edit strength\"); 0 = never, and guidance is then refused. A run started "
-                        "before this default (0) resumes with --cond-dropout 0 (default 0.1)")
+                        "before this default (0) resumes with --cond-dropout 0 (default 0.1; 0 with --method diffex, "
+                        "which has no unconditional mode)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto = bf16 on a GPU that supports it, else no (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
@@ -115,8 +116,9 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
 
 
-def _train_config(args: argparse.Namespace, lr: float | None = None):
-    """TrainConfig from the shared loop options, after checking them (LR: the rate when --lr is not given)."""
+def _train_config(args: argparse.Namespace, lr: float | None = None, default_dropout: float = 0.1):
+    """TrainConfig from the shared loop options, after checking them (LR: the rate when --lr is not given,
+    DEFAULT_DROPOUT the condition dropout when --cond-dropout is not)."""
     from phenolens.train.trainer import TrainConfig
 
     mixed = args.mixed_precision
@@ -130,18 +132,33 @@ def _train_config(args: argparse.Namespace, lr: float | None = None):
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr if args.lr is not None else lr,
         warmup_steps=args.warmup_steps,
-        grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay, cond_dropout=args.cond_dropout,
+        grad_accum=args.grad_accum, ema=not args.no_ema, ema_decay=args.ema_decay,
+        cond_dropout=args.cond_dropout if args.cond_dropout is not None else default_dropout,
         checkpoint_every=args.checkpoint_every, mixed_precision=mixed, seed=args.seed,
         sample_every=max(args.sample_every, 0), augment=not args.no_augment, lr_schedule=args.lr_schedule,
     )
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a class-conditional diffusion model (PhenDiff) on your images",
-                       description="Train one class-conditional UNet on all conditions of DATA. Runs on CPU, one GPU, "
-                                   "or several under `accelerate launch -m phenolens train ...`.")
+    p = sub.add_parser("train", help="train a diffusion model (PhenDiff, or DiffEx's semantic model) on your images",
+                       description="Train one class-conditional UNet on all conditions of DATA (PhenDiff), or with "
+                                   "--method diffex a UNet conditioned on each image's semantic code [encoder(x), "
+                                   "classifier scores] (DiffEx). Runs on CPU, one GPU, or several under "
+                                   "`accelerate launch -m phenolens train ...`.")
     p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
     p.add_argument("model_dir", type=Path, help="where the model, its checkpoints and train_log.csv go")
+    p.add_argument("--method", choices=("phendiff", "diffex"), default="phendiff",
+                   help="phendiff: the condition is the class label; diffex: a semantic diffusion autoencoder aware of "
+                        "--classifier, whose learned directions explain it (default phendiff)")
+    p.add_argument("--classifier", type=Path, default=None,
+                   help="with --method diffex: the classifier to explain, a folder from `phenolens classifier train` or "
+                        "`classifier import`; its classes must be DATA's conditions and its channels --channels")
+    p.add_argument("--code-dim", type=int, default=64,
+                   help="with --method diffex: length of the encoder's code in z_sem (default 64)")
+    p.add_argument("--lambda-cls", type=float, default=0.1,
+                   help="with --method diffex: weight λ₁ of the KL term that keeps the classifier's scores of the "
+                        "model's denoised estimate equal to the image's (DiffEx eq. 3; the paper gives no value; "
+                        "0 = none) (default 0.1)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny",
                    help="network size: tiny (1M parameters, CPU), small (27M), paper (65M, PhenDiff's U-Net) (default tiny)")
     p.add_argument("--size", type=int, default=None,
@@ -572,15 +589,40 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise PhenolensError("--zero-terminal-snr needs --prediction-type v_prediction (an ε-model cannot predict "
                              "the image from pure noise)")
     prediction_type = args.prediction_type or ("v_prediction" if args.zero_terminal_snr else RECIPE_PREDICTION_TYPE)
+    command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
+    if args.method == "diffex":
+        _train_diffex(args, prediction_type, command)
+        return
+    for option in ("classifier",):
+        if getattr(args, option) is not None:
+            raise PhenolensError(f"--{option} is for --method diffex")
     settings = PhenDiffTrainSettings(
         preset=args.preset, size=args.size, channels=parse_channels(args.channels), conditions=args.conditions,
         prediction_type=prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         timestep_spacing="trailing" if args.zero_terminal_snr else args.timestep_spacing, skip_bad=args.skip_bad,
     )
     config = _train_config(args, lr=RECIPE_LR[args.preset])  # --preset's choices are RECIPE_LR's
-    command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model saved in {args.model_dir}")
+
+
+def _train_diffex(args: argparse.Namespace, prediction_type: str, command: str) -> None:
+    from phenolens.data.io import parse_channels
+    from phenolens.methods.diffex import DiffExTrainSettings, train_diffex
+
+    if args.classifier is None:
+        raise PhenolensError("--method diffex needs --classifier, the classifier to explain (make one with "
+                             "`phenolens classifier train DATA OUT`)")
+    if args.zero_terminal_snr or args.timestep_spacing != "leading":
+        raise PhenolensError("--zero-terminal-snr and --timestep-spacing are for --method phendiff")
+    settings = DiffExTrainSettings(classifier=str(args.classifier), preset=args.preset, size=args.size,
+                                   conditions=args.conditions, code_dim=args.code_dim, lambda_cls=args.lambda_cls,
+                                   prediction_type=prediction_type, skip_bad=args.skip_bad)
+    config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.0)
+    train_diffex(args.data, args.model_dir, settings, config, channels=parse_channels(args.channels),
+                 resume=args.resume, overwrite=args.overwrite, command=command)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model saved in {args.model_dir}")
 

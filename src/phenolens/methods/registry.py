@@ -23,6 +23,7 @@ Loader = Callable[..., "CounterfactualModel"]
 METHODS: dict[str, Union[str, Loader]] = {
     "phendiff": "phenolens.methods.phendiff:PhenDiff",
     "phenldiff": "phenolens.methods.phenldiff:PhenLDiff",
+    "diffex": "phenolens.methods.diffex:DiffEx",
 }
 
 

@@ -94,6 +94,9 @@ class ConditionClassifier:
             torch.jit.save(self.model, str(tmp / TORCHSCRIPT_FILE))
             names = [TORCHSCRIPT_FILE, CLASSIFIER_FILE]
         else:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
             self.model.save_pretrained(tmp, safe_serialization=True)
             names = list(CLASSIFIER_FILES)
         self.info.version = self.info.version or __version__
@@ -188,7 +191,9 @@ def load_network(source: Path, fmt: str) -> torch.nn.Module:
         raise PhenolensError(f"{source}: model.safetensors is missing (only safetensors weights are loaded; "
                              "re-save with save_pretrained(..., safe_serialization=True))")
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per small file read is noise in phenolens' own output
     try:
         return AutoModelForImageClassification.from_pretrained(source, use_safetensors=True).eval()
     except (OSError, ValueError, KeyError) as err:

@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from phenolens.atomic import write_json_atomic
 from phenolens.errors import PhenolensError
@@ -49,6 +49,8 @@ class ModelInfo:
     # "resize-up" = images whose short side was below image_size were resized up to it (`--size` above the
     # data's own), and translate resizes its inputs the same way; None = an older model, not recorded
     size_rule: str | None = None
+    # a semantic model (DiffEx): the code's size, the classifier it is aware of, the KL weight (λ₁)
+    semantic: dict[str, Any] = field(default_factory=dict)
 
     @property
     def training_config(self) -> dict[str, Any]:
@@ -121,12 +123,14 @@ def apply_umask(*paths: str | Path) -> None:
                 os.chmod(f, mode)
 
 
-def save_model(model_dir: Path, unet, scheduler, info: ModelInfo) -> None:
+def save_model(model_dir: Path, unet, scheduler, info: ModelInfo,
+               extra: Mapping[str, Callable[[Path], Any]] | None = None) -> None:
     """Write the model to MODEL_DIR atomically (temporary folder inside it, then renames).
 
     The temporary folder lives inside MODEL_DIR (never beside it, in a folder that is not ours);
-    only `MODEL_FILES` are replaced, anything else in MODEL_DIR (checkpoints, logs) stays, and
-    phenolens.json is moved last: it is what marks a complete model.
+    only `MODEL_FILES` (and the names of EXTRA) are replaced, anything else in MODEL_DIR (checkpoints,
+    logs) stays, and phenolens.json is moved last: it is what marks a complete model. EXTRA maps a
+    further part's name to a function that writes it at the path given (a method's other networks).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -136,12 +140,14 @@ def save_model(model_dir: Path, unet, scheduler, info: ModelInfo) -> None:
     tmp.mkdir()
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
+    for name, write in (extra or {}).items():
+        write(tmp / name)
     save_info(tmp, info)
     apply_umask(tmp)
     info_file = model_dir / INFO_FILE
     if info_file.is_file():  # first out, last in: a half-replaced model never looks complete
         info_file.unlink()
-    for name in MODEL_FILES:
+    for name in (*(extra or {}), *MODEL_FILES):
         old = model_dir / name
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)

@@ -1,0 +1,300 @@
+"""DiffEx (Bourou et al. 2025, paper 001): explain a classifier with a classifier-aware semantic space.
+
+Method, as in the paper's §3:
+
+1. **A classifier-aware semantic latent space** (§3.1). A semantic encoder maps an image x to a code,
+   and the classifier's scores are appended to it: z_sem = [encoder(x), C(x)]. A DDIM is conditioned
+   on z_sem (eq. 1, the DDPM loss with the condition z_sem) and trained with a KL term that keeps the
+   classifier's opinion of the reconstruction x' equal to that of x, D_KL[C(x') || C(x)] (eq. 2),
+   weighted by λ₁ (eq. 3). `semantic_loss` is eqs. 1-3; how z_sem enters the UNet is
+   `phenolens.models.semantic`.
+2. **Stochastic encoding** (Diff-AE §3.2): given z_sem, a real image is inverted into x_T by the
+   core's inversion (exact fixed-point DDIM by default), and render(x_T, z_sem) is its reconstruction.
+3. **Directions** in z_sem and their **ranking** (§3.2-3.3) move z_sem and re-render x_T: they come
+   with `phenolens directions` (not in this version; the model reconstructs but does not edit yet).
+
+The classifier is a `ConditionClassifier` (`phenolens classifier train | import`); a copy is saved in
+the model folder (classifier/), so the model is complete on its own. Images pass from the diffusion
+model's normalisation to the classifier's through raw units (`classifier_input`), both per-channel
+affine maps, so the classifier's scores are differentiable in the diffusion model's pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phenolens.data.normalize import Normalizer
+from phenolens.diffusion.conditions import network_fn
+from phenolens.errors import PhenolensError
+from phenolens.methods.core import CounterfactualModel
+from phenolens.methods.edits import Edit
+from phenolens.models.condition_classifier import ConditionClassifier
+from phenolens.models.store import MODEL_FILES, ModelInfo, load_model, save_model
+from phenolens.models.unet import unet_downsample_factor
+
+logger = logging.getLogger(__name__)
+
+ENCODER_DIR = "encoder"
+CLASSIFIER_DIR = "classifier"
+DIFFEX_FILES = (ENCODER_DIR, CLASSIFIER_DIR, *MODEL_FILES)  # what a DiffEx model folder holds
+# λ₁ of eq. 3: the paper does not give its value. 0.1 keeps the KL (at most log K nats, on x̂₀) from
+# outweighing the diffusion loss early in training; `--lambda-cls 0` trains without it (DiffEx Table 1's
+# ablation in the issue's must-show).
+DEFAULT_LAMBDA_CLS = 0.1
+DEFAULT_CODE_DIM = 64
+
+
+def classifier_input(x: torch.Tensor, model_norm: Normalizer, classifier: ConditionClassifier) -> torch.Tensor:
+    """Images in the diffusion model's [-1, 1] -> the classifier's input (its normalisation and crop
+    size), differentiably: raw = model⁻¹(x), input = classifier(raw)."""
+    raw = model_norm.from_model(x)
+    y = classifier.normalizer.to_model(raw, clip=classifier.info.clip)
+    s = int(classifier.info.image_size)
+    h, w = y.shape[-2:]
+    if min(h, w) < s:
+        raise PhenolensError(f"images of {h}x{w} px are smaller than the {s} px crops the classifier reads")
+    top, left = (h - s) // 2, (w - s) // 2
+    return y[..., top:top + s, left:left + s]
+
+
+class SemanticDiffusion(nn.Module):
+    """What trains (eq. 3): the UNet and the semantic encoder. The classifier stays frozen outside."""
+
+    def __init__(self, unet, encoder):
+        super().__init__()
+        self.unet = unet
+        self.encoder = encoder
+
+    @property
+    def config(self) -> dict:
+        """Both networks' configs (the trainer's resume fingerprint reads `config`)."""
+        return {"unet": dict(self.unet.config), "encoder": dict(self.encoder.config)}
+
+
+def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normalizer, x0: torch.Tensor) -> torch.Tensor:
+    """z_sem = [encoder(x), C(x)] (§3.1): the code, then the classifier's class probabilities."""
+    with torch.no_grad():
+        scores = classifier.logits(classifier_input(x0, model_norm, classifier)).float().softmax(-1)
+    return torch.cat([encoder.encode(x0), scores.to(x0.dtype)], dim=-1)
+
+
+def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, generator: torch.Generator, *,
+                  classifier: ConditionClassifier, model_norm: Normalizer, lambda_cls: float) -> torch.Tensor:
+    """L_sem = L_diffusion + λ₁ L_cls (eqs. 1-3).
+
+    L_diffusion (eq. 1): ||ε_θ(x_t, t, z_sem) - ε||² (or the v / x₀ target the scheduler names).
+    L_cls (eq. 2): D_KL[C(x') || C(x)]. The paper's x' is the reconstruction; a full sampling pass per
+    training step is unaffordable, so x' here is the model's own estimate x̂₀ at the sampled step t
+    (from its prediction, clipped to [-1, 1]), which is the reconstruction's one-step approximation.
+    """
+    b = x0.shape[0]
+    num_t = int(noise_scheduler.config.num_train_timesteps)
+    t = torch.randint(0, num_t, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    z_sem = semantic_code(net.encoder, classifier, model_norm, x0)
+    pred = network_fn(net.unet)(x_t, t, {"class_labels": net.encoder.embed(z_sem)})
+    abar = noise_scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target, x0_hat = noise, (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
+    elif kind == "v_prediction":
+        target, x0_hat = noise_scheduler.get_velocity(x0, noise, t), abar.sqrt() * x_t - (1 - abar).sqrt() * pred
+    else:
+        raise PhenolensError(f"prediction_type {kind!r}: DiffEx trains with epsilon or v_prediction")
+    loss = F.mse_loss(pred.float(), target.float())
+    if lambda_cls > 0:
+        p_real = z_sem[:, -len(classifier.classes):].detach().float().clamp_min(1e-8)
+        logp_hat = classifier.logits(classifier_input(x0_hat.clamp(-1, 1), model_norm, classifier)).float() \
+            .log_softmax(-1)
+        # D_KL[C(x') || C(x)] = Σ C(x') (log C(x') - log C(x))  (eq. 2)
+        kl = (logp_hat.exp() * (logp_hat - p_real.log())).sum(-1).mean()
+        loss = loss + lambda_cls * kl
+    return loss
+
+
+class DiffEx(CounterfactualModel):
+    """A trained DiffEx semantic model: UNet conditioned on z_sem, semantic encoder, classifier."""
+
+    def __init__(self, unet, encoder, classifier: ConditionClassifier, scheduler, info: ModelInfo,
+                 device: str | None = None):
+        super().__init__(info, scheduler, device)
+        self.unet = unet.to(self.device).eval()
+        self.encoder = encoder.to(self.device).eval()
+        self.classifier = classifier
+        classifier.model.to(self.device).eval().requires_grad_(False)  # it is explained, never trained
+
+    # ----------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> "DiffEx":
+        from phenolens.models.semantic import SemanticEncoder
+
+        model_dir = Path(model_dir)
+        unet, scheduler, info = load_model(model_dir, device="cpu")
+        if info.method != "diffex":
+            raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not a DiffEx model")
+        for part in (ENCODER_DIR, CLASSIFIER_DIR):
+            if not (model_dir / part).is_dir():
+                raise PhenolensError(f"{model_dir}: DiffEx model is incomplete ({part}/ missing)")
+        try:
+            encoder = SemanticEncoder.from_pretrained(model_dir / ENCODER_DIR, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise PhenolensError(f"{model_dir / ENCODER_DIR}: cannot load the semantic encoder "
+                                 f"({str(err).splitlines()[0]})") from None
+        classifier = ConditionClassifier.from_pretrained(model_dir / CLASSIFIER_DIR)
+        return cls(unet, encoder, classifier, scheduler, info, device=device)
+
+    def save_pretrained(self, model_dir: str | Path) -> None:
+        save_model(Path(model_dir), self.unet, self.scheduler, self.info, extra=model_parts(self.encoder,
+                                                                                              self.classifier))
+
+    # ------------------------------------------------------------------------------ the method
+    def semantic_code(self, x0: torch.Tensor) -> torch.Tensor:
+        """z_sem of images in [-1, 1] (§3.1)."""
+        return semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device))
+
+    def network(self):
+        """ε_θ(x_t, t, z_sem) (eq. 1): the UNet, z_sem entering as its `class_labels` embedding."""
+        return network_fn(self.unet)
+
+    def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> dict:
+        """An image's own condition is its semantic code; there is none without an image."""
+        if x0 is None:
+            raise PhenolensError("a DiffEx model renders codes of real images; it does not generate from noise "
+                                 "alone (give images to translate)")
+        return {"class_labels": self.encoder.embed(self.semantic_code(x0))}
+
+    def null_condition(self, n: int) -> dict:
+        raise PhenolensError("a DiffEx model has no unconditional mode: use --guidance-scale 1")
+
+    def parse_edit(self, text: str) -> Edit:
+        raise PhenolensError(f"edit {text!r}: a DiffEx model edits along learned directions "
+                             "(`phenolens directions`, not in this version); it reconstructs only")
+
+    def edited(self, condition, edit, source, x0):
+        raise PhenolensError(f"edit {edit.label!r}: a DiffEx model edits along learned directions only")
+
+    def spatial_factor(self) -> int:
+        return unet_downsample_factor(self.unet)
+
+
+def model_parts(encoder, classifier: ConditionClassifier) -> dict:
+    """The parts a DiffEx folder holds besides unet/ and scheduler/, as `save_model`'s writers."""
+    return {ENCODER_DIR: lambda path: encoder.save_pretrained(path, safe_serialization=True),
+            CLASSIFIER_DIR: lambda path: classifier.save_pretrained(path)}
+
+
+# --------------------------------------------------------------------------------- training
+@dataclass
+class DiffExTrainSettings:
+    """What `phenolens train --method diffex` decides besides the optimiser loop (see TrainConfig)."""
+
+    classifier: str = ""  # the classifier folder (`phenolens classifier train | import`)
+    preset: str = "tiny"
+    size: int | None = None  # training crop side; None = the data's own size
+    conditions: list[str] | None = None
+    code_dim: int = DEFAULT_CODE_DIM
+    lambda_cls: float = DEFAULT_LAMBDA_CLS
+    prediction_type: str = "epsilon"
+    skip_bad: bool = False
+
+
+def check_classifier_fits(classifier: ConditionClassifier, classifier_dir: Path, channels: Sequence[int] | None,
+                          size: int | None = None) -> None:
+    """The classifier must read what the model is trained on (its classes are checked against the data's
+    conditions before): its file channels are the training channels, its crops no larger than the
+    training crops (SIZE; None before the images are read)."""
+    mine = list(channels) if channels is not None else None
+    if classifier.info.channels != mine:
+        raise PhenolensError(f"--classifier {classifier_dir}: reads file channels "
+                             f"{classifier.info.channels or 'all'}, but training uses {mine or 'all'} (--channels); "
+                             "give the channels the classifier was trained on")
+    if size is not None and classifier.info.image_size > size:
+        raise PhenolensError(f"--classifier {classifier_dir}: reads {classifier.info.image_size} px crops, larger than "
+                             f"the {size} px training crops")
+
+
+def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainSettings, config, *,
+                 channels: Sequence[int] | None = None, resume: bool = False, overwrite: bool = False,
+                 command: str = "", progress: bool = True) -> ModelInfo:
+    """Train a DiffEx semantic model on DATA into MODEL_DIR with the shared trainer (EMA, checkpoints,
+    exact resume, Accelerate); the classifier's classes name the conditions, in its order."""
+    from phenolens import __version__
+    from phenolens.data.dataset import ImageSet
+    from phenolens.data.records import training_records
+    from phenolens.diffusion.ddim import make_scheduler
+    from phenolens.models.semantic import SemanticEncoder, build_semantic_unet, embed_dim_of
+    from phenolens.models.unet import preset_downsample_factor
+    from phenolens.train.inputs import size_line, training_inputs
+    from phenolens.train.trainer import check_config, is_main_process, open_model_folder, train
+
+    model_dir = Path(model_dir)
+    check_config(config)
+    if config.cond_dropout:
+        raise PhenolensError("--cond-dropout: a DiffEx model is conditioned on each image's own code and has no "
+                             "unconditional mode; use 0")
+    if settings.lambda_cls < 0:
+        raise PhenolensError(f"--lambda-cls {settings.lambda_cls}: must be 0 or more")
+    if settings.code_dim < 1:
+        raise PhenolensError(f"--code-dim {settings.code_dim}: must be at least 1")
+    classifier_dir = Path(settings.classifier)
+    classifier = ConditionClassifier.from_pretrained(classifier_dir)
+    records, conditions = training_records(data, settings.conditions)
+    if sorted(classifier.classes) != sorted(conditions):
+        raise PhenolensError(f"--classifier {classifier_dir}: its classes ({', '.join(classifier.classes)}) are not "
+                             f"the data's conditions ({', '.join(conditions)})")
+    conditions = settings.conditions or classifier.classes  # without --conditions, the classifier's order
+    check_classifier_fits(classifier, classifier_dir, channels)  # before reading the images
+    folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
+    images = ImageSet(records, settings.size, conditions, channels=channels, skip_bad=settings.skip_bad,
+                      augment=getattr(config, "augment", True), progress=progress,
+                      size_multiple=preset_downsample_factor(settings.preset))
+    check_classifier_fits(classifier, classifier_dir, channels, images.size)
+    main = is_main_process()
+    if main:
+        (logger.warning if images.resized_up else logger.info)(size_line(images, settings.size))
+    if overwrite:
+        folder.clear()
+    with torch.random.fork_rng(devices=[]):  # initial weights from --seed only; the caller's RNG untouched
+        torch.random.default_generator.manual_seed(config.seed)
+        unet = build_semantic_unet(settings.preset, channels=images.n_channels, size=images.size)
+        encoder = SemanticEncoder(in_channels=images.n_channels, code_dim=settings.code_dim,
+                                  n_scores=len(classifier.classes), embed_dim=embed_dim_of(unet))
+    scheduler = make_scheduler(prediction_type=settings.prediction_type)
+    info = ModelInfo(
+        conditions=list(conditions), n_channels=images.n_channels, image_size=images.size,
+        normalization=images.normalizer.to_dict(), method="diffex", channels=list(channels) if channels else None,
+        preset=settings.preset, prediction_type=settings.prediction_type,
+        training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
+                      config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+        version=__version__, input_stats=dict(images.input_stats), cond_dropout=0.0,
+        size_rule="resize-up" if images.resized_up else "own",
+        semantic=dict(code_dim=settings.code_dim, classes=classifier.classes, lambda_cls=settings.lambda_cls,
+                      classifier=str(classifier_dir.resolve())),
+    )
+    device_classifier: dict = {}
+
+    def loss_fn(net, noise_scheduler, x0, labels, generator):
+        if not device_classifier:  # the trainer picks the device: follow the networks there
+            classifier.model.to(x0.device)
+            device_classifier["done"] = True
+        return semantic_loss(net, noise_scheduler, x0, generator, classifier=classifier,
+                             model_norm=images.normalizer, lambda_cls=settings.lambda_cls)
+
+    def on_save(trained: SemanticDiffusion, step: int) -> None:
+        info.training["steps_done"] = step
+        folder.record(*DIFFEX_FILES)
+        save_model(model_dir, trained.unet, scheduler, info, extra=model_parts(trained.encoder, classifier))
+
+    classifier.model.requires_grad_(False)  # frozen: eq. 3 trains the UNet and the encoder only
+    train(SemanticDiffusion(unet, encoder), scheduler, images, model_dir, config, null_label=len(conditions),
+          resume=resume, overwrite=overwrite, loss_fn=loss_fn, on_save=on_save, progress=progress, out_folder=folder)
+    return info

@@ -1,0 +1,112 @@
+"""DiffEx's semantic model (issue 12, items 2-3): z_sem = [encoder(x), classifier scores] conditions the
+UNet, trained with eq. 3 through the shared trainer, saved whole, and inverted exactly given z_sem."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from phenolens.cli import main
+from phenolens.data.io import read_image
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from phenolens.data.simulate import simulate
+
+    return simulate(tmp_path_factory.mktemp("dx") / "sim", conditions=["control", "high"], per_condition=12,
+                    size=32, seed=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def classifier(sim):
+    out = sim.parent / "clf"
+    assert main(["classifier", "train", str(sim), str(out), "--steps", "30", "--channels", "0,1,3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(sim, classifier):
+    out = sim.parent / "dx"
+    assert main(["train", str(sim), str(out), "--method", "diffex", "--classifier", str(classifier), "--channels",
+                 "0,1,3", "--steps", "20", "--batch-size", "4", "--code-dim", "8", "--checkpoint-every", "10"]) == 0
+    return out
+
+
+def test_saved_whole_and_reconstructs_exactly_given_z_sem(model, sim):
+    from phenolens.methods.diffex import DiffEx
+    from phenolens.methods.registry import load_model_for
+
+    m = load_model_for(model)
+    assert isinstance(m, DiffEx) and m.conditions == ["control", "high"]
+    info = json.loads((model / "phenolens.json").read_text())
+    assert info["method"] == "diffex" and info["semantic"]["code_dim"] == 8 and info["cond_dropout"] == 0.0
+    images = [read_image(sim / "high" / f"high_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(3)]
+    t = m.translate(images, "high", edits=[])
+    psnr = 10 * np.log10(4 / t.recon_mse)  # [-1, 1] images: peak-to-peak 2
+    assert psnr.min() > 45, psnr  # fixed-point inversion given z_sem: exact however little the model trained
+    # z_sem ends with the classifier's probabilities of the image, read as the classifier reads raw files
+    x0, _ = m.to_model_space(images)
+    z = m.semantic_code(x0)
+    assert z.shape == (3, 8 + 2)
+    expected = m.classifier.predict_proba(m.classifier.prepare(images))
+    # (not to 1e-6: the model's normalisation clips the brightest 0.1 % of pixels, which the classifier's keeps)
+    np.testing.assert_allclose(z[:, -2:].detach().numpy(), expected, atol=5e-3)
+
+
+def test_kl_term_is_eq2_and_only_adds(model, sim):
+    from phenolens.methods.diffex import DiffEx, SemanticDiffusion, semantic_loss
+
+    m = DiffEx.from_pretrained(model)
+    net = SemanticDiffusion(m.unet, m.encoder)
+    x0, _ = m.to_model_space([read_image(sim / "control" / "control_00000.tif", channels=[0, 1, 3])[0]] * 2)
+    kw = dict(classifier=m.classifier, model_norm=m.normalizer)
+    plain = semantic_loss(net, m.scheduler, x0, torch.Generator().manual_seed(1), lambda_cls=0.0, **kw)
+    with_kl = semantic_loss(net, m.scheduler, x0, torch.Generator().manual_seed(1), lambda_cls=1.0, **kw)
+    assert with_kl.item() > plain.item()  # D_KL >= 0, and the estimate x̂0 of a barely trained model is off
+    with_kl.backward()
+    assert m.encoder.to_code.weight.grad is not None and m.encoder.to_code.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.classifier.model.parameters())  # frozen
+
+
+def test_resume_is_exact(sim, classifier, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["--method", "diffex", "--classifier", str(classifier), "--channels", "0,1,3", "--batch-size", "4",
+            "--code-dim", "8", "--lr-schedule", "constant", "--checkpoint-every", "2"]
+    assert main(["train", str(sim), str(tmp_path / "a"), *args, "--steps", "4"]) == 0
+    assert main(["train", str(sim), str(tmp_path / "b"), *args, "--steps", "2"]) == 0
+    assert main(["train", str(sim), str(tmp_path / "b"), *args, "--steps", "4", "--resume"]) == 0
+    for part in ("unet/diffusion_pytorch_model.safetensors", "encoder/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--method diffex needs --classifier"),
+    (["--classifier", "CLF", "--channels", "0,1,2"], "reads file channels [0, 1, 3], but training uses [0, 1, 2]"),
+    (["--classifier", "CLF", "--channels", "0,1,3", "--cond-dropout", "0.1"], "--cond-dropout"),
+    (["--classifier", "CLF", "--channels", "0,1,3", "--lambda-cls", "-1"], "--lambda-cls -1.0: must be 0 or more"),
+    (["--classifier", "NOWHERE"], "no such classifier folder"),
+])
+def test_bad_options_are_one_line(sim, classifier, tmp_path, extra, message):
+    extra = [str(classifier) if a == "CLF" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in extra]
+    code, _, err = run_cli("train", sim, tmp_path / "m", "--method", "diffex", "--steps", "1", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_classifier_of_other_classes_is_refused(sim, classifier, tmp_path):
+    from phenolens.data.simulate import simulate
+
+    other = simulate(tmp_path / "o", conditions=["control", "treated"], per_condition=2, size=32, progress=False)
+    code, _, err = run_cli("train", other, tmp_path / "m", "--method", "diffex", "--classifier", classifier,
+                           "--channels", "0,1,3", "--steps", "1")
+    assert code == 2 and "its classes (control, high) are not the data's conditions" in err, err
+    assert not (tmp_path / "m" / "phenolens.json").exists()
+
+
+def test_diffex_model_says_it_does_not_edit_yet(model, sim, tmp_path):
+    code, _, err = run_cli("translate", model, sim / "control", tmp_path / "t", "--to", "high", "--steps", "2")
+    assert code == 2 and "learned directions" in err, err
