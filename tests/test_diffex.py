@@ -110,3 +110,67 @@ def test_a_classifier_of_other_classes_is_refused(sim, classifier, tmp_path):
 def test_diffex_model_says_it_does_not_edit_yet(model, sim, tmp_path):
     code, _, err = run_cli("translate", model, sim / "control", tmp_path / "t", "--to", "high", "--steps", "2")
     assert code == 2 and "learned directions" in err, err
+
+
+# ------------------------------------------------------------------ directions (item 4)
+def test_contrastive_loss_is_eq8():
+    """Edits of one direction alike and of different directions apart give a lower loss than mixed ones,
+    and the value matches eq. 8 written out by hand."""
+    from phenolens.methods.diffex_directions import contrastive_loss
+
+    torch.manual_seed(0)
+    apart = torch.eye(3)[:, None, :].repeat(1, 4, 1) + 0.01 * torch.randn(3, 4, 3)
+    mixed = torch.randn(3, 4, 3)
+    assert contrastive_loss(apart, 0.5) < contrastive_loss(mixed, 0.5)
+    f = torch.nn.functional.normalize(mixed, dim=-1)
+    by_hand = []
+    for k in range(3):
+        for i in range(4):
+            num = sum(torch.exp(f[k, i] @ f[k, j] / 0.5) for j in range(4) if j != i)
+            den = sum(torch.exp(f[k, i] @ f[m, j] / 0.5) for j in range(4) for m in range(3) if m != k)
+            by_hand.append(-torch.log(num / den))
+    assert contrastive_loss(mixed, 0.5).item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
+
+
+def test_covariance_penalty_is_zero_only_for_uncorrelated_directions():
+    from phenolens.methods.diffex_directions import covariance_penalty
+
+    same = torch.randn(1, 8, 5).repeat(2, 1, 1)
+    assert covariance_penalty(same) > 0.1
+    orthogonal = torch.zeros(2, 1, 4)
+    orthogonal[0, 0, :2] = torch.tensor([1.0, -1.0])
+    orthogonal[1, 0, 2:] = torch.tensor([1.0, -1.0])
+    assert covariance_penalty(orthogonal).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_directions_learn_resume_exactly_and_shift_by_alpha(model, sim, tmp_path):
+    from phenolens.methods.diffex_directions import load_directions
+
+    args = ["-k", "3", "--batch-size", "8"]
+    assert main(["directions", str(model), str(sim), str(tmp_path / "a"), *args, "--steps", "40"]) == 0
+    assert main(["directions", str(model), str(sim), str(tmp_path / "b"), *args, "--steps", "20"]) == 0
+    assert main(["directions", str(model), str(sim), str(tmp_path / "b"), *args, "--steps", "40"]) == 0  # extends
+    (a, info_a), (b, info_b) = load_directions(tmp_path / "a"), load_directions(tmp_path / "b")
+    assert info_b.steps_done == 40 and info_a.alpha == info_b.alpha > 0
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    z = torch.randn(5, info_a.dim)
+    moved = a.shift(z, 1, 2.5) - z
+    np.testing.assert_allclose(moved.norm(dim=-1).detach().numpy(), 2.5, rtol=1e-5)  # eq. 4: |shift| = α
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-k", "1"], "at least 2 directions"),
+    (["--alpha", "0"], "--alpha 0.0: must be a number above 0"),
+    (["--tau", "0"], "--tau 0.0: must be above 0"),
+])
+def test_directions_bad_options(model, sim, tmp_path, extra, message):
+    code, _, err = run_cli("directions", model, sim, tmp_path / "d", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_directions_need_a_diffex_model_and_refuse_other_settings(model, sim, tmp_path, tiny_model):
+    code, _, err = run_cli("directions", tiny_model, sim, tmp_path / "d")
+    assert code == 2 and "directions live in the semantic space of a DiffEx model" in err, err
+    assert main(["directions", str(model), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "2"]) == 0
+    code, _, err = run_cli("directions", model, sim, tmp_path / "d", "-k", "3", "--steps", "2")
+    assert code == 2 and "k 2 -> 3" in err and "--overwrite" in err, err

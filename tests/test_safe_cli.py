@@ -136,6 +136,8 @@ ROUND_TRIP = {
     "classifier import": ["mine.pt", "out", "--size", "68", "--classes", "a,b", "--channels", "2,0", "--offset", "1,2",
                           "--scale", "300", "--overwrite"],
     "classifier evaluate": ["clf", "data", "--out", "p.csv"],
+    "directions": ["model", "data", "out", "-k", "4", "--alpha", "2.5", "--tau", "0.3", "--lambda-reg", "0.5",
+                   "--steps", "7", "--batch-size", "9", "--lr", "0.01", "--seed", "2", "--device", "cpu", "--overwrite"],
 }
 
 
@@ -159,7 +161,8 @@ def test_item7_save_config_replays_to_the_same_options(recorded, tmp_path, comma
     words = command.split()
     assert run_cli(*words, *argv, "--save-config", cfg)[0] == 0
     # positionals are always named on the command line (demo's OUT is optional: the file's value is used)
-    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "demo": 0}.get(command, 2)
+    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "directions": 3,
+                    "demo": 0}.get(command, 2)
     positionals = argv[:n_positional]
     assert run_cli(*words, *positionals, "--config", cfg)[0] == 0
     first, replay = recorded
@@ -201,7 +204,7 @@ def _device_commands() -> list[str]:
 
 
 DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"], "validate": ["m", "h", "o"],
-               "classifier train": ["data", "out"]}
+               "classifier train": ["data", "out"], "directions": ["m", "d", "o"]}
 
 
 def test_item11_device_options_are_all_checked():

@@ -1,5 +1,5 @@
 """The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, classifier,
-demo.
+directions, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -532,6 +532,36 @@ def _add_classifier(sub) -> None:
     e.set_defaults(func=cmd_classifier_evaluate)
 
 
+def _add_directions(sub) -> None:
+    p = sub.add_parser("directions", help="learn DiffEx's directions in a DiffEx model's semantic space",
+                       description="Encode DATA's images into the semantic codes z_sem of MODEL (a DiffEx model) and "
+                                   "learn K directions in that space by contrastive learning (DiffEx eqs. 4-10; "
+                                   "codes only, no UNet: minutes on a CPU). OUT gets directions.safetensors and "
+                                   "directions.json; re-running resumes, or extends with more --steps.")
+    p.add_argument("model_dir", type=Path, help="a DiffEx model folder (`phenolens train --method diffex`)")
+    p.add_argument("data", type=Path, help="images: a folder with one sub-folder per condition, or a manifest CSV")
+    p.add_argument("out", type=Path, help="output folder for the directions")
+    p.add_argument("-k", "--n-directions", dest="k", type=int, default=10,
+                   help="number of directions K, at least 2 (default 10, as in the paper's examples)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="shift α used in training, in z_sem units (default: the codes' spread, the RMS distance of a "
+                        "code from their mean)")
+    p.add_argument("--tau", type=float, default=0.5, help="temperature τ of the contrastive loss, eq. 8 (default 0.5, "
+                                                          "LatentCLR's; the paper gives none)")
+    p.add_argument("--lambda-reg", type=float, default=1.0,
+                   help="weight λ₂ of the covariance penalty, eq. 10 (default 1, VICReg's; the paper gives none)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=64, help="codes per step, at least 2 (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: initial weights and batches (default 0)")
+    p.add_argument("--device", default=None, help="torch device for encoding (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove what phenolens wrote into OUT (listed in OUT/.phenolens.json); files "
+                        "phenolens did not write are never touched (default: resume)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_directions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenolens",
@@ -541,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_memorization,
-                _add_classifier, _add_demo):
+                _add_classifier, _add_directions, _add_demo):
         add(sub)
     return parser
 
@@ -772,6 +802,18 @@ def cmd_classifier_evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_csv_atomic(args.out, rows, list(rows[0]))
         print(f"wrote {args.out}")
+
+
+def cmd_directions(args: argparse.Namespace) -> None:
+    from phenolens.methods.diffex_directions import DirectionSettings
+    from phenolens.run.directions import directions_summary, learn_directions
+
+    settings = DirectionSettings(k=args.k, alpha=args.alpha, tau=args.tau, lambda_reg=args.lambda_reg,
+                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    info = learn_directions(args.model_dir, args.data, args.out, settings, overwrite=args.overwrite,
+                            device=args.device)
+    print(directions_summary(info))
+    print(f"wrote {Path(args.out) / 'directions.json'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -1,0 +1,188 @@
+"""DiffEx §3.2: interpretable directions in the semantic space, found by contrastive learning.
+
+K direction models move a semantic code z (eq. 4):  D_k(z, α) = z + α · MLP_k(z) / ‖MLP_k(z)‖.
+A feature network MLP₂ maps codes to features; the edit of direction k on code i is the feature
+difference f_i^k = MLP₂(D_k(z_i, α)) − MLP₂(z_i) (eqs. 5-7). Edits of the same direction on different
+codes attract, edits of different directions repel (eq. 8, after LatentCLR, with temperature τ), and
+the shifts of different directions are decorrelated by a covariance penalty (eq. 9, after VICReg),
+L_dir = L_cont + λ₂ L_reg (eq. 10). Only codes are involved (no UNet), so training is cheap.
+
+Eq. 9 writes Cov(D_i(z), D_j(z)) without saying over what; here each direction's unit shifts over a
+batch of codes are flattened into one vector, and the penalty is the sum of the squared off-diagonal
+covariances between those vectors (directions whose shifts co-vary across codes and coordinates are
+one direction twice).
+
+The paper gives K = 10 in its examples and no values for α, τ or λ₂: τ = 0.5 is LatentCLR's, λ₂ = 1
+VICReg's covariance weight, and α defaults to the codes' own spread (the RMS distance of a code from
+their mean), so a unit of α is one typical difference between two images' codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phenolens.atomic import write_json_atomic
+from phenolens.errors import PhenolensError
+
+DIRECTIONS_WEIGHTS = "directions.safetensors"
+DIRECTIONS_INFO = "directions.json"
+DEFAULT_K = 10
+DEFAULT_TAU = 0.5
+DEFAULT_LAMBDA_REG = 1.0
+
+
+class DirectionModels(nn.Module):
+    """MLP_1..MLP_K (eq. 4) and the feature network MLP₂ (eq. 6)."""
+
+    def __init__(self, dim: int, k: int = DEFAULT_K, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.dim, self.k = dim, k
+        self.directions = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+                                        for _ in range(k))
+        self.features = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+
+    def unit_shift(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """MLP_k(z) / ‖MLP_k(z)‖: where direction k moves each code, per unit of α."""
+        return F.normalize(self.directions[k](z), dim=-1, eps=1e-8)
+
+    def shift(self, z: torch.Tensor, k: int, alpha: float | torch.Tensor) -> torch.Tensor:
+        """D_k(z, α) (eq. 4)."""
+        return z + alpha * self.unit_shift(z, k)
+
+
+def contrastive_loss(f: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 8 over edits f of shape (K, N, d): f[k, i] = f_i^k.
+
+    ℓ(i, k) = −log Σ_{j≠i} exp(sim(f_i^k, f_j^k)/τ) / Σ_j Σ_{l≠k} exp(sim(f_i^k, f_j^l)/τ), averaged over
+    i and k; sim is the cosine similarity."""
+    k, n, d = f.shape
+    flat = F.normalize(f.reshape(k * n, d), dim=-1)
+    sim = flat @ flat.T / tau  # (K·N) x (K·N)
+    direction = torch.arange(k, device=f.device).repeat_interleave(n)
+    same = direction[:, None] == direction[None, :]
+    itself = torch.eye(k * n, dtype=torch.bool, device=f.device)
+    positives = torch.logsumexp(sim.masked_fill(~same | itself, -math.inf), dim=1)
+    negatives = torch.logsumexp(sim.masked_fill(same, -math.inf), dim=1)
+    return (negatives - positives).mean()
+
+
+def covariance_penalty(shifts: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: Σ_{i≠j} Cov(D_i, D_j)², the shifts (K, N, d) of each direction flattened to one vector."""
+    v = shifts.reshape(shifts.shape[0], -1)
+    v = v - v.mean(dim=1, keepdim=True)
+    cov = v @ v.T / max(v.shape[1] - 1, 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return off.pow(2).sum()
+
+
+def direction_loss(models: DirectionModels, z: torch.Tensor, alpha: float, tau: float,
+                   lambda_reg: float) -> torch.Tensor:
+    """L_dir = L_cont + λ₂ L_reg (eq. 10) on a batch of codes z (N, d)."""
+    base = models.features(z)
+    shifts = torch.stack([models.unit_shift(z, k) for k in range(models.k)])  # (K, N, d)
+    f = models.features(z[None] + alpha * shifts) - base[None]  # eqs. 5-7
+    return contrastive_loss(f, tau) + lambda_reg * covariance_penalty(shifts)
+
+
+def code_spread(z: torch.Tensor) -> float:
+    """RMS distance of codes from their mean: the default unit of α."""
+    return float((z - z.mean(0)).pow(2).sum(-1).mean().sqrt())
+
+
+@dataclass
+class DirectionSettings:
+    k: int = DEFAULT_K
+    alpha: float | None = None  # None = the codes' spread (`code_spread`)
+    tau: float = DEFAULT_TAU
+    lambda_reg: float = DEFAULT_LAMBDA_REG
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.k < 2:
+            raise PhenolensError(f"-k {self.k}: contrastive learning needs at least 2 directions")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise PhenolensError(f"--alpha {self.alpha}: must be a number above 0 (a shift of 0 moves nothing)")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise PhenolensError(f"--tau {self.tau}: must be above 0")
+        if not (math.isfinite(self.lambda_reg) and self.lambda_reg >= 0):
+            raise PhenolensError(f"--lambda-reg {self.lambda_reg}: must be 0 or more")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PhenolensError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.batch_size < 2:
+            raise PhenolensError("--batch-size: the contrastive loss needs at least 2 codes per batch")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise PhenolensError(f"--lr {self.lr}: must be above 0")
+
+
+@dataclass
+class DirectionsInfo:
+    """directions.json: what the directions belong to and how they were learnt."""
+
+    model: str  # the DiffEx model folder
+    model_id: str  # `model_identity` of that model: a directions file fits one model only
+    dim: int
+    settings: dict
+    alpha: float  # α used in training (and the default step of explain and the ranking)
+    steps_done: int = 0
+    loss: list[float] = field(default_factory=list)  # mean loss per 100 steps
+
+
+def model_identity(model_dir: Path) -> str:
+    """A digest of the model's semantic encoder weights: directions learnt in one model's z_sem space mean
+    nothing in another's."""
+    path = Path(model_dir) / "encoder" / "diffusion_pytorch_model.safetensors"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def save_directions(out: Path, models: DirectionModels, info: DirectionsInfo, optimizer=None) -> list[str]:
+    """Weights (and the optimiser state, for resuming) as safetensors, then directions.json last."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in models.state_dict().items()}
+    if optimizer is not None:
+        for i, state in optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                tensors[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().contiguous()
+    tmp = out / f".{DIRECTIONS_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / DIRECTIONS_WEIGHTS)
+    write_json_atomic(out / DIRECTIONS_INFO, asdict(info))
+    return [DIRECTIONS_WEIGHTS, DIRECTIONS_INFO]
+
+
+def load_directions(path: Path, optimizer_for: bool = False):
+    """(DirectionModels, DirectionsInfo[, saved optimiser tensors]) from a directions folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info_file = path / DIRECTIONS_INFO
+    if not info_file.is_file() or not (path / DIRECTIONS_WEIGHTS).is_file():
+        raise PhenolensError(f"{path}: not a directions folder (no {DIRECTIONS_INFO} / {DIRECTIONS_WEIGHTS}); make one "
+                             "with `phenolens directions MODEL DATA OUT`")
+    try:
+        info = DirectionsInfo(**json.loads(info_file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise PhenolensError(f"{info_file}: not a valid directions description ({err})") from None
+    tensors = load_file(str(path / DIRECTIONS_WEIGHTS))
+    models = DirectionModels(info.dim, int(info.settings["k"]))
+    models.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer_for:
+        return models, info, {k: v for k, v in tensors.items() if k.startswith("adam.")}
+    return models, info
