@@ -107,9 +107,9 @@ def test_a_classifier_of_other_classes_is_refused(sim, classifier, tmp_path):
     assert not (tmp_path / "m" / "phenolens.json").exists()
 
 
-def test_diffex_model_says_it_does_not_edit_yet(model, sim, tmp_path):
+def test_translate_to_a_condition_is_refused_by_a_diffex_model(model, sim, tmp_path):
     code, _, err = run_cli("translate", model, sim / "control", tmp_path / "t", "--to", "high", "--steps", "2")
-    assert code == 2 and "learned directions" in err, err
+    assert code == 2 and "edits along learnt directions; write direction=K,alpha=A" in err, err
 
 
 # ------------------------------------------------------------------ directions (item 4)
@@ -174,3 +174,57 @@ def test_directions_need_a_diffex_model_and_refuse_other_settings(model, sim, tm
     assert main(["directions", str(model), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "2"]) == 0
     code, _, err = run_cli("directions", model, sim, tmp_path / "d", "-k", "3", "--steps", "2")
     assert code == 2 and "k 2 -> 3" in err and "--overwrite" in err, err
+
+
+# ------------------------------------------------------------------ ranking and explain (items 5-6)
+def test_rank_directions_is_algorithm_1():
+    from phenolens.methods.diffex_directions import rank_directions
+
+    change = np.zeros((4, 3, 2))
+    change[:2, 1, 1] = 0.6          # direction 1 at -α raises p(target) on images 0 and 1
+    change[2:, 0, 0] = 0.3          # direction 0 at +α on images 2 and 3
+    change[:, 2, 0] = 0.2           # direction 2 a little on every image: a mean of 0.2 < 0.3
+    ranked = rank_directions(change, threshold=0.1)
+    assert [(d.direction, d.sign) for d in ranked][:2] == [(1, -1), (0, 1)]
+    assert ranked[0].explained == [0, 1] and ranked[0].mean_change == pytest.approx(0.3)
+    assert ranked[1].explained == [2, 3]  # images 0, 1 were explained already: the mean is over 2 and 3
+    assert len(ranked) == 2  # no image left for direction 2
+    assert rank_directions(change, threshold=0.5) == []  # no mean passes 0.5
+    assert len(rank_directions(change, threshold=0.1, max_directions=1)) == 1
+
+
+def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):
+    import csv
+
+    assert main(["directions", str(model), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "5"]) == 0
+    code, out, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e", "--n-samples", "3", "--steps", "4",
+                             "--threshold", "0", "--strip-images", "2", "--strip-points", "3")
+    assert code == 0, err
+    with open(tmp_path / "e" / "changes.csv", newline="") as fh:
+        changes = list(csv.DictReader(fh))
+    assert len(changes) == 3 * 2 * 2 and {r["condition"] for r in changes} == {"control"}  # not the target
+    for r in changes:
+        assert float(r["change"]) == pytest.approx(float(r["p_after"]) - float(r["p_before"]), abs=2e-4)
+    with open(tmp_path / "e" / "ranking.csv", newline="") as fh:
+        ranking = list(csv.DictReader(fh))
+    for r in ranking:  # each kept direction's mean change is the mean of its rows over the images it was chosen on
+        png = tmp_path / "e" / "strips" / f"rank-{r['rank']}-direction-{r['direction']}.png"
+        from PIL import Image
+
+        assert Image.open(png).size[0] > 7 * 32  # source, reconstruction, 3 alphas, 3 channel diffs
+    assert "wrote" in out
+    # bad input: one clear line each
+    for extra, message in ((["--alpha", "0"], "α = 0 moves nothing"), (["--target", "treated"], "'treated' is not a class"),
+                           ([], "holds an explanation already")):
+        code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e", *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli("explain", model, tmp_path / "elsewhere", sim, tmp_path / "e2")
+    assert code == 2 and "not a directions folder" in err, err
+
+
+def test_directions_of_another_model_are_refused(model, sim, classifier, tmp_path):
+    assert main(["train", str(sim), str(tmp_path / "other"), "--method", "diffex", "--classifier", str(classifier),
+                 "--channels", "0,1,3", "--steps", "1", "--batch-size", "2", "--code-dim", "8", "--seed", "5"]) == 0
+    assert main(["directions", str(tmp_path / "other"), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "2"]) == 0
+    code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e")
+    assert code == 2 and "were learnt in the semantic space of another model" in err, err

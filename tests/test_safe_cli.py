@@ -138,6 +138,9 @@ ROUND_TRIP = {
     "classifier evaluate": ["clf", "data", "--out", "p.csv"],
     "directions": ["model", "data", "out", "-k", "4", "--alpha", "2.5", "--tau", "0.3", "--lambda-reg", "0.5",
                    "--steps", "7", "--batch-size", "9", "--lr", "0.01", "--seed", "2", "--device", "cpu", "--overwrite"],
+    "explain": ["model", "dirs", "data", "out", "--target", "b", "--alpha", "1.5", "--threshold", "0.2", "--n-samples", "5",
+                "--max-directions", "2", "--steps", "9", "--batch-size", "3", "--strip-images", "2", "--strip-points", "3",
+                "--device", "cpu", "--overwrite"],
 }
 
 
@@ -161,7 +164,7 @@ def test_item7_save_config_replays_to_the_same_options(recorded, tmp_path, comma
     words = command.split()
     assert run_cli(*words, *argv, "--save-config", cfg)[0] == 0
     # positionals are always named on the command line (demo's OUT is optional: the file's value is used)
-    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "directions": 3,
+    n_positional = {"simulate": 1, "measure": 1, "report": 1, "translate": 3, "validate": 3, "directions": 3, "explain": 4,
                     "demo": 0}.get(command, 2)
     positionals = argv[:n_positional]
     assert run_cli(*words, *positionals, "--config", cfg)[0] == 0
@@ -204,7 +207,8 @@ def _device_commands() -> list[str]:
 
 
 DEVICE_ARGS = {"translate": ["m", "i", "o"], "memorization": ["data", "out"], "validate": ["m", "h", "o"],
-               "classifier train": ["data", "out"], "directions": ["m", "d", "o"]}
+               "classifier train": ["data", "out"], "directions": ["m", "d", "o"],
+               "explain": ["m", "d", "i", "o"]}
 
 
 def test_item11_device_options_are_all_checked():

@@ -1,5 +1,5 @@
 """The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, classifier,
-directions, demo.
+directions, explain, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -562,6 +562,37 @@ def _add_directions(sub) -> None:
     p.set_defaults(func=cmd_directions)
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="rank DiffEx's directions by how much they move the classifier, show them on cells",
+                       description="For a target class, invert a sample of DATA's other images once (given their "
+                                   "semantic codes), render them along every direction of DIRECTIONS at ±alpha, keep the "
+                                   "directions that raise the classifier's probability of the target (DiffEx "
+                                   "Algorithm 1), and draw for each a strip of the same cells from -alpha to +alpha. "
+                                   "OUT gets ranking.csv, changes.csv, strips/*.png and explain.json.")
+    p.add_argument("model_dir", type=Path, help="a DiffEx model folder (`phenolens train --method diffex`)")
+    p.add_argument("directions", type=Path, help="its directions (`phenolens directions MODEL DATA OUT`)")
+    p.add_argument("data", type=Path, help="images: a folder with one sub-folder per condition, or a manifest CSV")
+    p.add_argument("out", type=Path, help="output folder for the explanation")
+    p.add_argument("--target", default=None, help="the class to move images towards (default: the classifier's last)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="shift along a direction, above 0 (default: the α the directions were learnt with)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="mean rise of p(target) a direction must exceed to be kept, and an image's own rise to count "
+                        "as explained by it (default 0.1; the paper gives none)")
+    p.add_argument("--n-samples", type=int, default=32, help="images moved along each direction (default 32)")
+    p.add_argument("--max-directions", type=int, default=None, help="keep at most this many (default: all that pass)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and rendering (default 50)")
+    p.add_argument("--batch-size", type=int, default=8, help="images inverted together (default 8)")
+    p.add_argument("--strip-images", type=int, default=4, help="cells in each strip (default 4)")
+    p.add_argument("--strip-points", type=int, default=5, help="alpha values in a strip, -alpha to +alpha (default 5)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo an explanation in OUT: remove what phenolens wrote there (listed in OUT/.phenolens.json); "
+                        "files phenolens did not write are never touched")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenolens",
@@ -571,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_memorization,
-                _add_classifier, _add_directions, _add_demo):
+                _add_classifier, _add_directions, _add_explain, _add_demo):
         add(sub)
     return parser
 
@@ -814,6 +845,23 @@ def cmd_directions(args: argparse.Namespace) -> None:
                             device=args.device)
     print(directions_summary(info))
     print(f"wrote {Path(args.out) / 'directions.json'}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from phenolens.run.explain import ExplainSettings, run_explain
+
+    settings = ExplainSettings(target=args.target, alpha=args.alpha, threshold=args.threshold,
+                               n_samples=args.n_samples, max_directions=args.max_directions, steps=args.steps,
+                               batch_size=args.batch_size, strip_images=args.strip_images,
+                               strip_points=args.strip_points)
+    rows = run_explain(args.model_dir, args.directions, args.data, args.out, settings, overwrite=args.overwrite,
+                       device=args.device)
+    if not rows:
+        print(f"no direction raised the probability of the target by more than --threshold {args.threshold}")
+    for r in rows:
+        print(f"{r['rank']}. {r['edit']}: p({r['target']}) +{float(r['mean_change']):.3f} on average, "
+              f"explains {r['explained']} image(s)")
+    print(f"wrote {Path(args.out) / 'ranking.csv'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

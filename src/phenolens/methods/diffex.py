@@ -10,8 +10,10 @@ Method, as in the paper's §3:
    `phenolens.models.semantic`.
 2. **Stochastic encoding** (Diff-AE §3.2): given z_sem, a real image is inverted into x_T by the
    core's inversion (exact fixed-point DDIM by default), and render(x_T, z_sem) is its reconstruction.
-3. **Directions** in z_sem and their **ranking** (§3.2-3.3) move z_sem and re-render x_T: they come
-   with `phenolens directions` (not in this version; the model reconstructs but does not edit yet).
+3. **Directions** in z_sem (§3.2, `phenolens.methods.diffex_directions`, learnt by `phenolens
+   directions`): an edit moves an image's z_sem along direction k by α (eq. 4) and renders its x_T
+   under the moved code (`DirectionEdit`, written `direction=k,alpha=a`); their **ranking** (§3.3,
+   Algorithm 1) is `rank_directions`.
 
 The classifier is a `ConditionClassifier` (`phenolens classifier train | import`); a copy is saved in
 the model folder (classifier/), so the model is complete on its own. Images pass from the diffusion
@@ -121,16 +123,52 @@ def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, gen
     return loss
 
 
+@dataclass(frozen=True)
+class DirectionEdit:
+    """Move an image's semantic code along learnt direction k by α (eq. 4) and render its x_T under it."""
+
+    direction: int
+    alpha: float
+
+    @property
+    def label(self) -> str:
+        return f"direction={self.direction},alpha={self.alpha:g}"
+
+    @property
+    def target_condition(self) -> str:
+        return ""  # a direction names no condition; the ranking says which class it moves towards
+
+    def is_identity(self, source: str) -> bool:
+        return self.alpha == 0
+
+
 class DiffEx(CounterfactualModel):
-    """A trained DiffEx semantic model: UNet conditioned on z_sem, semantic encoder, classifier."""
+    """A trained DiffEx semantic model: UNet conditioned on z_sem, semantic encoder, classifier, and
+    (after `use_directions`) the learnt directions its edits follow."""
 
     def __init__(self, unet, encoder, classifier: ConditionClassifier, scheduler, info: ModelInfo,
-                 device: str | None = None):
+                 device: str | None = None, model_dir: Path | None = None):
         super().__init__(info, scheduler, device)
         self.unet = unet.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
         self.classifier = classifier
         classifier.model.to(self.device).eval().requires_grad_(False)  # it is explained, never trained
+        self.model_dir = model_dir
+        self.directions = None  # DirectionModels, after use_directions
+        self.directions_info = None
+
+    def use_directions(self, path: str | Path) -> None:
+        """Load the directions of PATH (`phenolens directions`), refusing those learnt in another model."""
+        from phenolens.methods.diffex_directions import load_directions, model_identity
+
+        models, info = load_directions(Path(path))
+        if self.model_dir is not None and info.model_id != model_identity(self.model_dir):
+            raise PhenolensError(f"DIRECTIONS {path}: were learnt in the semantic space of another model "
+                                 f"({info.model}), not {self.model_dir}")
+        if info.dim != self.encoder.sem_dim:
+            raise PhenolensError(f"DIRECTIONS {path}: move {info.dim}-value codes; this model's have "
+                                 f"{self.encoder.sem_dim}")
+        self.directions, self.directions_info = models.to(self.device).eval().requires_grad_(False), info
 
     # ----------------------------------------------------------------------------- persistence
     @classmethod
@@ -150,7 +188,7 @@ class DiffEx(CounterfactualModel):
             raise PhenolensError(f"{model_dir / ENCODER_DIR}: cannot load the semantic encoder "
                                  f"({str(err).splitlines()[0]})") from None
         classifier = ConditionClassifier.from_pretrained(model_dir / CLASSIFIER_DIR)
-        return cls(unet, encoder, classifier, scheduler, info, device=device)
+        return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=model_dir)
 
     def save_pretrained(self, model_dir: str | Path) -> None:
         save_model(Path(model_dir), self.unet, self.scheduler, self.info, extra=model_parts(self.encoder,
@@ -176,11 +214,34 @@ class DiffEx(CounterfactualModel):
         raise PhenolensError("a DiffEx model has no unconditional mode: use --guidance-scale 1")
 
     def parse_edit(self, text: str) -> Edit:
-        raise PhenolensError(f"edit {text!r}: a DiffEx model edits along learned directions "
-                             "(`phenolens directions`, not in this version); it reconstructs only")
+        """`direction=k,alpha=a` (k counted from 0)."""
+        from phenolens.methods.edits import parse_fields
+
+        try:
+            fields = parse_fields(text)
+            if set(fields) != {"direction", "alpha"}:
+                raise ValueError
+            edit = DirectionEdit(int(fields["direction"]), float(fields["alpha"]))
+        except ValueError:
+            raise PhenolensError(f"edit {text!r}: a DiffEx model edits along learnt directions; write "
+                                 "direction=K,alpha=A (directions from `phenolens directions`)") from None
+        self._check_direction(edit)
+        return edit
+
+    def _check_direction(self, edit: DirectionEdit) -> None:
+        if self.directions is None:
+            raise PhenolensError(f"edit {edit.label!r}: no directions loaded (learn them with `phenolens directions`)")
+        if not 0 <= edit.direction < self.directions.k:
+            raise PhenolensError(f"edit {edit.label!r}: direction {edit.direction} does not exist; there are "
+                                 f"{self.directions.k} (0 to {self.directions.k - 1})")
 
     def edited(self, condition, edit, source, x0):
-        raise PhenolensError(f"edit {edit.label!r}: a DiffEx model edits along learned directions only")
+        """z_sem of x0 moved by D_k(z, α) (eq. 4), as the UNet's condition."""
+        if not isinstance(edit, DirectionEdit):
+            raise PhenolensError(f"edit {edit.label!r}: a DiffEx model edits along learnt directions only")
+        self._check_direction(edit)
+        z = self.directions.shift(self.semantic_code(x0), edit.direction, edit.alpha)
+        return {"class_labels": self.encoder.embed(z)}
 
     def spatial_factor(self) -> int:
         return unet_downsample_factor(self.unet)

@@ -186,3 +186,53 @@ def load_directions(path: Path, optimizer_for: bool = False):
     if optimizer_for:
         return models, info, {k: v for k, v in tensors.items() if k.startswith("adam.")}
     return models, info
+
+
+# --------------------------------------------------------------------------------- §3.3 ranking
+DEFAULT_THRESHOLD = 0.1  # mean rise of the target-class probability a direction must exceed (paper: none given)
+
+
+@dataclass
+class RankedDirection:
+    """One kept direction of Algorithm 1: which, which sign, how much it moved the target class."""
+
+    rank: int
+    direction: int
+    sign: int  # +1 or -1: the edit is D_k(z, sign · α)
+    mean_change: float  # mean rise of p(target) over the images still unexplained when it was chosen
+    explained: list[int]  # indices of the images it explained (their rise passed the threshold)
+
+
+def rank_directions(change, threshold: float = DEFAULT_THRESHOLD, max_directions: int | None = None
+                    ) -> list[RankedDirection]:
+    """Algorithm 1 (supplementary B) on precomputed changes.
+
+    change[i, k, s] = p(target | render(x_T_i, D_k(z_i, ±α))) − p(target | x_i), s = 0 for +α and 1
+    for −α. Repeatedly: among directions not yet chosen, take the (k, sign) with the largest mean change
+    over the images not yet explained; keep it if that mean exceeds THRESHOLD (§3.3: "if the average
+    change in classification scores exceeds a predefined threshold, we retain that direction"), and
+    remove the images whose own change exceeds it (they are explained). Stops at MAX_DIRECTIONS, when no
+    image is left, or when no direction passes. Renders are deterministic given x_T, so the changes are
+    computed once instead of once per round, with the same result as the pseudo-code's loop. (Its
+    τ ← min(τ, max_effect) never lowers τ once a kept direction must exceed τ, so it is left out.)
+    """
+    import numpy as np
+
+    change = np.asarray(change, dtype=np.float64)
+    n, k, _ = change.shape
+    remaining = np.ones(n, dtype=bool)
+    used: set[int] = set()
+    ranked: list[RankedDirection] = []
+    while remaining.any() and len(used) < k and (max_directions is None or len(ranked) < max_directions):
+        means = change[remaining].mean(axis=0)  # (K, 2)
+        means[list(used)] = -np.inf
+        kd, s = np.unravel_index(int(np.argmax(means)), means.shape)
+        best = float(means[kd, s])
+        if not best > threshold:
+            break
+        explained = np.flatnonzero(remaining & (change[:, kd, s] > threshold))
+        ranked.append(RankedDirection(rank=len(ranked) + 1, direction=int(kd), sign=1 if s == 0 else -1,
+                                      mean_change=best, explained=[int(i) for i in explained]))
+        used.add(int(kd))
+        remaining[explained] = False
+    return ranked

@@ -19,8 +19,11 @@ __all__ = ["CHANNEL_COLOURS", "composite", "signed_difference", "upscale", "tran
 
 
 def translation_grid(rows: Sequence[dict], path: str | Path, columns: Sequence[str],
-                     diff_target: str, channel_names: Sequence[str] | None = None, zoom: int = 2) -> Path:
-    """Write one PNG; each row dict has 'source', 'reconstruction' and one key per target (CHW, [-1, 1]).
+                     diff_target: str, channel_names: Sequence[str] | None = None, zoom: int = 2,
+                     caption_note: str = "") -> Path:
+    """Write one PNG; each row dict has 'source', 'reconstruction' and one key per target (CHW, [-1, 1]),
+    and optionally 'captions': one short text per image tile (source, reconstruction, each target),
+    written under it (e.g. a classifier's probability; CAPTION_NOTE says what they are).
 
     Columns: source | reconstruction | each target | translation-to-`diff_target` minus source,
     one column per channel.
@@ -33,21 +36,27 @@ def translation_grid(rows: Sequence[dict], path: str | Path, columns: Sequence[s
     scale = float(np.percentile(np.abs(np.stack(diffs)), 99.5)) or 1.0
     tiles_per_row = 2 + len(columns) + n_ch
     h, w = first.shape[1] * zoom, first.shape[2] * zoom
-    pad, header, footer = 4, 16, 16
-    canvas = Image.new("RGB", (tiles_per_row * (w + pad) + pad, header + len(rows) * (h + pad) + pad + footer),
+    pad, header, footer = 4, 16, 16 + (14 if caption_note else 0)
+    cap = 12 if any("captions" in r for r in rows) else 0
+    h_row = h + pad + cap
+    canvas = Image.new("RGB", (tiles_per_row * (w + pad) + pad, header + len(rows) * h_row + pad + footer),
                        "white")
     draw = ImageDraw.Draw(canvas)
     titles = ["source", "reconstruction", *[f"-> {c}" for c in columns], *[f"diff {n}" for n in names]]
     for j, title in enumerate(titles):
         draw.text((pad + j * (w + pad), 2), title[: max(4, w // 6)], fill="black")
-    draw.text((pad, header + len(rows) * (h + pad) + pad), f"diff = translation to {diff_target} - source, "
+    draw.text((pad, header + len(rows) * h_row + pad), f"diff = translation to {diff_target} - source, "
               f"colour scale ±{scale:.2f} in [-1, 1] units (red = more signal, blue = less)", fill="black")
+    if caption_note:
+        draw.text((pad, header + len(rows) * h_row + pad + 14), caption_note, fill="black")
     for i, row in enumerate(rows):
         tiles = [composite(row["source"]), composite(row["reconstruction"])]
         tiles += [composite(row[c]) for c in columns]
         tiles += [signed_difference(diffs[i][c], scale) for c in range(n_ch)]
         for j, tile in enumerate(tiles):
-            canvas.paste(Image.fromarray(upscale(tile, zoom)), (pad + j * (w + pad), header + pad + i * (h + pad)))
+            canvas.paste(Image.fromarray(upscale(tile, zoom)), (pad + j * (w + pad), header + pad + i * h_row))
+        for j, text in enumerate(row.get("captions", [])):
+            draw.text((pad + j * (w + pad), header + pad + i * h_row + h), str(text)[: max(4, w // 6)], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     canvas.save(tmp)

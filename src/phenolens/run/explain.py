@@ -1,0 +1,165 @@
+"""`phenolens explain MODEL DIRECTIONS DATA OUT`: which learnt directions move the classifier, shown on cells.
+
+For a target class (default: the classifier's last, e.g. the highest dose), a sample of DATA's images
+of the other classes is inverted once (x_T given z_sem) and rendered along every direction, both signs,
+at α; the classifier scores each render. `rank_directions` (DiffEx Algorithm 1) keeps the directions
+that raise the target class's probability and records the images each explains. For every kept
+direction, a strip shows the same cells from −α to +α along it, the classifier's probability of the
+target under each image.
+
+OUT (a phenolens output folder, kind "explain"):
+
+    ranking.csv        rank, direction, sign, edit, target, mean_change, explained (how many), explained_images
+    changes.csv        one row per image x direction x sign: p(target) before and after, the change
+    strips/rank-<r>-direction-<k>.png     the strip of each kept direction
+    explain.json       settings, the model and directions used, the sample
+
+A finished OUT is replaced only with --overwrite (removing only what phenolens wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phenolens.atomic import write_csv_atomic, write_json_atomic
+from phenolens.data.records import discover, pick_evenly
+from phenolens.errors import PhenolensError
+from phenolens.folders import OutputFolder, check_apart
+from phenolens.methods.diffex_directions import DEFAULT_THRESHOLD, rank_directions
+from phenolens.run.directions import load_diffex
+
+logger = logging.getLogger(__name__)
+KIND = "explain"
+
+
+@dataclass
+class ExplainSettings:
+    target: str | None = None  # the class the directions should move images towards (default: the last)
+    alpha: float | None = None  # shift (default: the α the directions were learnt with)
+    threshold: float = DEFAULT_THRESHOLD
+    n_samples: int = 32
+    max_directions: int | None = None
+    steps: int = 50  # DDIM steps of inversion and rendering
+    batch_size: int = 8
+    strip_images: int = 4
+    strip_points: int = 5  # α values from −α to +α, 0 (the reconstruction) included when odd
+
+    def check(self) -> None:
+        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise PhenolensError(f"--alpha {self.alpha}: must be a number above 0 (α = 0 moves nothing)")
+        if not 0 <= self.threshold < 1:
+            raise PhenolensError(f"--threshold {self.threshold}: a probability change, from 0 to below 1")
+        for name in ("n_samples", "steps", "batch_size", "strip_images"):
+            if getattr(self, name) < 1:
+                raise PhenolensError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.strip_points < 2:
+            raise PhenolensError(f"--strip-points {self.strip_points}: must be at least 2")
+        if self.max_directions is not None and self.max_directions < 1:
+            raise PhenolensError(f"--max-directions {self.max_directions}: must be at least 1")
+
+
+def _target_probability(model, raws, target_index: int) -> np.ndarray:
+    clf = model.classifier
+    return clf.predict_proba(clf.prepare(raws))[:, target_index]
+
+
+def _render(model, raws, sources, edits, settings: ExplainSettings, progress: bool):
+    """Invert each batch once and render it under every edit; (reconstructions, {label: images})."""
+    from phenolens.diffusion.inversion import InversionSettings
+
+    inversion = InversionSettings(steps=settings.steps)
+    recon, out = [], {e.label: [] for e in edits}
+    for start in range(0, len(raws), settings.batch_size):
+        sl = slice(start, start + settings.batch_size)
+        t = model.translate(raws[sl], sources[sl], edits, inversion=inversion, progress=False)
+        recon += t.reconstructions
+        for e in edits:
+            out[e.label] += t.translations[e.label]
+        if progress:
+            logger.info("rendered %d of %d images", min(start + settings.batch_size, len(raws)), len(raws))
+    return recon, out
+
+
+def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | Path, out: str | Path,
+                settings: ExplainSettings, *, overwrite: bool = False, device: str | None = None,
+                progress: bool = True) -> list[dict]:
+    """Rank the directions for the target class and draw their strips; returns ranking.csv's rows."""
+    from phenolens.data.io import read_image
+    from phenolens.methods.diffex import DirectionEdit
+    from phenolens.report.grids import translation_grid
+
+    settings.check()
+    model_dir, directions_dir, data, out = Path(model_dir), Path(directions_dir), Path(data), Path(out)
+    model = load_diffex(model_dir, device)
+    model.use_directions(directions_dir)
+    classes = model.classifier.classes
+    target = settings.target or classes[-1]
+    target_index = model.classifier.class_index(target, "--target")
+    alpha = float(settings.alpha if settings.alpha is not None else model.directions_info.alpha)
+    records = [r for r in discover(data) if r.condition != target]
+    unknown = sorted({r.condition for r in records} - set(model.conditions))
+    if unknown:
+        raise PhenolensError(f"DATA {data}: condition(s) {', '.join(unknown)} are not the model's "
+                             f"({', '.join(model.conditions)})")
+    if not records:
+        raise PhenolensError(f"DATA {data}: no image of a class other than the target {target!r} to move towards it")
+    check_apart(out, inputs=[data, *(r.path for r in records)], models=[model_dir, directions_dir])
+    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
+    if (out / "ranking.csv").is_file():
+        raise PhenolensError(f"OUT {out}: holds an explanation already; pass --overwrite to redo it (only what "
+                             "phenolens wrote there is removed) or choose another folder")
+    sample = pick_evenly(records, settings.n_samples)
+    raws = [read_image(r.path, channels=model.info.channels)[0] for r in sample]
+    sources = [r.condition for r in sample]
+    k = model.directions.k
+    edits = [DirectionEdit(d, s * alpha) for d in range(k) for s in (1, -1)]
+    logger.info("explain: %d images x %d directions x 2 signs towards %r (α %.3g)", len(raws), k, target, alpha)
+    _, rendered = _render(model, raws, sources, edits, settings, progress)
+    before = _target_probability(model, raws, target_index)
+    change = np.zeros((len(raws), k, 2))
+    rows = []
+    for e in edits:
+        after = _target_probability(model, rendered[e.label], target_index)
+        s = 0 if e.alpha > 0 else 1
+        change[:, e.direction, s] = after - before
+        rows += [dict(path=str(r.path), condition=r.condition, direction=e.direction, sign=1 if s == 0 else -1,
+                      edit=e.label, p_before=f"{b:.4f}", p_after=f"{a:.4f}", change=f"{a - b:.4f}")
+                 for r, b, a in zip(sample, before, after)]
+    ranked = rank_directions(change, settings.threshold, settings.max_directions)
+    folder.record("changes.csv", "ranking.csv", "explain.json", "strips")
+    write_csv_atomic(out / "changes.csv", rows, list(rows[0]))
+    ranking_rows = [dict(rank=d.rank, direction=d.direction, sign=d.sign,
+                         edit=DirectionEdit(d.direction, d.sign * alpha).label, target=target,
+                         mean_change=f"{d.mean_change:.4f}", explained=len(d.explained),
+                         explained_images=";".join(str(sample[i].path) for i in d.explained)) for d in ranked]
+    # the strips: the same cells from −α to +α along each kept direction, p(target) under each image
+    strip_sample = list(range(min(settings.strip_images, len(raws))))
+    for d in ranked:
+        alphas = [float(a) * d.sign for a in np.linspace(-alpha, alpha, settings.strip_points)]
+        strip_edits = [DirectionEdit(d.direction, a) for a in alphas]
+        recon, strip = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
+                               strip_edits, settings, progress=False)
+        to_model = model.normalizer.to_model
+        grid_rows = []
+        for j, i in enumerate(strip_sample):
+            row = {"source": to_model(raws[i]), "reconstruction": to_model(recon[j])}
+            captions = [f"p={before[i]:.2f}", ""]
+            for e in strip_edits:
+                key = f"a={e.alpha:+.2g}"
+                row[key] = to_model(strip[e.label][j])
+                captions.append(f"p={_target_probability(model, [strip[e.label][j]], target_index)[0]:.2f}")
+            row["captions"] = captions
+            grid_rows.append(row)
+        columns = [f"a={e.alpha:+.2g}" for e in strip_edits]
+        translation_grid(grid_rows, out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png", columns,
+                         diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
+    write_json_atomic(out / "explain.json", dict(model=str(model_dir.resolve()), directions=str(directions_dir.resolve()),
+                                                 data=str(data.resolve()), target=target, alpha=alpha,
+                                                 settings=asdict(settings), sample=[str(r.path) for r in sample]))
+    write_csv_atomic(out / "ranking.csv", ranking_rows,
+                     ["rank", "direction", "sign", "edit", "target", "mean_change", "explained", "explained_images"])
+    return ranking_rows
