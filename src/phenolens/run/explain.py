@@ -13,6 +13,10 @@ OUT (a phenolens output folder, kind "explain"):
     changes.csv        one row per image x direction x sign: p(target) before and after, the change
     strips/rank-<r>-direction-<k>.png     the strip of each kept direction
     explain.json       settings, the model and directions used, the sample
+    run/               the sample's reconstructions and its renders along each kept direction, in the
+                       layout of a translate run (index.csv, `edit` = direction=k,alpha=a), so that
+                       `phenolens measure OUT/run` and `phenolens report OUT/run` treat every direction
+                       as one target compared with the target class's real images
 
 A finished OUT is replaced only with --overwrite (removing only what phenolens wrote).
 """
@@ -73,15 +77,54 @@ def _render(model, raws, sources, edits, settings: ExplainSettings, progress: bo
 
     inversion = InversionSettings(steps=settings.steps)
     recon, out = [], {e.label: [] for e in edits}
+    mse: dict = {"reconstruction": [], **{e.label: [] for e in edits}}
     for start in range(0, len(raws), settings.batch_size):
         sl = slice(start, start + settings.batch_size)
         t = model.translate(raws[sl], sources[sl], edits, inversion=inversion, progress=False)
         recon += t.reconstructions
+        mse["reconstruction"] += [float(v) for v in t.recon_mse]
         for e in edits:
             out[e.label] += t.translations[e.label]
+            mse[e.label] += [float(v) for v in t.change_mse[e.label]]
         if progress:
             logger.info("rendered %d of %d images", min(start + settings.batch_size, len(raws)), len(raws))
-    return recon, out
+    return recon, out, mse
+
+
+def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sample, layouts, recon, rendered, mse,
+               kept: list, target: str, steps: int) -> None:
+    """OUT/run: a translate-run folder of the sample (reconstruction + one render per kept direction)."""
+    from phenolens.data.io import write_image
+    from phenolens.measure.image_metrics import psnr_from_mse
+    from phenolens.methods.edits import ToCondition
+
+    run = out / "run"
+    rows = []
+    for i, (rec, layout) in enumerate(zip(sample, layouts)):
+        sub = Path(rec.condition) / f"{i:04d}-{Path(rec.path).stem}"
+        recon_rel = sub / "reconstruction.tif"
+        folder.record(Path("run") / recon_rel)
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        write_image(run / recon_rel, recon[i], layout)
+        r_mse = mse["reconstruction"][i]
+        common = dict(source_path=str(Path(rec.path).resolve()), source_condition=rec.condition,
+                      recon_mse=f"{r_mse:.6g}", recon_psnr=f"{float(psnr_from_mse(r_mse)):.3f}",
+                      reconstruction_path=recon_rel.as_posix())
+        rows.append(dict(common, target_condition=rec.condition, output_path=recon_rel.as_posix(),
+                         kind="reconstruction", change_mse=f"{r_mse:.6g}", edit=ToCondition(rec.condition).label))
+        for edit in kept:
+            rel = sub / f"direction-{edit.direction}-alpha-{edit.alpha:+.4g}.tif"
+            folder.record(Path("run") / rel)
+            write_image(run / rel, rendered[edit.label][i], layout)
+            rows.append(dict(common, target_condition=target, output_path=rel.as_posix(), kind="translation",
+                             change_mse=f"{mse[edit.label][i]:.6g}", edit=edit.label))
+    folder.record("run/index.csv", "run/run.json")
+    write_json_atomic(run / "run.json", dict(model_dir=str(model_dir.resolve()), input=str(data.resolve()),
+                                             method="diffex", steps=steps, target=target,
+                                             edits=[e.label for e in kept]))
+    write_csv_atomic(run / "index.csv", rows, ["source_path", "source_condition", "target_condition", "output_path",
+                                               "recon_mse", "recon_psnr", "change_mse", "kind",
+                                               "reconstruction_path", "edit"])
 
 
 def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | Path, out: str | Path,
@@ -113,12 +156,13 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
         raise PhenolensError(f"OUT {out}: holds an explanation already; pass --overwrite to redo it (only what "
                              "phenolens wrote there is removed) or choose another folder")
     sample = pick_evenly(records, settings.n_samples)
-    raws = [read_image(r.path, channels=model.info.channels)[0] for r in sample]
+    read = [read_image(r.path, channels=model.info.channels) for r in sample]
+    raws, layouts = [r[0] for r in read], [r[1] for r in read]
     sources = [r.condition for r in sample]
     k = model.directions.k
     edits = [DirectionEdit(d, s * alpha) for d in range(k) for s in (1, -1)]
     logger.info("explain: %d images x %d directions x 2 signs towards %r (α %.3g)", len(raws), k, target, alpha)
-    _, rendered = _render(model, raws, sources, edits, settings, progress)
+    recon_all, rendered, mse = _render(model, raws, sources, edits, settings, progress)
     before = _target_probability(model, raws, target_index)
     change = np.zeros((len(raws), k, 2))
     rows = []
@@ -141,8 +185,8 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
     for d in ranked:
         alphas = [float(a) * d.sign for a in np.linspace(-alpha, alpha, settings.strip_points)]
         strip_edits = [DirectionEdit(d.direction, a) for a in alphas]
-        recon, strip = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
-                               strip_edits, settings, progress=False)
+        recon, strip, _ = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
+                                  strip_edits, settings, progress=False)
         to_model = model.normalizer.to_model
         grid_rows = []
         for j, i in enumerate(strip_sample):
@@ -157,6 +201,8 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
         columns = [f"a={e.alpha:+.2g}" for e in strip_edits]
         translation_grid(grid_rows, out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png", columns,
                          diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
+    kept = [DirectionEdit(d.direction, d.sign * alpha) for d in ranked]
+    _write_run(out, folder, model_dir, data, sample, layouts, recon_all, rendered, mse, kept, target, settings.steps)
     write_json_atomic(out / "explain.json", dict(model=str(model_dir.resolve()), directions=str(directions_dir.resolve()),
                                                  data=str(data.resolve()), target=target, alpha=alpha,
                                                  settings=asdict(settings), sample=[str(r.path) for r in sample]))

@@ -47,6 +47,25 @@ def check_rows(index: Path, numbered: list[tuple[int, dict]]) -> None:
             raise PhenolensError(f"{index}: line {line} has an empty {empty[0]}; {damaged}")
 
 
+def edits_as_targets(rows: list[dict]) -> list[dict]:
+    """Give each row `reference_condition`, the condition whose real images its output is compared with,
+    and make an edit that is more than "render under another condition" (a DiffEx direction,
+    `direction=3,alpha=1.5`) its own target: its `target_condition` becomes the edit's label. Then
+    every stage keyed on target_condition (statistics, identity, judges, the report's sections) treats
+    each such edit as one more target, compared with the real images of its reference condition."""
+    for r in rows:
+        r.setdefault("reference_condition", r["target_condition"])
+        edit = (r.get("edit") or "").strip()
+        if edit and r.get("kind") == "translation" and edit != f"to={r['reference_condition']}":
+            r["target_condition"] = edit
+    return rows
+
+
+def reference_of(rows: list[dict]) -> dict[str, str]:
+    """target -> the condition whose real images it is compared with (itself, for a condition)."""
+    return {r["target_condition"]: r.get("reference_condition") or r["target_condition"] for r in rows}
+
+
 def resolve_source(text: str, run_dir: Path) -> Path | None:
     """The source as given (absolute or relative to the current folder), then under RUN, then beside RUN."""
     p = Path(text)
@@ -106,6 +125,7 @@ def open_run(run_dir: Path) -> tuple[list[dict], dict | None, dict | None, Path 
     if missing:
         raise PhenolensError(f"{index}: missing column(s) {', '.join(missing)}; {hint}")
     check_rows(index, numbered)
+    edits_as_targets(rows)
     warnings: list[str] = []
     settings = None
     run_json = run_dir / "run.json"

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from phenolens.run.index import reference_of
+
 
 def judge_metrics(rows: Sequence[dict], run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
                   conditions: list[str], *, channels: list[int] | None = None, normalization: dict | None = None,
@@ -53,11 +55,13 @@ def judge_metrics(rows: Sequence[dict], run_dir: Path, sources: dict[str, Path],
         src_keys = list(dict.fromkeys(r["source_path"] for r in rows if r["source_condition"] == source_condition))
         src = load_normalized([sources[k] for k in src_keys], normalizer, channels, size)
         src_feats = oracles.features(src)
-        for ti, tc in enumerate(conditions):
+        ref_of = reference_of(rows)
+        for tc in list(conditions) + [t for t in ref_of if t not in conditions]:  # edits: their own targets
             pairs = {r["source_path"]: r for r in rows
                      if r["source_condition"] == source_condition and r["target_condition"] == tc}
-            if tc == source_condition or not pairs:
+            if tc == source_condition or not pairs or ref_of.get(tc, tc) not in conditions:
                 continue
+            ti = conditions.index(ref_of.get(tc, tc))  # the class the oracles should see
             gen = load_normalized([run_dir / pairs[k]["output_path"] for k in src_keys if k in pairs], normalizer,
                                   None, size)  # outputs hold the model's channels only
             real = x[y == ti]

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
-from phenolens.run.index import open_run, resolve_source
+from phenolens.run.index import open_run, reference_of, resolve_source
 from phenolens.run.judges import judge_metrics
 from phenolens.run.workers import check_workers
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
@@ -153,9 +153,21 @@ class RunData:
     @property
     def conditions(self) -> list[str]:
         """The model's condition order (a dose series stays in order), else order of appearance."""
-        seen = list(dict.fromkeys([r["source_condition"] for r in self.rows] + [r["target_condition"] for r in self.rows]))
+        seen = list(dict.fromkeys([r["source_condition"] for r in self.rows]
+                                  + [r["reference_condition"] for r in self.rows]))
         order = list(self.info.get("conditions") or [])
         return [c for c in order if c in seen] + [c for c in seen if c not in order]
+
+    @property
+    def reference_of(self) -> dict[str, str]:
+        """target -> the condition of the real images it is compared with (`run.index.edits_as_targets`)."""
+        return reference_of(self.rows)
+
+    def targets(self, conditions: Sequence[str]) -> list[str]:
+        """What the run rendered images for: CONDITIONS (in their order), then edits that are their own
+        targets (DiffEx directions), in order of appearance."""
+        return list(conditions) + [t for t in dict.fromkeys(r["target_condition"] for r in self.rows)
+                                   if t not in conditions]
 
 
 def dose_order(conditions: Sequence[str], reference: Path | None) -> list[str]:
@@ -293,14 +305,16 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
 
     stats_rows, ranked_rows = [], []
     source_conditions = list(dict.fromkeys(r["source_condition"] for r in run.rows))
+    targets, ref_of = run.targets(conditions), run.reference_of
     for sc in source_conditions:
         src_vals = values(lambda r: r["role"] == "source" and r["condition"] == sc)
         real_src = values(lambda r: r["role"] == "reference" and r["condition"] == sc)
-        for tc in [c for c in conditions if c != sc]:
+        for tc in [c for c in targets if c != sc]:
             if not any(r["target_condition"] == tc and r["source_condition"] == sc for r in run.rows):
                 continue
+            ref = ref_of.get(tc, tc)
             src_set = {str(sources[r["source_path"]]) for r in run.rows if r["source_condition"] == sc}
-            res = compare_conditions(columns, real_src, values(lambda r: r["role"] == "reference" and r["condition"] == tc),
+            res = compare_conditions(columns, real_src, values(lambda r: r["role"] == "reference" and r["condition"] == ref),
                                      src_vals, values(lambda r: r["kind"] == "translation" and r["target_condition"] == tc
                                                       and r["source_image"] in src_set))
             for r in res:
@@ -450,7 +464,8 @@ def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: 
     # within 3 px. Precision: translated nuclei that sit on a source nucleus -- where a treatment kills
     # cells recall must fall, but the cells that remain should still be the source's own.
     identity = {}
-    for tc in conditions:
+    ref_of = run.reference_of
+    for tc in run.targets(conditions):
         pairs = [(str(sources[r["source_path"]]), r["output_path"], r["kind"]) for r in run.rows
                  if r["target_condition"] == tc]
         found = total = total_gen = whole_found = whole = 0
@@ -486,8 +501,8 @@ def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: 
     mu, sd = ref_all[:, keep].mean(axis=0), ref_all[:, keep].std(axis=0)
     profile = {}
     src_tab = table(lambda r: r["role"] == "source")
-    for tc in conditions:
-        real = table(lambda r, tc=tc: r["role"] == "reference" and r["condition"] == tc)
+    for tc in run.targets(conditions):
+        real = table(lambda r, ref=ref_of.get(tc, tc): r["role"] == "reference" and r["condition"] == ref)
         gen = table(lambda r, tc=tc: r["role"] == "generated" and r["target_condition"] == tc)
         if len(real) < 2 or len(gen) < 2:
             continue
