@@ -44,3 +44,19 @@ def test_separate_mode_reads_each_phenotype_at_its_own_condition(tmp_path):
     for r in rows:
         assert r["real_d"] == 2.0 and r["doses_checked"] == SIMULATOR_NAMES[r["phenotype"]]
         assert math.isnan(r["dose_correlation"]) and not r["correlation_ok"]  # no series to correlate
+
+
+def test_planted_by_target_and_separation_read_each_direction(tmp_path):
+    from phenolens.measure.planted import planted_by_target, separation
+
+    nuc, golgi = PLANTED_FEATURES["nuclear enlargement"][0], PLANTED_FEATURES["Golgi fragmentation"][0]
+    rows = [dict(feature=f, target_condition=t, real_d=1.0, trans_d_common=v)
+            for t, f, v in (("direction=0,alpha=1", nuc, 1.2), ("direction=0,alpha=1", golgi, -0.3),
+                            ("direction=1,alpha=-1", nuc, 0.2), ("direction=1,alpha=-1", golgi, 0.25))]
+    _write(tmp_path / "stats.csv", rows)
+    table = planted_by_target(tmp_path)
+    assert [(r["target"], r["phenotype"]) for r in table][:2] == [("direction=0,alpha=1", "nuclear enlargement"),
+                                                                 ("direction=0,alpha=1", "Golgi fragmentation")]
+    first = separation(table, "direction=0,alpha=1")
+    assert first["largest"] == "nuclear enlargement" and first["ratio_to_next"] == pytest.approx(4.0)
+    assert separation(table, "direction=1,alpha=-1")["ratio_to_next"] == pytest.approx(1.25)

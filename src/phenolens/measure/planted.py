@@ -96,3 +96,36 @@ def format_planted_table(rows: list[dict]) -> str:
                      f"{'yes' if r['same_direction_all_doses'] else 'no'} ({r['doses_checked']}) | "
                      f"{r['dose_correlation']:.2f} |")
     return "\n".join(lines)
+
+
+def planted_by_target(measure_dir: str | Path, targets: list[str] | None = None) -> list[dict]:
+    """One row per (target, planted phenotype): the translated mean difference on the real contrast's
+    scale (`trans_d_common`) and the real d, for every target of a run (conditions, and edits that are
+    their own targets such as DiffEx directions). What a disentanglement table reads: does a direction
+    move one planted phenotype far more than the others?"""
+    stats = _read(Path(measure_dir) / "stats.csv")
+    order = targets or list(dict.fromkeys(r["target_condition"] for r in stats))
+    by = {(r["target_condition"], r["feature"]): r for r in stats}
+    rows = []
+    for target in order:
+        for phenotype, (feature, _) in PLANTED_FEATURES.items():
+            r = by.get((target, feature))
+            if r is None:
+                continue
+            common = r.get("trans_d_common")
+            rows.append(dict(target=target, phenotype=phenotype, feature=feature, real_d=float(r["real_d"]),
+                             translated_d=float(common) if common not in (None, "") else math.nan))
+    return rows
+
+
+def separation(rows: list[dict], target: str) -> dict:
+    """For one target: the planted phenotype it moves most (|translated d|) and how many times more than
+    the next one (inf when the others do not move)."""
+    mine = sorted((r for r in rows if r["target"] == target and np.isfinite(r["translated_d"])),
+                  key=lambda r: -abs(r["translated_d"]))
+    if not mine:
+        return dict(target=target, largest="", largest_d=math.nan, ratio_to_next=math.nan)
+    nxt = abs(mine[1]["translated_d"]) if len(mine) > 1 else 0.0
+    top = abs(mine[0]["translated_d"])
+    return dict(target=target, largest=mine[0]["phenotype"], largest_d=mine[0]["translated_d"],
+                ratio_to_next=top / nxt if nxt > 0 else math.inf)

@@ -140,7 +140,7 @@ def learn_directions(model_dir: str | Path, data: str | Path, out: str | Path, s
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.update(1)
         done = step + 1
         if done % LOSS_EVERY == 0 or done == settings.steps:

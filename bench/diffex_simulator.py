@@ -1,0 +1,165 @@
+"""DiffEx on simulated cells whose truth is known (issue 12's must-show): reconstruction, directions,
+and which planted phenotype each ranked direction moves.
+
+    python bench/diffex_simulator.py WORK [--mode together|separate] [--per-condition 400] [--size 48]
+        [--classifier-steps 600] [--steps 3000] [--lambda-cls 0.1] [--ablate] [--k 10]
+        [--direction-steps 2000] [--n-samples 32] [--threshold 0.1] [--out FILE.md]
+
+Every stage is the `phenolens` command a user would run, into WORK (re-running resumes what resumes and
+skips what is finished):
+
+1. `phenolens simulate` the training and the held-out data (--mode together: control vs high, every
+   phenotype planted at once; --mode separate: control and one condition per phenotype, cell count kept);
+2. `phenolens classifier train` on the training data (held-out accuracy);
+3. `phenolens train --method diffex` with --lambda-cls (and with 0 when --ablate: what the KL term does);
+4. reconstruction of the held-out images (exact inversion given z_sem): SSIM, MSE, and the classifier's
+   accuracy on the reconstructions against the real images;
+5. `phenolens directions`, then `phenolens explain` towards each non-control class and `phenolens measure`
+   of its run: for every ranked direction, the translated effect of each planted phenotype on the real
+   scale (measure.planted.planted_by_target), the phenotype it moves most and by how much more than the
+   next, and the source nuclei found again within 3 px (identity).
+
+Writes the tables as Markdown (--out, default WORK/diffex_<mode>.md) and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CHANNEL_NAMES = "DNA,tubulin,actin,Golgi"
+
+
+def phenolens(*args: str) -> None:
+    cmd = [sys.executable, "-m", "phenolens", *map(str, args)]
+    print("$ phenolens " + " ".join(map(str, args)), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
+    """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images."""
+    import torch
+
+    from phenolens.data.io import read_image
+    from phenolens.data.records import discover
+    from phenolens.measure.image_metrics import ssim
+    from phenolens.methods.diffex import DiffEx
+
+    model = DiffEx.from_pretrained(model_dir)
+    records = discover(heldout)
+    clf = model.classifier
+    ssims, mses, real_ok, recon_ok = [], [], [], []
+    for start in range(0, len(records), 16):
+        chunk = records[start:start + 16]
+        raws = [read_image(r.path, channels=model.info.channels)[0] for r in chunk]
+        t = model.translate(raws, [r.condition for r in chunk], edits=[], steps=steps)
+        x = torch.from_numpy(np.stack([model.normalizer.to_model(r) for r in raws]))
+        y = torch.from_numpy(np.stack([model.normalizer.to_model(r) for r in t.reconstructions]))
+        ssims += [ssim(a.numpy(), b.numpy()) for a, b in zip(x, y)]
+        mses += [float(v) for v in t.recon_mse]
+        truth = np.array([clf.class_index(r.condition) for r in chunk])
+        real_ok += list(clf.predict_proba(clf.prepare(raws)).argmax(1) == truth)
+        recon_ok += list(clf.predict_proba(clf.prepare(t.reconstructions)).argmax(1) == truth)
+    return dict(images=len(records), ssim=float(np.mean(ssims)), mse=float(np.mean(mses)),
+                accuracy_real=float(np.mean(real_ok)), accuracy_reconstructions=float(np.mean(recon_ok)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--mode", choices=("together", "separate"), default="together")
+    ap.add_argument("--per-condition", type=int, default=400)
+    ap.add_argument("--heldout-per-condition", type=int, default=48)
+    ap.add_argument("--size", type=int, default=48)
+    ap.add_argument("--classifier-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
+    ap.add_argument("--lambda-cls", type=float, default=0.1)
+    ap.add_argument("--ablate", action="store_true", help="also train with --lambda-cls 0")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--direction-steps", type=int, default=2000)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--render-steps", type=int, default=50)
+    ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from phenolens.measure.planted import planted_by_target, separation
+
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    train, held = w / f"train-{args.mode}", w / f"heldout-{args.mode}"
+    common = ["--size", args.size, "--mode", args.mode]
+    if args.mode == "together":
+        common += ["--conditions", "control,high"]
+    if not (train / "manifest.csv").is_file():
+        phenolens("simulate", train, "--per-condition", args.per_condition, "--seed", 0, *common)
+    if not (held / "manifest.csv").is_file():
+        phenolens("simulate", held, "--per-condition", args.heldout_per_condition, "--seed", 1, *common)
+    clf = w / f"classifier-{args.mode}"
+    if not (clf / "phenolens_classifier.json").is_file():
+        phenolens("classifier", "train", train, clf, "--steps", args.classifier_steps)
+    lines = [f"# DiffEx on simulated cells ({args.mode})", "",
+             f"classifier: {json.loads((clf / 'phenolens_classifier.json').read_text())['evaluation']}", ""]
+    lambdas = [args.lambda_cls] + ([0.0] if args.ablate and args.lambda_cls != 0 else [])
+    lines += ["| λ₁ | held-out images | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    models = {}
+    for lam in lambdas:
+        model = w / f"diffex-{args.mode}-l{lam:g}"
+        phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
+                  "--steps", args.steps, *(["--resume"] if (model / "checkpoints").is_dir() else []))
+        models[lam] = model
+        rec = reconstruction_table(model, held, args.render_steps)
+        lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "
+                     f"{100 * rec['accuracy_real']:.1f} % | {100 * rec['accuracy_reconstructions']:.1f} % |")
+    model = models[args.lambda_cls]
+    dirs = w / f"directions-{args.mode}"
+    phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
+    classes = json.loads((clf / "phenolens_classifier.json").read_text())["training"]["conditions"]
+    for target in classes[1:]:
+        expl = w / f"explain-{args.mode}-{target}"
+        if not (expl / "ranking.csv").is_file():
+            phenolens("explain", model, dirs, held, expl, "--target", target, "--n-samples", args.n_samples,
+                      "--steps", args.render_steps, "--threshold", args.threshold)
+        ranking = list(csv_rows(expl / "ranking.csv"))
+        lines += ["", f"## towards {target}: {len(ranking)} direction(s) kept", ""]
+        if not ranking:
+            continue
+        if not (expl / "run" / "measure" / "stats.csv").is_file():
+            phenolens("measure", expl / "run", "--reference", held, "--channel-names", CHANNEL_NAMES, "--no-judges")
+        table = planted_by_target(expl / "run" / "measure", [r["edit"] for r in ranking])
+        metrics = json.loads((expl / "run" / "measure" / "metrics.json").read_text())
+        phenotypes = list(dict.fromkeys(r["phenotype"] for r in table))
+        lines += ["| rank | direction | p(target) rise | " + " | ".join(phenotypes)
+                  + " | moves most | × next | nuclei found again |",
+                  "|---:|---|---:|" + "---:|" * len(phenotypes) + "---|---:|---:|"]
+        for r in ranking:
+            cells = {t["phenotype"]: t["translated_d"] for t in table if t["target"] == r["edit"]}
+            sep = separation(table, r["edit"])
+            ident = metrics["identity_nuclei_within_3px"].get(r["edit"], {}).get("fraction", float("nan"))
+            lines.append(f"| {r['rank']} | {r['edit']} | {float(r['mean_change']):+.3f} | "
+                         + " | ".join(f"{cells.get(p, float('nan')):+.2f}" for p in phenotypes)
+                         + f" | {sep['largest']} | {sep['ratio_to_next']:.1f} | {100 * ident:.0f} % |")
+        real = {t["phenotype"]: t["real_d"] for t in table if t["target"] == ranking[0]["edit"]}
+        lines.append("| real | control → " + target + " | | " + " | ".join(f"{real.get(p, float('nan')):+.2f}"
+                                                                         for p in phenotypes) + " | | | |")
+    text = "\n".join(lines) + "\n"
+    out = args.out or w / f"diffex_{args.mode}.md"
+    out.write_text(text)
+    print(text)
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path, newline="") as fh:
+        yield from csv.DictReader(fh)
+
+
+if __name__ == "__main__":
+    main()
