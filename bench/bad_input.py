@@ -967,6 +967,53 @@ def _(c: Ctx):
     return ["demo", c.dir / "demo", "--n-images", "0", "--steps", "2"]
 
 
+# ---- DiffEx (issue 12): the classifier, the semantic model, directions and explain
+CLF = ["--steps", "3", "--batch-size", "4"]
+DIFFEX = ["--method", "diffex", "--steps", "2", "--batch-size", "4", "--code-dim", "4", "--checkpoint-every", "1"]
+
+
+@case("classifier-train-into-the-data-folder", "diffex", "error", "sim")
+def _(c: Ctx):
+    return ["classifier", "train", c.sim(), c.sim() / "clf", *CLF]
+
+
+@case("classifier-train-into-a-user-folder", "diffex", "error", "mine")
+def _(c: Ctx):
+    c.file("mine/figure.svg")
+    return ["classifier", "train", c.sim(), c.dir / "mine", *CLF, "--overwrite"]
+
+
+@case("classifier-overwrite-keeps-user-file", "diffex", "ok", replaceable=("clf/*",),
+      check=lambda c, r: None if (c.dir / "clf/notes.txt").is_file() else "clf/notes.txt was deleted")
+def _(c: Ctx):
+    c.step("classifier", "train", c.sim(), c.dir / "clf", *CLF)
+    c.file("clf/notes.txt")
+    return ["classifier", "train", c.sim(), c.dir / "clf", *CLF, "--overwrite"]
+
+
+@case("diffex-classifier-of-other-classes", "diffex", "error", "classes", check=nothing_written("dx/unet"))
+def _(c: Ctx):
+    two = make_dataset(c.dir / "two", c.sim(), {"control": "control", "high": "high"})
+    c.step("classifier", "train", two, c.dir / "clf", *CLF)
+    return ["train", c.sim(), c.dir / "dx", *DIFFEX, "--classifier", c.dir / "clf"]
+
+
+@case("explain-directions-of-another-model", "diffex", "error", "another model", check=nothing_written("expl/ranking.csv"))
+def _(c: Ctx):
+    c.step("classifier", "train", c.sim(), c.dir / "clf", *CLF)
+    for name, seed in (("dx1", "1"), ("dx2", "2")):
+        c.step("train", c.sim(), c.dir / name, *DIFFEX, "--classifier", c.dir / "clf", "--seed", seed)
+    c.step("directions", c.dir / "dx2", c.sim(), c.dir / "dirs", "-k", "2", "--steps", "2")
+    return ["explain", c.dir / "dx1", c.dir / "dirs", c.sim(), c.dir / "expl", "--steps", "2"]
+
+
+@case("directions-alpha-0", "diffex", "error", "--alpha", check=nothing_written("dirs/directions.json"))
+def _(c: Ctx):
+    c.step("classifier", "train", c.sim(), c.dir / "clf", *CLF)
+    c.step("train", c.sim(), c.dir / "dx", *DIFFEX, "--classifier", c.dir / "clf")
+    return ["directions", c.dir / "dx", c.sim(), c.dir / "dirs", "--alpha", "0"]
+
+
 # ------------------------------------------------------------------------------ verdicts
 def message_line(res: Result) -> str:
     """The line a user reads: the first `error:` line, else the first warning, else the first line."""
