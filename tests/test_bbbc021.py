@@ -130,3 +130,48 @@ def test_shipped_bbbc021_model_validates_as_its_card_and_the_readme_say(shipped_
                                        "translations of the shipped model (EF-DDPM, 25 steps); the bar is 90 %")
 def test_shipped_bbbc021_model_keeps_the_source_nuclei(shipped_validation):
     assert min(shipped_validation["nuclei_kept"].values()) >= 0.9
+
+
+def test_bbbc021_diffex_directions_dmso_to_chx50(tmp_path):
+    """Issue 12: DiffEx end to end on real cells, DMSO vs cycloheximide 50 µM: a classifier, the semantic
+    model, directions, their ranking towards CHX_50uM, and each kept direction's measured feature changes
+    and report section. Short training: this checks the pipeline on real 16-bit images, not magnitudes
+    (bench/diffex_simulator.py and the README hold those)."""
+    with (BBBC021 / "manifest.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["condition"] in ("DMSO", "CHX_50uM")]
+    data = tmp_path / "pair.csv"
+    with data.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for cond in ("DMSO", "CHX_50uM"):
+            for r in [r for r in rows if r["condition"] == cond][:60]:
+                w.writerow(dict(r, path=str(BBBC021 / r["path"])))
+    clf, dx, dirs, expl = (tmp_path / n for n in ("clf", "dx", "dirs", "expl"))
+    code, out, err = run_cli("classifier", "train", data, clf, "--steps", "150", "--conditions", "DMSO,CHX_50uM")
+    assert code == 0, err
+    accuracy = json.loads((clf / "phenolens_classifier.json").read_text())["evaluation"]["accuracy"]
+    print(out)
+    assert accuracy >= 0.6  # 24 held-out cells; chance is 0.5
+    code, _, err = run_cli("train", data, dx, "--method", "diffex", "--classifier", clf, "--steps", "60",
+                           "--batch-size", "8", "--checkpoint-every", "30")
+    assert code == 0, err
+    code, _, err = run_cli("directions", dx, data, dirs, "-k", "4", "--steps", "200")
+    assert code == 0, err
+    code, out, err = run_cli("explain", dx, dirs, data, expl, "--target", "CHX_50uM", "--n-samples", "8",
+                             "--steps", "10", "--threshold", "0", "--strip-images", "2", "--strip-points", "3")
+    assert code == 0, err
+    print(out)
+    with (expl / "ranking.csv").open(newline="") as fh:
+        ranking = list(csv.DictReader(fh))
+    with (expl / "changes.csv").open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 8 * 4 * 2  # every DMSO cell x direction x sign
+    if ranking:  # a direction that raises p(CHX_50uM) at all (threshold 0): its features are measured
+        code, _, err = run_cli("measure", expl / "run", "--reference", data, "--no-judges",
+                               "--channel-names", "DNA,tubulin,actin")
+        assert code == 0, err
+        with (expl / "run" / "measure" / "stats.csv").open(newline="") as fh:
+            targets = {r["target_condition"] for r in csv.DictReader(fh)}
+        assert {r["edit"] for r in ranking} <= targets
+        code, _, err = run_cli("report", expl / "run")
+        assert code == 0, err
+        assert ranking[0]["edit"] in (expl / "run" / "report.html").read_text()
