@@ -84,12 +84,10 @@ class ConditionClassifier:
         info file last: it is what marks a complete classifier); returns the names written."""
         from phenolens import __version__
 
+        from phenolens.models.store import apply_umask, fresh_tmp_folder
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".classifier.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = fresh_tmp_folder(path, "classifier")
         if self.info.format == "torchscript":
             torch.jit.save(self.model, str(tmp / TORCHSCRIPT_FILE))
             names = [TORCHSCRIPT_FILE, CLASSIFIER_FILE]
@@ -106,8 +104,6 @@ class ConditionClassifier:
         for name in names:
             os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
-        from phenolens.models.store import apply_umask
-
         apply_umask(*(path / name for name in names))
         return names
 

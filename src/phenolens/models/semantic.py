@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from phenolens.errors import PhenolensError
-from phenolens.models.unet import PRESETS, downsample_factor_of
+from phenolens.models.unet import preset_kwargs
 
 
 class SemanticEncoder(ModelMixin, ConfigMixin):
@@ -62,14 +62,8 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
 
 def build_semantic_unet(preset: str, *, channels: int, size: int) -> UNet2DModel:
     """A fresh UNet conditioned through `class_labels` = a float embedding of z_sem (see the module)."""
-    if preset not in PRESETS:
-        raise PhenolensError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    kwargs = dict(PRESETS[preset])
-    factor = downsample_factor_of(kwargs["block_out_channels"])
-    if size % factor:
-        raise PhenolensError(f"--size {size} must be a multiple of {factor} for preset {preset!r}")
     return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, class_embed_type="identity",
-                       resnet_time_scale_shift="scale_shift", **kwargs)
+                       resnet_time_scale_shift="scale_shift", **preset_kwargs(preset, size))
 
 
 def embed_dim_of(unet: UNet2DModel) -> int:

@@ -123,6 +123,17 @@ def apply_umask(*paths: str | Path) -> None:
                 os.chmod(f, mode)
 
 
+def fresh_tmp_folder(folder: Path, what: str) -> Path:
+    """An empty FOLDER/.<what>.tmp-<pid> (FOLDER created): where a save is assembled before it is renamed
+    into place, inside the destination, never beside it in a folder that is not ours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{what}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_model(model_dir: Path, unet, scheduler, info: ModelInfo,
                extra: Mapping[str, Callable[[Path], Any]] | None = None) -> None:
     """Write the model to MODEL_DIR atomically (temporary folder inside it, then renames).
@@ -133,11 +144,7 @@ def save_model(model_dir: Path, unet, scheduler, info: ModelInfo,
     further part's name to a function that writes it at the path given (a method's other networks).
     """
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".model.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_tmp_folder(model_dir, "model")
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     for name, write in (extra or {}).items():

@@ -50,21 +50,21 @@ def preset_downsample_factor(preset: str) -> int:
     return downsample_factor_of(PRESETS[preset]["block_out_channels"])
 
 
-def build_unet(preset: str, *, channels: int, size: int, num_conditions: int) -> UNet2DModel:
-    """A fresh class-conditional UNet; label `num_conditions` is the null (dropped) condition."""
+def preset_kwargs(preset: str, size: int) -> dict[str, Any]:
+    """PRESET's UNet2DModel keyword arguments, after checking that SIZE suits its downsampling."""
     if preset not in PRESETS:
         raise PhenolensError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     kwargs = dict(PRESETS[preset])
     factor = downsample_factor_of(kwargs["block_out_channels"])
     if size % factor:
         raise PhenolensError(f"--size {size} must be a multiple of {factor} for preset {preset!r}")
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        num_class_embeds=num_conditions + 1,
-        **kwargs,
-    )
+    return kwargs
+
+
+def build_unet(preset: str, *, channels: int, size: int, num_conditions: int) -> UNet2DModel:
+    """A fresh class-conditional UNet; label `num_conditions` is the null (dropped) condition."""
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       num_class_embeds=num_conditions + 1, **preset_kwargs(preset, size))
 
 
 def downsample_factor_of(block_out_channels: tuple[int, ...] | list[int]) -> int:

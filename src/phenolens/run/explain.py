@@ -129,11 +129,12 @@ def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sam
 
 def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | Path, out: str | Path,
                 settings: ExplainSettings, *, overwrite: bool = False, device: str | None = None,
-                progress: bool = True) -> list[dict]:
-    """Rank the directions for the target class and draw their strips; returns ranking.csv's rows."""
+                progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rank the directions for the target class and render their strips; returns ranking.csv's rows and
+    the strips, each the keyword arguments of `phenolens.report.grids.translation_grid` (the command
+    draws them: drawing is the report's job, and `run` stays below `report`)."""
     from phenolens.data.io import read_image
     from phenolens.methods.diffex import DirectionEdit
-    from phenolens.report.grids import translation_grid
 
     settings.check()
     model_dir, directions_dir, data, out = Path(model_dir), Path(directions_dir), Path(data), Path(out)
@@ -182,6 +183,7 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
                          explained_images=";".join(str(sample[i].path) for i in d.explained)) for d in ranked]
     # the strips: the same cells from −α to +α along each kept direction, p(target) under each image
     strip_sample = list(range(min(settings.strip_images, len(raws))))
+    strips = []
     for d in ranked:
         alphas = [float(a) * d.sign for a in np.linspace(-alpha, alpha, settings.strip_points)]
         strip_edits = [DirectionEdit(d.direction, a) for a in alphas]
@@ -199,8 +201,9 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
             row["captions"] = captions
             grid_rows.append(row)
         columns = [f"a={e.alpha:+.2g}" for e in strip_edits]
-        translation_grid(grid_rows, out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png", columns,
-                         diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
+        strips.append(dict(rows=grid_rows, path=out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png",
+                           columns=columns, diff_target=columns[-1],
+                           caption_note=f"p = classifier's probability of {target}"))
     kept = [DirectionEdit(d.direction, d.sign * alpha) for d in ranked]
     _write_run(out, folder, model_dir, data, sample, layouts, recon_all, rendered, mse, kept, target, settings.steps)
     write_json_atomic(out / "explain.json", dict(model=str(model_dir.resolve()), directions=str(directions_dir.resolve()),
@@ -208,4 +211,4 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
                                                  settings=asdict(settings), sample=[str(r.path) for r in sample]))
     write_csv_atomic(out / "ranking.csv", ranking_rows,
                      ["rank", "direction", "sign", "edit", "target", "mean_change", "explained", "explained_images"])
-    return ranking_rows
+    return ranking_rows, strips
