@@ -854,12 +854,10 @@ def cmd_explain(args: argparse.Namespace) -> None:
                                n_samples=args.n_samples, max_directions=args.max_directions, steps=args.steps,
                                batch_size=args.batch_size, strip_images=args.strip_images,
                                strip_points=args.strip_points)
-    rows, strips = run_explain(args.model_dir, args.directions, args.data, args.out, settings,
-                               overwrite=args.overwrite, device=args.device)
     from phenolens.report.grids import translation_grid
 
-    for strip in strips:
-        translation_grid(**strip)
+    rows = run_explain(args.model_dir, args.directions, args.data, args.out, settings, draw=translation_grid,
+                       overwrite=args.overwrite, device=args.device)
     if not rows:
         print(f"no direction raised the probability of the target by more than --threshold {args.threshold}")
     for r in rows:

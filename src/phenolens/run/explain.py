@@ -18,7 +18,8 @@ OUT (a phenolens output folder, kind "explain"):
                        `phenolens measure OUT/run` and `phenolens report OUT/run` treat every direction
                        as one target compared with the target class's real images
 
-A finished OUT is replaced only with --overwrite (removing only what phenolens wrote).
+A finished OUT (explain.json, written last) is replaced only with --overwrite (removing only what
+phenolens wrote); an unfinished one is done again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -128,11 +130,14 @@ def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sam
 
 
 def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | Path, out: str | Path,
-                settings: ExplainSettings, *, overwrite: bool = False, device: str | None = None,
-                progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rank the directions for the target class and render their strips; returns ranking.csv's rows and
-    the strips, each the keyword arguments of `phenolens.report.grids.translation_grid` (the command
-    draws them: drawing is the report's job, and `run` stays below `report`)."""
+                settings: ExplainSettings, *, draw: Callable[..., object] | None = None, overwrite: bool = False,
+                device: str | None = None, progress: bool = True) -> list[dict]:
+    """Rank the directions for the target class and render their strips; returns ranking.csv's rows.
+
+    DRAW(rows=, path=, columns=, diff_target=, caption_note=) draws a strip (the command passes
+    `phenolens.report.grids.translation_grid`: drawing is the report's job, and `run` stays below
+    `report`); None draws nothing. explain.json, written last, marks a finished explanation: a run
+    killed before it is done again from the start."""
     from phenolens.data.io import read_image
     from phenolens.methods.diffex import DirectionEdit
 
@@ -153,7 +158,7 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
         raise PhenolensError(f"DATA {data}: no image of a class other than the target {target!r} to move towards it")
     check_apart(out, inputs=[data, *(r.path for r in records)], models=[model_dir, directions_dir])
     folder = OutputFolder.open(out, KIND, overwrite=overwrite)
-    if (out / "ranking.csv").is_file():
+    if (out / "explain.json").is_file():
         raise PhenolensError(f"OUT {out}: holds an explanation already; pass --overwrite to redo it (only what "
                              "phenolens wrote there is removed) or choose another folder")
     sample = pick_evenly(records, settings.n_samples)
@@ -183,7 +188,6 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
                          explained_images=";".join(str(sample[i].path) for i in d.explained)) for d in ranked]
     # the strips: the same cells from −α to +α along each kept direction, p(target) under each image
     strip_sample = list(range(min(settings.strip_images, len(raws))))
-    strips = []
     for d in ranked:
         alphas = [float(a) * d.sign for a in np.linspace(-alpha, alpha, settings.strip_points)]
         strip_edits = [DirectionEdit(d.direction, a) for a in alphas]
@@ -201,14 +205,14 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
             row["captions"] = captions
             grid_rows.append(row)
         columns = [f"a={e.alpha:+.2g}" for e in strip_edits]
-        strips.append(dict(rows=grid_rows, path=out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png",
-                           columns=columns, diff_target=columns[-1],
-                           caption_note=f"p = classifier's probability of {target}"))
+        if draw is not None:
+            draw(rows=grid_rows, path=out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png",
+                 columns=columns, diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
     kept = [DirectionEdit(d.direction, d.sign * alpha) for d in ranked]
     _write_run(out, folder, model_dir, data, sample, layouts, recon_all, rendered, mse, kept, target, settings.steps)
+    write_csv_atomic(out / "ranking.csv", ranking_rows,
+                     ["rank", "direction", "sign", "edit", "target", "mean_change", "explained", "explained_images"])
     write_json_atomic(out / "explain.json", dict(model=str(model_dir.resolve()), directions=str(directions_dir.resolve()),
                                                  data=str(data.resolve()), target=target, alpha=alpha,
                                                  settings=asdict(settings), sample=[str(r.path) for r in sample]))
-    write_csv_atomic(out / "ranking.csv", ranking_rows,
-                     ["rank", "direction", "sign", "edit", "target", "mean_change", "explained", "explained_images"])
-    return ranking_rows, strips
+    return ranking_rows
