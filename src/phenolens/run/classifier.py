@@ -141,6 +141,8 @@ def train_condition_classifier(data: str | Path, out: str | Path, settings: Clas
         for rec, p, label in zip(held.records, proba, held.labels.tolist()):
             rows.append(dict(path=str(rec.path), condition=conditions[label], predicted=conditions[int(p.argmax())],
                              **{f"p_{c}": f"{v:.4f}" for c, v in zip(conditions, p)}))
+    if overwrite:
+        folder.clear()  # the new classifier is trained: only now does the old one (what phenolens wrote) go
     written = classifier.save_pretrained(out)
     folder.record(*written)
     if rows:
@@ -169,8 +171,10 @@ def format_evaluation(ev: dict) -> str:
 
 
 def _open_out(out: Path, overwrite: bool) -> OutputFolder:
-    folder = OutputFolder.open(out, KIND, overwrite=overwrite)
-    if (out / CLASSIFIER_FILE).is_file():
+    """OUT as a classifier folder. With OVERWRITE its earlier classifier stays until the caller clears
+    the folder, once the new one's inputs have been read and checked."""
+    folder = OutputFolder.open(out, KIND)
+    if (out / CLASSIFIER_FILE).is_file() and not overwrite:
         raise PhenolensError(f"OUT {out}: holds a classifier already; pass --overwrite to replace it "
                              "(only what phenolens wrote there is removed) or choose another folder")
     return folder
@@ -239,6 +243,8 @@ def import_classifier(source: str | Path, out: str | Path, *, size: int, classes
     normalizer = Normalizer(low=[o - s for o, s in zip(offsets, scales)], high=[o + s for o, s in zip(offsets, scales)])
     check_apart(out, inputs=[source])
     folder = _open_out(out, overwrite)
+    if overwrite:
+        folder.clear()
     if fmt == "transformers":
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}
