@@ -228,3 +228,13 @@ def test_directions_of_another_model_are_refused(model, sim, classifier, tmp_pat
     assert main(["directions", str(tmp_path / "other"), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "2"]) == 0
     code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e")
     assert code == 2 and "were learnt in the semantic space of another model" in err, err
+
+
+def test_resume_with_another_classifier_is_refused(sim, classifier, tmp_path):
+    other = tmp_path / "clf2"
+    assert main(["classifier", "train", str(sim), str(other), "--steps", "5", "--channels", "0,1,3", "--seed", "3"]) == 0
+    args = ["--method", "diffex", "--channels", "0,1,3", "--batch-size", "2", "--code-dim", "4", "--lr-schedule",
+            "constant", "--checkpoint-every", "1"]
+    assert main(["train", str(sim), str(tmp_path / "m"), *args, "--classifier", str(classifier), "--steps", "1"]) == 0
+    code, _, err = run_cli("train", sim, tmp_path / "m", *args, "--classifier", other, "--steps", "2", "--resume")
+    assert code == 2 and "does not match this run" in err and "classifier" in err, err

@@ -68,17 +68,20 @@ def classifier_input(x: torch.Tensor, model_norm: Normalizer, classifier: Condit
 
 
 class SemanticDiffusion(nn.Module):
-    """What trains (eq. 3): the UNet and the semantic encoder. The classifier stays frozen outside."""
+    """What trains (eq. 3): the UNet and the semantic encoder. The classifier stays frozen outside;
+    CLASSIFIER_DIGEST (`ConditionClassifier.digest`) names it in the resume fingerprint."""
 
-    def __init__(self, unet, encoder):
+    def __init__(self, unet, encoder, classifier_digest: str = ""):
         super().__init__()
         self.unet = unet
         self.encoder = encoder
+        self.classifier_digest = classifier_digest
 
     @property
     def config(self) -> dict:
-        """Both networks' configs (the trainer's resume fingerprint reads `config`)."""
-        return {"unet": dict(self.unet.config), "encoder": dict(self.encoder.config)}
+        """Both networks' configs and the classifier (the trainer's resume fingerprint reads `config`)."""
+        return {"unet": dict(self.unet.config), "encoder": dict(self.encoder.config),
+                "classifier": self.classifier_digest}
 
 
 def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normalizer, x0: torch.Tensor) -> torch.Tensor:
@@ -339,7 +342,7 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=0.0,
         size_rule="resize-up" if images.resized_up else "own",
         semantic=dict(code_dim=settings.code_dim, classes=classifier.classes, lambda_cls=settings.lambda_cls,
-                      classifier=str(classifier_dir.resolve())),
+                      classifier=str(classifier_dir.resolve()), classifier_digest=classifier.digest()),
     )
     device_classifier: dict = {}
 
@@ -356,6 +359,6 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         save_model(model_dir, trained.unet, scheduler, info, extra=model_parts(trained.encoder, classifier))
 
     classifier.model.requires_grad_(False)  # frozen: eq. 3 trains the UNet and the encoder only
-    train(SemanticDiffusion(unet, encoder), scheduler, images, model_dir, config, null_label=len(conditions),
+    train(SemanticDiffusion(unet, encoder, info.semantic["classifier_digest"]), scheduler, images, model_dir, config, null_label=len(conditions),
           resume=resume, overwrite=overwrite, loss_fn=loss_fn, on_save=on_save, progress=progress, out_folder=folder)
     return info

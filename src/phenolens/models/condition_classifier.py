@@ -130,6 +130,18 @@ class ConditionClassifier:
             raise PhenolensError(f"{path}: the classifier has {len(classifier.classes)} class(es); it needs 2 or more")
         return classifier
 
+    def digest(self) -> str:
+        """A digest of the weights and the declared input: what a model trained with this classifier
+        records, so that a resume with another one is refused."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([self.classes, self.info.normalization, self.info.channels,
+                                       self.info.image_size], sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # ------------------------------------------------------------------------------ use
     def class_index(self, name: str, option: str = "class") -> int:
         if name not in self.classes:
