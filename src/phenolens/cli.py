@@ -464,8 +464,9 @@ def _add_validate(sub) -> None:
 
 
 def _add_classifier(sub) -> None:
-    p = sub.add_parser("classifier", help="train a classifier of the conditions (the classifier DiffEx explains)",
-                       description="Classifiers of the conditions. `phenolens classifier train DATA OUT` trains one.")
+    p = sub.add_parser("classifier", help="train, import or evaluate a classifier of the conditions (what DiffEx explains)",
+                       description="Classifiers of the conditions: `train` one on your images, `import` your own, "
+                                   "`evaluate` one on labelled images.")
     actions = p.add_subparsers(dest="subcommand", metavar="ACTION")
     actions.required = True
     t = actions.add_parser("train", help="train a small CNN on the images and their conditions, report its held-out "
