@@ -213,6 +213,12 @@ def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):
 
         assert Image.open(png).size[0] > 7 * 32  # source, reconstruction, 3 alphas, 3 channel diffs
     assert "wrote" in out
+    # the report of the explanation's run opens with the ranked directions and their strips
+    code, _, err = run_cli("report", tmp_path / "e" / "run")
+    assert code == 0, err
+    page = (tmp_path / "e" / "run" / "report.html").read_text()
+    assert "Directions (DiffEx)" in page
+    assert all(r["edit"] in page for r in ranking) and page.count("alt='strip of") == len(ranking)
     # bad input: one clear line each
     for extra, message in ((["--alpha", "0"], "α = 0 moves nothing"), (["--target", "treated"], "'treated' is not a class"),
                            ([], "holds an explanation already")):

@@ -33,14 +33,14 @@ from phenolens.atomic import write_text_atomic
 from phenolens.data.display import CHANNEL_COLOURS
 from phenolens.errors import PhenolensError
 from phenolens.report.plots import boxplot_png, feature_groups, to_float
-from phenolens.report.run_data import ImageSet, MeasureData, ReportData, RunInfo, read_report
+from phenolens.report.run_data import DirectionsData, ImageSet, MeasureData, ReportData, RunInfo, read_report
 from phenolens.report.tiles import Rendered, diff_scales, render_set
 
 MAX_TABLE_ROWS = 30
 GENERATOR = "phenolens report"  # in <meta name='generator'>: marks a page phenolens may overwrite
 # the page's sections in order: (anchor, name in the navigation bar)
-SECTIONS = [("settings", "run"), ("galleries", "galleries"), ("flicker", "flicker"), ("dose", "dose series"),
-            ("measure", "measurements")]
+SECTIONS = [("settings", "run"), ("directions", "directions"), ("galleries", "galleries"), ("flicker", "flicker"),
+            ("dose", "dose series"), ("measure", "measurements")]
 
 
 def esc(value: Any) -> str:
@@ -152,6 +152,34 @@ def section_settings(run: RunInfo, picked: Sequence[str]) -> str:
         swatches = "".join(f'<span class="swatch" style="background:rgb({rgb[c]})"></span>{esc(names[c])} '
                            for c in range(n_ch))
         parts.append(f"<p>Composite colours: {swatches}</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def section_directions(directions: DirectionsData | None) -> str:
+    """A DiffEx explanation: the ranked directions (Algorithm 1) and the strip of each; empty otherwise."""
+    if directions is None:
+        return ""
+    parts = ["<section id='directions'><h2>Directions (DiffEx)</h2>"]
+    if not directions.ranking:
+        parts.append("<p class='note'>No direction raised the classifier's probability of the target by more than "
+                     "the threshold (`phenolens explain --threshold`).</p></section>")
+        return "".join(parts)
+    parts.append("<p class='note'>Each direction moves the images' semantic codes; kept when the mean rise of the "
+                 "classifier's probability of the target passes the threshold. Each is a target below "
+                 "(galleries, measurements), compared with the real images of the target class.</p>")
+    parts.append("<table><tr><th>rank</th><th>edit</th><th>target</th><th>mean rise of p(target)</th>"
+                 "<th>images explained</th></tr>")
+    for r in directions.ranking:
+        parts.append(f"<tr><td>{esc(r.get('rank'))}</td><td>{esc(r.get('edit'))}</td><td>{esc(r.get('target'))}</td>"
+                     f"<td>{fmt(to_float(r.get('mean_change')), '+.3f')}</td><td>{esc(r.get('explained'))}</td></tr>")
+    parts.append("</table>")
+    for r in directions.ranking:
+        png = directions.strips.get(str(r.get("rank")))
+        if png:
+            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            parts.append(f"<h3>{esc(r.get('rank'))}. {esc(r.get('edit'))}</h3>"
+                         f"<img src='{uri}' alt='strip of {esc(r.get('edit'))}' style='max-width:100%'>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -457,6 +485,7 @@ def draw_page(data: ReportData, *, top_features: int = 6, progress: bool = True)
                 for s in tqdm(sets, desc="report: render", unit="img", disable=None if progress else True)}
     sections = {
         "settings": section_settings(run, data.picked),
+        "directions": section_directions(data.directions),
         "galleries": section_galleries(sets, rendered, targets, scales),
         "flicker": section_flicker(sets, rendered, targets),
         "dose": section_dose(sets, rendered, run.order),
@@ -464,7 +493,7 @@ def draw_page(data: ReportData, *, top_features: int = 6, progress: bool = True)
     }
     warnings = section_warnings(run.warnings)  # after the sections: drawing may add some
     name = run.run_dir.resolve().name
-    nav = "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in SECTIONS)
+    nav = "".join(f'<a href="#{a}">{esc(b)}</a>' for a, b in SECTIONS if sections[a])
     body = [
         f"<header><h1>phenolens report: {esc(name)}</h1><p class='note'>{esc(run.run_dir.resolve())} · "
         f"generated {esc(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p><nav>{nav}</nav></header>",

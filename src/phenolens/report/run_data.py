@@ -205,6 +205,32 @@ def read_measure(run_dir: Path, warnings: list[str]) -> MeasureData:
     return data
 
 
+@dataclass
+class DirectionsData:
+    """A DiffEx explanation around the run (`phenolens explain` writes the run as OUT/run): its ranking
+    and the strip of each kept direction (PNG bytes, None when missing)."""
+
+    ranking: list[dict]
+    strips: dict[str, bytes | None]  # rank -> the strip's PNG
+
+
+def read_directions(run_dir: Path, warnings: list[str]) -> DirectionsData | None:
+    """RUN_DIR/../ranking.csv and strips/ when RUN_DIR is the run of `phenolens explain`, else None."""
+    out = run_dir.resolve().parent
+    if run_dir.resolve().name != "run" or not (out / "explain.json").is_file():
+        return None
+    ranking = read_csv(out / "ranking.csv", warnings) or []
+    strips: dict[str, bytes | None] = {}
+    for r in ranking:
+        path = out / "strips" / f"rank-{r.get('rank')}-direction-{r.get('direction')}.png"
+        try:
+            strips[str(r.get("rank"))] = path.read_bytes()
+        except OSError:
+            warnings.append(f"{path}: missing; the strip of direction {r.get('direction')} is not shown")
+            strips[str(r.get("rank"))] = None
+    return DirectionsData(ranking, strips)
+
+
 # ------------------------------------------------------------------------------------ everything
 
 @dataclass
@@ -215,6 +241,7 @@ class ReportData:
     picked: list[str]  # the source images shown, in the order shown
     sets: list[ImageSet]
     measure: MeasureData
+    directions: DirectionsData | None = None  # a DiffEx explanation's ranking and strips
 
 
 def read_report(run_dir: str | Path, *, max_images: int = 12, order: Sequence[str] | None = None,
@@ -228,4 +255,5 @@ def read_report(run_dir: str | Path, *, max_images: int = 12, order: Sequence[st
         rows_of.setdefault(r["source_path"], []).append(r)
     sets = [load_set(run, key, rows_of[key])
             for key in tqdm(picked, desc="report: read", unit="img", disable=None if progress else True)]
-    return ReportData(run, picked, sets, read_measure(run.run_dir, run.warnings))
+    return ReportData(run, picked, sets, read_measure(run.run_dir, run.warnings),
+                      read_directions(run.run_dir, run.warnings))
