@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from phenolens.measure.planted import planted_by_target, separation
+    from phenolens.measure.planted import planted_by_target, planted_in, separation
 
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def main() -> None:
             continue
         if not (expl / "run" / "measure" / "stats.csv").is_file():
             phenolens("measure", expl / "run", "--reference", held, "--channel-names", CHANNEL_NAMES, "--no-judges")
-        table = planted_by_target(expl / "run" / "measure", [r["edit"] for r in ranking])
+        table = planted_by_target(expl / "run" / "measure", [r["edit"] for r in ranking], planted_in(classes))
         metrics = json.loads((expl / "run" / "measure" / "metrics.json").read_text())
         phenotypes = list(dict.fromkeys(r["phenotype"] for r in table))
         lines += ["| rank | direction | p(target) rise | " + " | ".join(phenotypes)

@@ -60,3 +60,22 @@ def test_planted_by_target_and_separation_read_each_direction(tmp_path):
     first = separation(table, "direction=0,alpha=1")
     assert first["largest"] == "nuclear enlargement" and first["ratio_to_next"] == pytest.approx(4.0)
     assert separation(table, "direction=1,alpha=-1")["ratio_to_next"] == pytest.approx(1.25)
+
+
+def test_separate_data_counts_only_the_phenotypes_it_plants(tmp_path):
+    """On --mode separate data the cell count is not planted: a direction that moves it most is judged
+    on the planted phenotypes only."""
+    from phenolens.measure.planted import planted_by_target, planted_in, separation
+
+    count, golgi = PLANTED_FEATURES["cell loss"][0], PLANTED_FEATURES["Golgi fragmentation"][0]
+    nuc = PLANTED_FEATURES["nuclear enlargement"][0]
+    rows = [dict(feature=f, target_condition="direction=0,alpha=1", real_d=1.0, trans_d_common=v)
+            for f, v in ((count, 3.0), (golgi, 1.5), (nuc, 0.5))]
+    _write(tmp_path / "stats.csv", rows)
+    assert planted_in(["control", "low", "high"]) is None
+    planted = planted_in(["control", "golgi-fragmentation", "nuclear-enlargement"])
+    assert set(planted) == {"Golgi fragmentation", "nuclear enlargement"}
+    everything = separation(planted_by_target(tmp_path), "direction=0,alpha=1")
+    assert everything["largest"] == "cell loss"
+    mine = separation(planted_by_target(tmp_path, phenotypes=planted), "direction=0,alpha=1")
+    assert mine["largest"] == "Golgi fragmentation" and mine["ratio_to_next"] == pytest.approx(3.0)

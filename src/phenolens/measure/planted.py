@@ -98,17 +98,21 @@ def format_planted_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def planted_by_target(measure_dir: str | Path, targets: list[str] | None = None) -> list[dict]:
+def planted_by_target(measure_dir: str | Path, targets: list[str] | None = None,
+                      phenotypes: list[str] | None = None) -> list[dict]:
     """One row per (target, planted phenotype): the translated mean difference on the real contrast's
     scale (`trans_d_common`) and the real d, for every target of a run (conditions, and edits that are
     their own targets such as DiffEx directions). What a disentanglement table reads: does a direction
-    move one planted phenotype far more than the others?"""
+    move one planted phenotype far more than the others? PHENOTYPES (names of PLANTED_FEATURES) limits
+    the rows to those the data plants (`planted_in`; default every phenotype whose feature was measured)."""
     stats = _read(Path(measure_dir) / "stats.csv")
     order = targets or list(dict.fromkeys(r["target_condition"] for r in stats))
     by = {(r["target_condition"], r["feature"]): r for r in stats}
     rows = []
     for target in order:
         for phenotype, (feature, _) in PLANTED_FEATURES.items():
+            if phenotypes is not None and phenotype not in phenotypes:
+                continue
             r = by.get((target, feature))
             if r is None:
                 continue
@@ -116,6 +120,14 @@ def planted_by_target(measure_dir: str | Path, targets: list[str] | None = None)
             rows.append(dict(target=target, phenotype=phenotype, feature=feature, real_d=float(r["real_d"]),
                              translated_d=float(common) if common not in (None, "") else math.nan))
     return rows
+
+
+def planted_in(conditions: list[str]) -> list[str] | None:
+    """The phenotypes data simulated with ``--mode separate`` plants: those its conditions are named
+    after (the cell count is left alone there, so "cell loss" is not one unless named). None for a dose
+    series (``--mode together``), which plants every phenotype."""
+    names = [p for p, sim in SIMULATOR_NAMES.items() if sim in conditions]
+    return names or None
 
 
 def separation(rows: list[dict], target: str) -> dict:
