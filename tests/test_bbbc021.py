@@ -126,8 +126,6 @@ def test_shipped_bbbc021_model_validates_as_its_card_and_the_readme_say(shipped_
     assert now["reconstruction_psnr_mean"] >= 60
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11, open: 96 / 91 / 89 % of the source nuclei are found again in the "
-                                       "translations of the shipped model (EF-DDPM, 25 steps); the bar is 90 %")
 def test_shipped_bbbc021_model_keeps_the_source_nuclei(shipped_validation):
     assert min(shipped_validation["nuclei_kept"].values()) >= 0.9
 
