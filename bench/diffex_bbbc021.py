@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
-from diffex_simulator import csv_rows, phenolens, reconstruction_table  # noqa: E402
+from diffex_simulator import add_stage_options, csv_rows, phenolens, reconstruction_table  # noqa: E402
 
 CONDITIONS = ("DMSO", "CHX_50uM")
 CHANNEL_NAMES = "DNA,tubulin,actin"
@@ -64,15 +64,7 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/bbbc021-cycloheximide"))
     ap.add_argument("--size", type=int, default=68)
-    ap.add_argument("--classifier-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
-    ap.add_argument("--lambda-cls", type=float, default=0.1)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--direction-steps", type=int, default=2000)
-    ap.add_argument("--n-samples", type=int, default=48)
-    ap.add_argument("--render-steps", type=int, default=50)
-    ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
-    ap.add_argument("--out", type=Path, default=None)
+    add_stage_options(ap, n_samples=48)
     args = ap.parse_args()
 
     w = args.work

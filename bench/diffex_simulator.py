@@ -41,6 +41,19 @@ def phenolens(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
+    """The options of the classifier, DiffEx, directions and explain stages (shared by the DiffEx benches)."""
+    ap.add_argument("--classifier-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
+    ap.add_argument("--lambda-cls", type=float, default=0.1)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--direction-steps", type=int, default=2000)
+    ap.add_argument("--n-samples", type=int, default=n_samples)
+    ap.add_argument("--render-steps", type=int, default=50)
+    ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
+    ap.add_argument("--out", type=Path, default=None)
+
+
 def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
     """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images."""
     import torch
@@ -76,16 +89,8 @@ def main() -> None:
     ap.add_argument("--per-condition", type=int, default=400)
     ap.add_argument("--heldout-per-condition", type=int, default=48)
     ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--classifier-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
-    ap.add_argument("--lambda-cls", type=float, default=0.1)
     ap.add_argument("--ablate", action="store_true", help="also train with --lambda-cls 0")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--direction-steps", type=int, default=2000)
-    ap.add_argument("--n-samples", type=int, default=32)
-    ap.add_argument("--render-steps", type=int, default=50)
-    ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
-    ap.add_argument("--out", type=Path, default=None)
+    add_stage_options(ap, n_samples=32)
     args = ap.parse_args()
 
     from phenolens.measure.planted import planted_by_target, planted_in, separation
