@@ -16,8 +16,6 @@ is applied to the scores in step order, with each checkpoint as one sitting.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import re
 import sys
 from pathlib import Path
@@ -27,7 +25,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
-from bbbc021_train import CONDITIONS, field_features, heldout_loss, load_images, plateaued, sample_distance  # noqa: E402
+from bbbc021_train import (CONDITIONS, field_features, heldout_loss, load_images, rule_fires,  # noqa: E402
+                           sample_distance, write_scores)
 
 
 def step_of(path: Path) -> int:
@@ -81,18 +80,9 @@ def main() -> None:
         print(scores[-1], flush=True)
     scores.sort(key=lambda r: r["step"])
     out = args.out or args.model_dir.parent / f"{args.model_dir.name}_scores.csv"
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(scores[0]))
-        w.writeheader()
-        w.writerows(scores)
-    os.replace(tmp, out)
-    for n in range(3, len(scores) + 1):  # bench/bbbc021_train.py's rule, from --min-steps 3000 on
-        if scores[n - 1]["step"] < 3000:
-            continue
-        losses = [s["heldout_loss"] for s in scores[:n]]
-        dists = [s["sample_distance"] for s in scores[:n]]
-        if plateaued(losses, 0.02) and plateaued(dists, 0.10):
+    write_scores(out, scores)
+    for n in range(1, len(scores) + 1):  # bench/bbbc021_train.py's rule, from --min-steps 3000 on
+        if scores[n - 1]["step"] >= 3000 and rule_fires(scores[:n]):
             print(f"the stop rule fires at step {scores[n - 1]['step']}")
             break
     else:

@@ -111,6 +111,23 @@ def plateaued(values: list[float], tolerance: float) -> bool:
     return recent > before * (1 - tolerance)
 
 
+def rule_fires(scores: list[dict]) -> bool:
+    """The stop rule on the scores so far, one per sitting (--min-steps is the caller's): held-out loss
+    within 2 % and sample distance within 10 %, both plateaued."""
+    return (plateaued([float(r["heldout_loss"]) for r in scores], 0.02)
+            and plateaued([float(r["sample_distance"]) for r in scores], 0.10))
+
+
+def write_scores(path: Path, scores: list[dict]) -> None:
+    """The scores CSV, replaced atomically."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(scores[0]))
+        w.writeheader()
+        w.writerows(scores)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", type=Path)
@@ -143,15 +160,8 @@ def main() -> None:
                "sample_distance": sample_distance(model, real)}
         print(row, flush=True)
         scores.append(row)
-        tmp = scores_path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            w.writeheader()
-            w.writerows(scores)
-        os.replace(tmp, scores_path)
-        losses = [float(r["heldout_loss"]) for r in scores]
-        dists = [float(r["sample_distance"]) for r in scores]
-        if step >= args.min_steps and plateaued(losses, 0.02) and plateaued(dists, 0.10):
+        write_scores(scores_path, scores)
+        if step >= args.min_steps and rule_fires(scores):
             print(f"stopped at step {step}: held-out loss and sample distance have plateaued", flush=True)
             break
 

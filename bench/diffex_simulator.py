@@ -117,7 +117,8 @@ def main() -> None:
     for lam in lambdas:
         model = w / f"diffex-{args.mode}-l{lam:g}"
         phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
-                  "--steps", args.steps, "--checkpoint-every", 250, *(["--resume"] if (model / "checkpoints").is_dir() else []))
+                  "--steps", args.steps, "--checkpoint-every", 250,
+                  *(["--resume"] if (model / "checkpoints").is_dir() else []))
         models[lam] = model
         rec = reconstruction_table(model, held, args.render_steps)
         lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "

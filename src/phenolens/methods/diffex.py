@@ -359,6 +359,6 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         save_model(model_dir, trained.unet, scheduler, info, extra=model_parts(trained.encoder, classifier))
 
     classifier.model.requires_grad_(False)  # frozen: eq. 3 trains the UNet and the encoder only
-    train(SemanticDiffusion(unet, encoder, info.semantic["classifier_digest"]), scheduler, images, model_dir, config, null_label=len(conditions),
-          resume=resume, overwrite=overwrite, loss_fn=loss_fn, on_save=on_save, progress=progress, out_folder=folder)
+    train(SemanticDiffusion(unet, encoder, info.semantic["classifier_digest"]), scheduler, images, model_dir, config,
+          null_label=len(conditions), resume=resume, overwrite=overwrite, loss_fn=loss_fn, on_save=on_save, progress=progress, out_folder=folder)
     return info

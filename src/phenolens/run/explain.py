@@ -186,25 +186,29 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
                          edit=DirectionEdit(d.direction, d.sign * alpha).label, target=target,
                          mean_change=f"{d.mean_change:.4f}", explained=len(d.explained),
                          explained_images=";".join(str(sample[i].path) for i in d.explained)) for d in ranked]
-    # the strips: the same cells from −α to +α along each kept direction, p(target) under each image
+    # the strips: the same cells from −α to +α along each kept direction, p(target) under each image; the
+    # strip cells are inverted once for every direction's points, their reconstructions are the sample's
     strip_sample = list(range(min(settings.strip_images, len(raws))))
+    strip_edits = {d.rank: [DirectionEdit(d.direction, float(a) * d.sign)
+                            for a in np.linspace(-alpha, alpha, settings.strip_points)] for d in ranked}
+    every_point = list({e.label: e for edits_ in strip_edits.values() for e in edits_}.values())
+    strip, strip_p = {}, {}
+    if ranked:
+        _, strip, _ = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
+                              every_point, settings, progress=False)
+        strip_p = {label: _target_probability(model, images, target_index) for label, images in strip.items()}
+    to_model = model.normalizer.to_model
     for d in ranked:
-        alphas = [float(a) * d.sign for a in np.linspace(-alpha, alpha, settings.strip_points)]
-        strip_edits = [DirectionEdit(d.direction, a) for a in alphas]
-        recon, strip, _ = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
-                                  strip_edits, settings, progress=False)
-        to_model = model.normalizer.to_model
         grid_rows = []
         for j, i in enumerate(strip_sample):
-            row = {"source": to_model(raws[i]), "reconstruction": to_model(recon[j])}
+            row = {"source": to_model(raws[i]), "reconstruction": to_model(recon_all[i])}
             captions = [f"p={before[i]:.2f}", ""]
-            for e in strip_edits:
-                key = f"a={e.alpha:+.2g}"
-                row[key] = to_model(strip[e.label][j])
-                captions.append(f"p={_target_probability(model, [strip[e.label][j]], target_index)[0]:.2f}")
+            for e in strip_edits[d.rank]:
+                row[f"a={e.alpha:+.2g}"] = to_model(strip[e.label][j])
+                captions.append(f"p={strip_p[e.label][j]:.2f}")
             row["captions"] = captions
             grid_rows.append(row)
-        columns = [f"a={e.alpha:+.2g}" for e in strip_edits]
+        columns = [f"a={e.alpha:+.2g}" for e in strip_edits[d.rank]]
         if draw is not None:
             draw(rows=grid_rows, path=out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png",
                  columns=columns, diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
