@@ -240,6 +240,30 @@ def test_errors_on_resume_and_existing_checkpoints(tmp_path):
     assert [s for s, _ in _log(out)] == [1]
 
 
+def test_private_config_keys_never_decide_a_resume(tmp_path):
+    """diffusers' `_use_default_values` is listed in a hash-seed order; a DiffEx model nests two such
+    configs, so a resume in a new process was refused (found resuming a DiffEx run, issue 12)."""
+    from types import SimpleNamespace
+
+    from phenolens.train.trainer import _model_config, list_checkpoints
+
+    def nested(order):
+        return SimpleNamespace(config={"unet": {"_use_default_values": order, "width": 32},
+                                       "encoder": {"_class_name": "E", "code_dim": 64}, "_top": 1})
+
+    assert _model_config(nested(["a", "b"])) == _model_config(nested(["b", "a"])) == {
+        "unet": {"width": 32}, "encoder": {"code_dim": 64}}
+    # a checkpoint written with private keys in its fingerprint still resumes
+    out = tmp_path / "out"
+    _run(out, 2, checkpoint_every=1)
+    _, folder = list_checkpoints(out)[-1]
+    state = json.loads((folder / "state.json").read_text())
+    state["fingerprint"]["model"]["_use_default_values"] = ["z", "y"]
+    (folder / "state.json").write_text(json.dumps(state))
+    _run(out, 3, resume=True, checkpoint_every=1)
+    assert [s for s, _ in _log(out)] == [1, 2, 3]
+
+
 def test_augment_option_round_trips_and_old_configs_still_load(tmp_path):
     from dataclasses import asdict
 

@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,11 +164,20 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str, sort_keys=True))
 
 
+def _public(cfg: Any) -> Any:
+    """A config without its private keys, at every depth: diffusers' `_use_default_values` is a list
+    built from a set, in an order that changes with the process's hash seed, so it must not decide
+    whether a checkpoint matches (a DiffEx model nests two diffusers configs)."""
+    if isinstance(cfg, Mapping):
+        return {k: _public(v) for k, v in cfg.items() if not str(k).startswith("_")}
+    return cfg
+
+
 def _model_config(model) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {"parameters": sum(p.numel() for p in model.parameters())}
-    return _jsonable({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
+    return _jsonable(_public(dict(cfg)))
 
 
 def fingerprint(unet, noise_scheduler, dataset, config: TrainConfig, null_label: int,
@@ -460,7 +469,7 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
             raise PhenolensError(f"nothing to resume in {out_dir}: no complete checkpoint under {ckpt_root}")
         step0, folder = existing[-1]
         state = json.loads((folder / STATE_NAME).read_text())
-        diffs = _differences(state.get("fingerprint", {}), fp)
+        diffs = _differences(_public(state.get("fingerprint", {})), fp)  # older checkpoints kept private keys
         if diffs:
             raise PhenolensError(f"checkpoint {folder} does not match this run ({'; '.join(diffs)}); "
                                  "resume with the same settings or pass --overwrite")
