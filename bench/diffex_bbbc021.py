@@ -94,10 +94,11 @@ def main() -> None:
              f"{100 * rec['accuracy_reconstructions']:.1f} % |", ""]
     dirs = w / "directions"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
-    expl = w / "explain"
+    expl = w / ("explain-all" if args.keep_explained else "explain")
     if not (expl / "ranking.csv").is_file():
         phenolens("explain", model, dirs, held, expl, "--target", CONDITIONS[-1], "--n-samples", args.n_samples,
-                  "--steps", args.render_steps, "--threshold", args.threshold)
+                  "--steps", args.render_steps, "--threshold", args.threshold,
+                  *(["--keep-explained"] if args.keep_explained else []))
     ranking = list(csv_rows(expl / "ranking.csv"))
     lines += [f"## towards {CONDITIONS[-1]}: {len(ranking)} direction(s) kept", ""]
     if ranking:

@@ -191,6 +191,10 @@ def test_rank_directions_is_algorithm_1():
     assert len(ranked) == 2  # no image left for direction 2
     assert rank_directions(change, threshold=0.5) == []  # no mean passes 0.5
     assert len(rank_directions(change, threshold=0.1, max_directions=1)) == 1
+    # --keep-explained: every direction judged on all four images, so direction 2 (mean 0.2) comes second
+    every = rank_directions(change, threshold=0.1, remove_explained=False)
+    assert [(d.direction, d.sign) for d in every] == [(1, -1), (2, 1), (0, 1)]
+    assert [d.mean_change for d in every] == pytest.approx([0.3, 0.2, 0.15])
 
 
 def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):

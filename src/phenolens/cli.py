@@ -582,6 +582,10 @@ def _add_explain(sub) -> None:
                         "as explained by it (default 0.1; the paper gives none)")
     p.add_argument("--n-samples", type=int, default=32, help="images moved along each direction (default 32)")
     p.add_argument("--max-directions", type=int, default=None, help="keep at most this many (default: all that pass)")
+    p.add_argument("--keep-explained", action="store_true",
+                   help="score every direction on the whole sample instead of removing the images a kept direction "
+                        "explained (Algorithm 1 removes them; when one direction explains most images the others "
+                        "are then judged on the few left)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and rendering (default 50)")
     p.add_argument("--batch-size", type=int, default=8, help="images inverted together (default 8)")
     p.add_argument("--strip-images", type=int, default=4, help="cells in each strip (default 4)")
@@ -854,7 +858,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     settings = ExplainSettings(target=args.target, alpha=args.alpha, threshold=args.threshold,
                                n_samples=args.n_samples, max_directions=args.max_directions, steps=args.steps,
                                batch_size=args.batch_size, strip_images=args.strip_images,
-                               strip_points=args.strip_points)
+                               strip_points=args.strip_points, remove_explained=not args.keep_explained)
     from phenolens.report.grids import translation_grid
 
     rows = run_explain(args.model_dir, args.directions, args.data, args.out, settings, draw=translation_grid,

@@ -203,8 +203,8 @@ class RankedDirection:
     explained: list[int]  # indices of the images it explained (their rise passed the threshold)
 
 
-def rank_directions(change, threshold: float = DEFAULT_THRESHOLD, max_directions: int | None = None
-                    ) -> list[RankedDirection]:
+def rank_directions(change, threshold: float = DEFAULT_THRESHOLD, max_directions: int | None = None,
+                    remove_explained: bool = True) -> list[RankedDirection]:
     """Algorithm 1 (supplementary B) on precomputed changes.
 
     change[i, k, s] = p(target | render(x_T_i, D_k(z_i, ±α))) − p(target | x_i), s = 0 for +α and 1
@@ -215,6 +215,9 @@ def rank_directions(change, threshold: float = DEFAULT_THRESHOLD, max_directions
     image is left, or when no direction passes. Renders are deterministic given x_T, so the changes are
     computed once instead of once per round, with the same result as the pseudo-code's loop. (Its
     τ ← min(τ, max_effect) never lowers τ once a kept direction must exceed τ, so it is left out.)
+
+    With `remove_explained=False` every direction is scored on the whole sample (not Algorithm 1): when
+    one direction explains most images, the others are still ranked by what they do to all of them.
     """
     import numpy as np
 
@@ -234,5 +237,6 @@ def rank_directions(change, threshold: float = DEFAULT_THRESHOLD, max_directions
         ranked.append(RankedDirection(rank=len(ranked) + 1, direction=int(kd), sign=1 if s == 0 else -1,
                                       mean_change=best, explained=[int(i) for i in explained]))
         used.add(int(kd))
-        remaining[explained] = False
+        if remove_explained:
+            remaining[explained] = False
     return ranked

@@ -49,6 +49,7 @@ class ExplainSettings:
     threshold: float = DEFAULT_THRESHOLD
     n_samples: int = 32
     max_directions: int | None = None
+    remove_explained: bool = True  # Algorithm 1; False scores every direction on the whole sample
     steps: int = 50  # DDIM steps of inversion and rendering
     batch_size: int = 8
     strip_images: int = 4
@@ -179,7 +180,7 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
         rows += [dict(path=str(r.path), condition=r.condition, direction=e.direction, sign=1 if s == 0 else -1,
                       edit=e.label, p_before=f"{b:.4f}", p_after=f"{a:.4f}", change=f"{a - b:.4f}")
                  for r, b, a in zip(sample, before, after)]
-    ranked = rank_directions(change, settings.threshold, settings.max_directions)
+    ranked = rank_directions(change, settings.threshold, settings.max_directions, settings.remove_explained)
     folder.record("changes.csv", "ranking.csv", "explain.json", "strips")
     write_csv_atomic(out / "changes.csv", rows, list(rows[0]))
     ranking_rows = [dict(rank=d.rank, direction=d.direction, sign=d.sign,
