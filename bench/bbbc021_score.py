@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from phenolens.atomic import write_csv_atomic
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
 from bbbc021_train import (CONDITIONS, field_features, heldout_loss, load_images, rule_fires,  # noqa: E402
-                           sample_distance, write_scores)
+                           sample_distance)
 
 
 def step_of(path: Path) -> int:
@@ -80,7 +82,7 @@ def main() -> None:
         print(scores[-1], flush=True)
     scores.sort(key=lambda r: r["step"])
     out = args.out or args.model_dir.parent / f"{args.model_dir.name}_scores.csv"
-    write_scores(out, scores)
+    write_csv_atomic(out, scores, list(scores[0]))
     for n in range(1, len(scores) + 1):  # bench/bbbc021_train.py's rule, from --min-steps 3000 on
         if scores[n - 1]["step"] >= 3000 and rule_fires(scores[:n]):
             print(f"the stop rule fires at step {scores[n - 1]['step']}")

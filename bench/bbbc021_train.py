@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phenolens.atomic import write_csv_atomic
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
@@ -118,16 +120,6 @@ def rule_fires(scores: list[dict]) -> bool:
             and plateaued([float(r["sample_distance"]) for r in scores], 0.10))
 
 
-def write_scores(path: Path, scores: list[dict]) -> None:
-    """The scores CSV, replaced atomically."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(scores[0]))
-        w.writeheader()
-        w.writerows(scores)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", type=Path)
@@ -160,7 +152,7 @@ def main() -> None:
                "sample_distance": sample_distance(model, real)}
         print(row, flush=True)
         scores.append(row)
-        write_scores(scores_path, scores)
+        write_csv_atomic(scores_path, scores, list(row))
         if step >= args.min_steps and rule_fires(scores):
             print(f"stopped at step {step}: held-out loss and sample distance have plateaued", flush=True)
             break
