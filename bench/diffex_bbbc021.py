@@ -75,7 +75,7 @@ def main() -> None:
     clf = w / "classifier"
     if not (clf / "phenolens_classifier.json").is_file():
         phenolens("classifier", "train", train, clf, "--steps", args.classifier_steps,
-                  "--conditions", ",".join(CONDITIONS))
+                  "--conditions", ",".join(CONDITIONS), "--channel-dropout", args.channel_dropout)
     evaluation = w / "classifier-heldout.csv"
     if not evaluation.is_file():
         phenolens("classifier", "evaluate", clf, held, "--out", evaluation)

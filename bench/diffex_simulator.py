@@ -2,7 +2,7 @@
 and which planted phenotype each ranked direction moves.
 
     python bench/diffex_simulator.py WORK [--mode together|separate] [--per-condition 400] [--size 48]
-        [--classifier-steps 600] [--steps 3000] [--lambda-cls 0.1] [--ablate] [--k 10]
+        [--classifier-steps 600] [--steps 3000] [--lambda-cls 0.1] [--ablate] [--k 10] [--channel-dropout P]
         [--direction-steps 2000] [--n-samples 32] [--threshold 0.1] [--keep-explained] [--out FILE.md]
 
 Every stage is the `phenolens` command a user would run, into WORK (re-running resumes what resumes and
@@ -44,6 +44,7 @@ def phenolens(*args: str) -> None:
 def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     """The options of the classifier, DiffEx, directions and explain stages (shared by the DiffEx benches)."""
     ap.add_argument("--classifier-steps", type=int, default=600)
+    ap.add_argument("--channel-dropout", type=float, default=0.0, help="classifier train's --channel-dropout")
     ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
     ap.add_argument("--lambda-cls", type=float, default=0.1)
     ap.add_argument("--k", type=int, default=10)
@@ -106,17 +107,19 @@ def main() -> None:
         phenolens("simulate", train, "--per-condition", args.per_condition, "--seed", 0, *common)
     if not (held / "manifest.csv").is_file():
         phenolens("simulate", held, "--per-condition", args.heldout_per_condition, "--seed", 1, *common)
-    clf = w / f"classifier-{args.mode}"
+    cd = f"-cd{args.channel_dropout:g}" if args.channel_dropout else ""
+    clf = w / f"classifier-{args.mode}{cd}"
     if not (clf / "phenolens_classifier.json").is_file():
-        phenolens("classifier", "train", train, clf, "--steps", args.classifier_steps)
-    lines = [f"# DiffEx on simulated cells ({args.mode})", "",
+        phenolens("classifier", "train", train, clf, "--steps", args.classifier_steps,
+                  "--channel-dropout", args.channel_dropout)
+    lines = [f"# DiffEx on simulated cells ({args.mode}, classifier --channel-dropout {args.channel_dropout:g})", "",
              f"classifier: {json.loads((clf / 'phenolens_classifier.json').read_text())['evaluation']}", ""]
     lambdas = [args.lambda_cls] + ([0.0] if args.ablate and args.lambda_cls != 0 else [])
     lines += ["| λ₁ | held-out images | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions |",
               "|---:|---:|---:|---:|---:|---:|"]
     models = {}
     for lam in lambdas:
-        model = w / f"diffex-{args.mode}-l{lam:g}"
+        model = w / f"diffex-{args.mode}{cd}-l{lam:g}"
         phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
                   "--steps", args.steps, "--checkpoint-every", 250,
                   *(["--resume"] if (model / "checkpoints").is_dir() else []))
@@ -125,11 +128,12 @@ def main() -> None:
         lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "
                      f"{100 * rec['accuracy_real']:.1f} % | {100 * rec['accuracy_reconstructions']:.1f} % |")
     model = models[args.lambda_cls]
-    dirs = w / f"directions-{args.mode}"
+    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}"
+    dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
     classes = json.loads((clf / "phenolens_classifier.json").read_text())["training"]["conditions"]
     for target in classes[1:]:
-        expl = w / f"explain-{args.mode}-{target}{'-all' if args.keep_explained else ''}"
+        expl = w / f"explain-{tag}-{target}{'-all' if args.keep_explained else ''}"
         if not (expl / "ranking.csv").is_file():
             phenolens("explain", model, dirs, held, expl, "--target", target, "--n-samples", args.n_samples,
                       "--steps", args.render_steps, "--threshold", args.threshold,
@@ -157,7 +161,7 @@ def main() -> None:
         lines.append("| real | control → " + target + " | | " + " | ".join(f"{real.get(p, float('nan')):+.2f}"
                                                                          for p in phenotypes) + " | | | |")
     text = "\n".join(lines) + "\n"
-    out = args.out or w / f"diffex_{args.mode}.md"
+    out = args.out or w / f"diffex_{tag}.md"
     out.write_text(text)
     print(text)
 

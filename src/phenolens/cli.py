@@ -489,6 +489,10 @@ def _add_classifier(sub) -> None:
     t.add_argument("--heldout", type=float, default=0.2,
                    help="share of each condition kept out of training and scored, 0 to below 1 (default 0.2)")
     t.add_argument("--seed", type=int, default=0, help="random seed: the held-out draw and the training (default 0)")
+    t.add_argument("--channel-dropout", type=float, default=0.0,
+                   help="chance of blanking each channel of a training image, one always kept (default 0): the "
+                        "classifier then learns the cue of every stain, not only the easiest one, so that DiffEx has "
+                        "more than one cue to explain")
     t.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     t.add_argument("--overwrite", action="store_true",
                    help="train again into an OUT that holds a classifier: remove what phenolens wrote there (listed "
@@ -801,7 +805,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     from phenolens.run.classifier import ClassifierSettings, format_evaluation, train_condition_classifier
 
     settings = ClassifierSettings(shape=args.shape, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                  heldout=args.heldout, seed=args.seed)
+                                  heldout=args.heldout, seed=args.seed, channel_dropout=args.channel_dropout)
     ev = train_condition_classifier(args.data, args.out, settings, conditions=args.conditions,
                                     channels=parse_channels(args.channels), overwrite=args.overwrite,
                                     device=args.device, invocation=["phenolens", *args.invocation])

@@ -24,8 +24,12 @@ def build_classifier(n_channels: int, n_classes: int, width: int = 16):
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 400,
                      batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True,
-                     model=None, build=None):
+                     model=None, build=None, channel_dropout: float = 0.0):
     """Train on images in [-1, 1] (BCHW) with flips / 90° rotations; returns the model in eval mode.
+
+    `channel_dropout` blanks each channel of a training image with that probability (one is always
+    kept), so that the classifier learns the cue of every stain instead of the single easiest one:
+    a classifier that sees one cue can only ever be explained by that cue.
 
     By default a fresh `build_classifier` ResNet is trained. `model` trains a given (random-weight)
     transformers image classifier instead, and `build(n_channels, n_classes)` builds one after the
@@ -40,10 +44,19 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
         torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it seeds every GPU too
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)
-        return _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build)
+        return _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build,
+                      channel_dropout)
 
 
-def _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build):
+def blank_channels(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """X with each channel of each image set to -1 (no signal) with probability P, one channel always kept."""
+    drop = torch.rand(x.shape[:2], generator=gen) < p
+    keep = torch.randint(x.shape[1], (x.shape[0],), generator=gen)
+    drop[torch.arange(x.shape[0]), keep] = False
+    return torch.where(drop[:, :, None, None].to(x.device), torch.full_like(x, -1.0), x)
+
+
+def _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, model, build, channel_dropout=0.0):
     """The loop of `train_classifier`, run under its seeded, forked RNG."""
     gen = torch.Generator().manual_seed(seed)
     if model is None:
@@ -57,6 +70,8 @@ def _train(images, labels, n_classes, steps, batch_size, lr, seed, progress, mod
         if torch.rand(1, generator=gen) < 0.5:
             x = x.flip(-1)
         x = torch.rot90(x, int(torch.randint(4, (1,), generator=gen)), dims=(-2, -1))
+        if channel_dropout > 0:
+            x = blank_channels(x, channel_dropout, gen)
         loss = F.cross_entropy(model(pixel_values=x).logits, labels[idx])
         opt.zero_grad()
         loss.backward()

@@ -49,8 +49,11 @@ class ClassifierSettings:
     lr: float = 2e-3  # AdamW peak, one-cycle schedule (as the oracles)
     heldout: float = 0.2  # share of each condition kept out of training and scored
     seed: int = 0
+    channel_dropout: float = 0.0  # chance of blanking each channel of a training image (one always kept)
 
     def check(self) -> None:
+        if not 0 <= self.channel_dropout < 1:
+            raise PhenolensError(f"--channel-dropout {self.channel_dropout}: must be a probability from 0 to below 1")
         if self.shape not in ORACLE_SHAPES:
             raise PhenolensError(f"--shape {self.shape!r}: choose one of {', '.join(ORACLE_SHAPES)}")
         if self.steps < 1:
@@ -119,7 +122,7 @@ def train_condition_classifier(data: str | Path, out: str | Path, settings: Clas
 
     model = train_classifier(x.to(device), train_set.labels.to(device), len(conditions), steps=settings.steps,
                              batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, progress=progress,
-                             build=build)
+                             build=build, channel_dropout=settings.channel_dropout)
     model = recalibrate_batchnorm(model, x.to(device), seed=settings.seed)
     model.config.id2label = dict(enumerate(conditions))
     model.config.label2id = {c: i for i, c in enumerate(conditions)}
