@@ -80,12 +80,28 @@ def test_a_finished_classifier_is_replaced_only_with_overwrite(trained, sim, tmp
 @pytest.mark.parametrize("argv, message", [
     (["--heldout", "1"], "--heldout 1.0: must be a share"),
     (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--channel-dropout", "1"], "--channel-dropout 1.0: must be a probability"),
     (["--conditions", "control,treated"], "names treated, not found"),
 ])
 def test_bad_options_are_one_line(sim, tmp_path, capsys, argv, message):
     assert main(["classifier", "train", str(sim), str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("phenolens classifier: error:") and message in err and "\n" not in err
+
+
+def test_channel_dropout_blanks_stains_but_always_keeps_one():
+    import torch
+
+    from phenolens.models.classifier import blank_channels
+
+    x = torch.rand(4000, 4, 3, 3)
+    y = blank_channels(x, 0.5, torch.Generator().manual_seed(0))
+    blank = (y == -1).all(-1).all(-1)
+    assert not blank.all(1).any()  # every image keeps a stain to be classified by
+    assert torch.equal(y[~blank], x[~blank])  # the kept stains are untouched
+    # a stain goes when it is drawn (p) and is not the one kept (3 in 4)
+    assert abs(blank.float().mean().item() - 0.5 * 3 / 4) < 0.02
+    assert torch.equal(blank_channels(x, 0.0, torch.Generator()), x)
 
 
 def test_output_inside_the_data_and_a_one_image_condition_are_refused(sim, tmp_path):
