@@ -84,6 +84,20 @@ def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
                 accuracy_real=float(np.mean(real_ok)), accuracy_reconstructions=float(np.mean(recon_ok)))
 
 
+def stain_table(clf: Path, held: Path) -> list[str]:
+    """The classifier's held-out accuracy with each stain alone and without it (`classifier evaluate
+    --per-stain`): the cues it uses, so the phenotypes an explanation of it can find."""
+    from phenolens.run.classifier import evaluate_classifier
+
+    ev, _ = evaluate_classifier(clf, held, per_stain=True, progress=False)
+    names = CHANNEL_NAMES.split(",")
+    return ["| held-out accuracy | all stains | " + " | ".join(f"{n} alone | without {n}" for n in names) + " |",
+            "|---|---:|" + "---:|---:|" * len(names),
+            f"| {ev['images']} images | {100 * ev['accuracy']:.1f} % | "
+            + " | ".join(f"{100 * v['only']:.1f} % | {100 * v['without']:.1f} %" for v in ev["stains"].values())
+            + " |", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work", type=Path)
@@ -114,6 +128,7 @@ def main() -> None:
                   "--channel-dropout", args.channel_dropout)
     lines = [f"# DiffEx on simulated cells ({args.mode}, classifier --channel-dropout {args.channel_dropout:g})", "",
              f"classifier: {json.loads((clf / 'phenolens_classifier.json').read_text())['evaluation']}", ""]
+    lines += stain_table(clf, held)
     lambdas = [args.lambda_cls] + ([0.0] if args.ablate and args.lambda_cls != 0 else [])
     lines += ["| λ₁ | held-out images | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions |",
               "|---:|---:|---:|---:|---:|---:|"]

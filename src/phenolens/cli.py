@@ -533,6 +533,9 @@ def _add_classifier(sub) -> None:
     e.add_argument("--out", type=Path, default=None,
                    help="also write one row per image (condition, predicted, probability of each class) to this CSV; "
                         "an existing file is not replaced")
+    e.add_argument("--per-stain", action="store_true",
+                   help="also score it with each stain alone (the other channels set to 0) and without each stain: "
+                        "which stains the classifier uses, so which cues DiffEx can find in it")
     _add_config_options(e)
     e.set_defaults(func=cmd_classifier_evaluate)
 
@@ -837,7 +840,7 @@ def cmd_classifier_evaluate(args: argparse.Namespace) -> None:
 
     if args.out is not None and args.out.exists():
         raise PhenolensError(f"--out {args.out}: exists; phenolens does not replace it: choose a new file name")
-    ev, rows = evaluate_classifier(args.classifier, args.data)
+    ev, rows = evaluate_classifier(args.classifier, args.data, per_stain=args.per_stain)
     print(format_evaluation(ev).replace("held-out accuracy", "accuracy"))
     if args.out is not None:
         write_csv_atomic(args.out, rows, list(rows[0]))

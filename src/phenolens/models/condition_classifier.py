@@ -157,7 +157,8 @@ class ConditionClassifier:
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """Softmax probabilities (B, classes) of images in the classifier's space."""
-        device = next(self.model.parameters()).device
+        weight = next(iter(self.model.parameters()), None)  # a user's network may have none (a fixed rule)
+        device = weight.device if weight is not None else torch.device("cpu")
         out = [self.logits(x[i:i + batch_size].to(device)).float().softmax(1).cpu()
                for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy()

@@ -169,8 +169,12 @@ def format_evaluation(ev: dict) -> str:
     if not ev:
         return "no held-out images (--heldout 0): accuracy not measured"
     per = ", ".join(f"{c} {100 * a:.0f} %" for c, a in ev["per_class"].items())
-    return (f"held-out accuracy {100 * ev['accuracy']:.1f} % on {ev['images']} images ({per}; "
+    line = (f"held-out accuracy {100 * ev['accuracy']:.1f} % on {ev['images']} images ({per}; "
             f"the largest class alone: {100 * ev['chance']:.0f} %)")
+    if "stains" in ev:
+        line += "\n" + "\n".join(f"  file channel {c}: {100 * v['only']:.1f} % with this stain alone, "
+                                  f"{100 * v['without']:.1f} % without it" for c, v in ev["stains"].items())
+    return line
 
 
 def _open_out(out: Path, overwrite: bool) -> OutputFolder:
@@ -260,10 +264,14 @@ def import_classifier(source: str | Path, out: str | Path, *, size: int, classes
     return classifier
 
 
-def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, progress: bool = True
-                        ) -> tuple[dict, list[dict]]:
+def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, per_stain: bool = False,
+                        progress: bool = True) -> tuple[dict, list[dict]]:
     """Accuracy of a classifier on labelled images (every condition of DATA must be one of its classes);
-    returns the evaluation and one row per image."""
+    returns the evaluation and one row per image.
+
+    PER_STAIN adds, for each channel the classifier reads, its accuracy with that stain alone (the
+    others set to 0, no signal) and without it: which stains it uses, and so which cues an
+    explanation of it can possibly find."""
     from tqdm.auto import tqdm
 
     from phenolens.data.io import read_image
@@ -276,13 +284,27 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, progres
         raise PhenolensError(f"DATA {data}: condition(s) {', '.join(unknown)} are not classes of the classifier "
                              f"{classifier_dir} (its classes: {', '.join(clf.classes)})")
     rows, probas, labels = [], [], []
+    n = clf.info.n_channels
+    stain_probas: dict[str, list[np.ndarray]] = {f"{kind} {c}": [] for c in range(n) for kind in ("only", "without")}
     for i in tqdm(range(0, len(records), 64), desc="classify", disable=None if progress else True):
         chunk = records[i:i + 64]
         raws = [read_image(r.path, channels=clf.info.channels)[0] for r in chunk]
-        proba = clf.predict_proba(clf.prepare(raws, [str(r.path) for r in chunk]))
+        names = [str(r.path) for r in chunk]
+        proba = clf.predict_proba(clf.prepare(raws, names))
+        for c in range(n) if per_stain else ():
+            keep = np.arange(n) == c
+            for kind, blank in (("only", ~keep), ("without", keep)):
+                stain_probas[f"{kind} {c}"].append(
+                    clf.predict_proba(clf.prepare([np.where(blank[:, None, None], 0, r) for r in raws], names)))
         for rec, p in zip(chunk, proba):
             rows.append(dict(path=str(rec.path), condition=rec.condition, predicted=clf.classes[int(p.argmax())],
                              **{f"p_{c}": f"{v:.4f}" for c, v in zip(clf.classes, p)}))
         probas.append(proba)
         labels += [clf.classes.index(r.condition) for r in chunk]
-    return evaluation(np.concatenate(probas), np.array(labels), clf.classes), rows
+    ev = evaluation(np.concatenate(probas), np.array(labels), clf.classes)
+    if per_stain:
+        channels = clf.info.channels or list(range(n))
+        ev["stains"] = {str(channels[c]): {kind: float((np.concatenate(stain_probas[f"{kind} {c}"]).argmax(1)
+                                                        == np.array(labels)).mean()) for kind in ("only", "without")}
+                        for c in range(n)}
+    return ev, rows
