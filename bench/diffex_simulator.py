@@ -57,7 +57,23 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
 
 
 def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
-    """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images."""
+    """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images.
+
+    Kept beside the model (keyed by its encoder's digest, the data and the steps), so that a re-run
+    of the bench does not render them again."""
+    from phenolens.atomic import write_json_atomic
+    from phenolens.methods.diffex_directions import model_identity
+
+    key = dict(model=model_identity(model_dir), heldout=str(heldout), steps=steps)
+    cache = model_dir.parent / f"reconstruction-{model_dir.name}-{steps}.json"
+    if cache.is_file() and json.loads(cache.read_text())["key"] == key:
+        return json.loads(cache.read_text())["table"]
+    table = _reconstruct(model_dir, heldout, steps)
+    write_json_atomic(cache, dict(key=key, table=table))
+    return table
+
+
+def _reconstruct(model_dir: Path, heldout: Path, steps: int) -> dict:
     import torch
 
     from phenolens.data.io import read_image
