@@ -88,10 +88,11 @@ def main() -> None:
     rec = reconstruction_table(model, held, args.render_steps)
     lines = ["# DiffEx on BBBC021 (DMSO vs CHX_50uM)", "",
              f"classifier on the {len(rows)} held-out cells: {100 * accuracy:.1f} % correct", "",
-             "| held-out cells | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions |",
-             "|---:|---:|---:|---:|---:|",
+             "| held-out cells | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions "
+             "| on renders of z_sem from random x_T |",
+             "|---:|---:|---:|---:|---:|---:|",
              f"| {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | {100 * rec['accuracy_real']:.1f} % | "
-             f"{100 * rec['accuracy_reconstructions']:.1f} % |", ""]
+             f"{100 * rec['accuracy_reconstructions']:.1f} % | {100 * rec['accuracy_semantic_renders']:.1f} % |", ""]
     dirs = w / "directions"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
     expl = w / ("explain-all" if args.keep_explained else "explain")

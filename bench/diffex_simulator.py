@@ -57,20 +57,54 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
 
 
 def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
-    """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images.
+    """SSIM / MSE of held-out reconstructions and the classifier's accuracy on them vs on the real images,
+    and on renders of each image's z_sem from random noise (`semantic_renders`)."""
+    table = _cached(model_dir, heldout, steps, "reconstruction", _reconstruct)
+    return {**table, **_cached(model_dir, heldout, steps, "semantic-renders", semantic_renders)}
 
-    Kept beside the model (keyed by its encoder's digest, the data and the steps), so that a re-run
-    of the bench does not render them again."""
+
+def _cached(model_dir: Path, heldout: Path, steps: int, what: str, compute) -> dict:
+    """COMPUTE(model_dir, heldout, steps), kept beside the model (keyed by its encoder's digest, the data
+    and the steps), so that a re-run of the bench does not render again."""
     from phenolens.atomic import write_json_atomic
     from phenolens.methods.diffex_directions import model_identity
 
     key = dict(model=model_identity(model_dir), heldout=str(heldout), steps=steps)
-    cache = model_dir.parent / f"reconstruction-{model_dir.name}-{steps}.json"
+    cache = model_dir.parent / f"{what}-{model_dir.name}-{steps}.json"
     if cache.is_file() and json.loads(cache.read_text())["key"] == key:
         return json.loads(cache.read_text())["table"]
-    table = _reconstruct(model_dir, heldout, steps)
+    table = compute(model_dir, heldout, steps)
     write_json_atomic(cache, dict(key=key, table=table))
     return table
+
+
+def semantic_renders(model_dir: Path, heldout: Path, steps: int) -> dict:
+    """The classifier's accuracy on images rendered from random x_T under each held-out image's z_sem:
+    how much of the classifier's opinion the semantic code alone carries (what eq. 2's KL term is for;
+    an exact inversion makes reconstructions right whatever λ₁ is)."""
+    import torch
+
+    from phenolens.data.io import read_image
+    from phenolens.data.records import discover
+    from phenolens.diffusion.code import Code
+    from phenolens.methods.diffex import DiffEx, classifier_input
+
+    model = DiffEx.from_pretrained(model_dir)
+    records = discover(heldout)
+    clf = model.classifier
+    gen = torch.Generator().manual_seed(0)
+    ok = []
+    with torch.no_grad(), model.inference():
+        for start in range(0, len(records), 16):
+            chunk = records[start:start + 16]
+            raws = [read_image(r.path, channels=model.info.channels)[0] for r in chunk]
+            x0, frame = model.to_model_space(raws)
+            noise = torch.randn(x0.shape, generator=gen).to(model.device)
+            out = model.render(Code(noise, steps), model.condition(x0, [r.condition for r in chunk]))
+            out = model.crop_back(model.decode(out), frame).float().cpu().clamp(-1, 1)
+            proba = clf.predict_proba(classifier_input(out, model.normalizer, clf))
+            ok += list(proba.argmax(1) == np.array([clf.class_index(r.condition) for r in chunk]))
+    return dict(accuracy_semantic_renders=float(np.mean(ok)))
 
 
 def _reconstruct(model_dir: Path, heldout: Path, steps: int) -> dict:
@@ -146,8 +180,9 @@ def main() -> None:
              f"classifier: {json.loads((clf / 'phenolens_classifier.json').read_text())['evaluation']}", ""]
     lines += stain_table(clf, held)
     lambdas = [args.lambda_cls] + ([0.0] if args.ablate and args.lambda_cls != 0 else [])
-    lines += ["| λ₁ | held-out images | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| λ₁ | held-out images | SSIM | MSE ([-1, 1]) | classifier accuracy, real | on reconstructions "
+              "| on renders of z_sem from random x_T |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     models = {}
     for lam in lambdas:
         model = w / f"diffex-{args.mode}{cd}-l{lam:g}"
@@ -157,7 +192,8 @@ def main() -> None:
         models[lam] = model
         rec = reconstruction_table(model, held, args.render_steps)
         lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "
-                     f"{100 * rec['accuracy_real']:.1f} % | {100 * rec['accuracy_reconstructions']:.1f} % |")
+                     f"{100 * rec['accuracy_real']:.1f} % | {100 * rec['accuracy_reconstructions']:.1f} % | "
+                     f"{100 * rec['accuracy_semantic_renders']:.1f} % |")
     model = models[args.lambda_cls]
     tag = f"{args.mode}{cd}-l{args.lambda_cls:g}"
     dirs = w / f"directions-{tag}"
