@@ -3,7 +3,7 @@ and which planted phenotype each ranked direction moves.
 
     python bench/diffex_simulator.py WORK [--mode together|separate] [--per-condition 400] [--size 48]
         [--classifier-steps 600] [--steps 3000] [--lambda-cls 0.1] [--ablate] [--k 10] [--channel-dropout P]
-        [--direction-steps 2000] [--n-samples 32] [--threshold 0.1] [--keep-explained] [--out FILE.md]
+        [--direction-steps 2000] [--n-samples 32] [--threshold 0.1] [--keep-explained] [--alpha A] [--out FILE.md]
 
 Every stage is the `phenolens` command a user would run, into WORK (re-running resumes what resumes and
 skips what is finished):
@@ -53,6 +53,7 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--render-steps", type=int, default=50)
     ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
     ap.add_argument("--keep-explained", action="store_true", help="explain's --keep-explained")
+    ap.add_argument("--alpha", type=float, default=None, help="explain's --alpha (default: the directions' own)")
     ap.add_argument("--out", type=Path, default=None)
 
 
@@ -200,11 +201,13 @@ def main() -> None:
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
     classes = json.loads((clf / "phenolens_classifier.json").read_text())["training"]["conditions"]
     for target in classes[1:]:
-        expl = w / f"explain-{tag}-{target}{'-all' if args.keep_explained else ''}"
+        expl = w / (f"explain-{tag}-{target}" + (f"-a{args.alpha:g}" if args.alpha else "")
+                    + ("-all" if args.keep_explained else ""))
         if not (expl / "ranking.csv").is_file():
             phenolens("explain", model, dirs, held, expl, "--target", target, "--n-samples", args.n_samples,
                       "--steps", args.render_steps, "--threshold", args.threshold,
-                      *(["--keep-explained"] if args.keep_explained else []))
+                      *(["--keep-explained"] if args.keep_explained else []),
+                      *(["--alpha", args.alpha] if args.alpha else []))
         ranking = list(csv_rows(expl / "ranking.csv"))
         lines += ["", f"## towards {target}: {len(ranking)} direction(s) kept", ""]
         if not ranking:
