@@ -135,6 +135,33 @@ def _reconstruct(model_dir: Path, heldout: Path, steps: int) -> dict:
                 accuracy_real=float(np.mean(real_ok)), accuracy_reconstructions=float(np.mean(recon_ok)))
 
 
+def code_split(model_dir: Path, data: Path, per_class: int = 200) -> dict:
+    """Where the classes differ in z_sem = [encoder(x), classifier probabilities]: the distance between
+    the class means in each part, against the spread of one class's codes. When nearly all of it is in
+    the probabilities, a binary classifier leaves one axis for every class-changing direction."""
+    import torch
+
+    from phenolens.data.io import read_image
+    from phenolens.data.records import discover
+    from phenolens.methods.diffex import DiffEx
+
+    model = DiffEx.from_pretrained(model_dir)
+    records = discover(data)
+    n_probs = len(model.classifier.classes)
+    means, spread = [], 0.0
+    for cls in model.classifier.classes:
+        recs = [r for r in records if r.condition == cls][:per_class]
+        with torch.no_grad():
+            z = torch.cat([model.semantic_code(model.to_model_space(
+                [read_image(r.path, channels=model.info.channels)[0] for r in recs[i:i + 50]])[0]).cpu()
+                for i in range(0, len(recs), 50)])
+        means.append(z.mean(0))
+        spread = spread or float((z - z.mean(0)).pow(2).sum(-1).mean().sqrt())
+    d = means[-1] - means[0]
+    return dict(dim=int(d.numel()), between_classes=float(d.norm()), encoder_part=float(d[:-n_probs].norm()),
+                probability_part=float(d[-n_probs:].norm()), within_first_class=spread)
+
+
 def stain_table(clf: Path, held: Path) -> list[str]:
     """The classifier's held-out accuracy with each stain alone and without it (`classifier evaluate
     --per-stain`): the cues it uses, so the phenotypes an explanation of it can find."""
@@ -196,10 +223,15 @@ def main() -> None:
                      f"{100 * rec['accuracy_real']:.1f} % | {100 * rec['accuracy_reconstructions']:.1f} % | "
                      f"{100 * rec['accuracy_semantic_renders']:.1f} % |")
     model = models[args.lambda_cls]
+    split = code_split(model, train)
+    lines += ["", f"z_sem ({split['dim']} numbers): the class means ({classes_of(clf)[0]}, {classes_of(clf)[-1]}) are "
+              f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
+              f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
+              f"{split['within_first_class']:.2f} (RMS from their mean)."]
     tag = f"{args.mode}{cd}-l{args.lambda_cls:g}"
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
-    classes = json.loads((clf / "phenolens_classifier.json").read_text())["training"]["conditions"]
+    classes = classes_of(clf)
     for target in classes[1:]:
         expl = w / (f"explain-{tag}-{target}" + (f"-a{args.alpha:g}" if args.alpha else "")
                     + ("-all" if args.keep_explained else ""))
@@ -234,6 +266,10 @@ def main() -> None:
     out = args.out or w / f"diffex_{tag}.md"
     out.write_text(text)
     print(text)
+
+
+def classes_of(clf: Path) -> list[str]:
+    return json.loads((clf / "phenolens_classifier.json").read_text())["training"]["conditions"]
 
 
 def csv_rows(path: Path):
