@@ -173,15 +173,6 @@ def test_import_a_torchscript_classifier_and_evaluate_it(sim, tmp_path, capsys):
     assert len(rows) == 40 and f"accuracy {100 * acc:.1f} % on 40 images" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--classes", "a,b,c", "--channels", "0,1"], "names 3 class(es) (a, b, c) but SOURCE"),
-    (["--classes", "a,b"], "channel count is unknown; give --channels"),
-    (["--classes", "a,b", "--channels", "0,1,2"], "fails on a batch of 3-channel 32 px images"),
-    (["--classes", "a,a", "--channels", "0,1"], "need 2 or more distinct names"),
-    (["--classes", "a,b", "--channels", "0,1", "--scale", "0"], "--scale: values must be above 0"),
-    (["--classes", "a,b", "--channels", "0,1", "--offset", "1,2,3"], "one per channel (2); got 3"),
-    (["--classes", "a,b", "--channels", "0,1", "--offset", "x"], "--offset x: expected numbers"),
-])
 class _StainOneNet(__import__("torch").nn.Module):
     """A classifier that looks at stain 1 only: bright means "high"."""
 
@@ -212,6 +203,15 @@ def test_evaluate_per_stain_finds_the_stain_a_classifier_uses(tmp_path, capsys):
     assert "file channel 1: 100.0 % with this stain alone, 50.0 % without it" in out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "a,b,c", "--channels", "0,1"], "names 3 class(es) (a, b, c) but SOURCE"),
+    (["--classes", "a,b"], "channel count is unknown; give --channels"),
+    (["--classes", "a,b", "--channels", "0,1,2"], "fails on a batch of 3-channel 32 px images"),
+    (["--classes", "a,a", "--channels", "0,1"], "need 2 or more distinct names"),
+    (["--classes", "a,b", "--channels", "0,1", "--scale", "0"], "--scale: values must be above 0"),
+    (["--classes", "a,b", "--channels", "0,1", "--offset", "1,2,3"], "one per channel (2); got 3"),
+    (["--classes", "a,b", "--channels", "0,1", "--offset", "x"], "--offset x: expected numbers"),
+])
 def test_import_checks_the_declaration_against_the_network(tmp_path, capsys, argv, message):
     import torch
 
