@@ -23,7 +23,7 @@ def sim(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(sim, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf_out") / "clf"
-    assert main(["classifier", "train", str(sim), str(out), "--steps", "80", "--channels", "0,3,2",
+    assert main(["classifier", "train", str(sim), str(out), "--steps", "150", "--channels", "0,3,2",
                  "--conditions", "high,control", "--save-config", str(out.parent / "clf.json")]) == 0
     return out
 
