@@ -10,10 +10,13 @@ skips what is finished):
 
 1. `phenolens simulate` the training and the held-out data (--mode together: control vs high, every
    phenotype planted at once; --mode separate: control and one condition per phenotype, cell count kept);
-2. `phenolens classifier train` on the training data (held-out accuracy);
+2. `phenolens classifier train` on the training data (held-out accuracy; `--channel-dropout` passed on), and its
+   accuracy on the held-out images with each stain alone and without it (`classifier evaluate --per-stain`);
 3. `phenolens train --method diffex` with --lambda-cls (and with 0 when --ablate: what the KL term does);
 4. reconstruction of the held-out images (exact inversion given z_sem): SSIM, MSE, and the classifier's
-   accuracy on the reconstructions against the real images;
+   accuracy on the reconstructions against the real images, and on renders of each image's z_sem from
+   random x_T (what the KL term changes); where the first and last classes differ in z_sem (encoder part
+   vs the classifier's probabilities);
 5. `phenolens directions`, then `phenolens explain` towards each non-control class and `phenolens measure`
    of its run: for every ranked direction, the translated effect of each planted phenotype on the real
    scale (measure.planted.planted_by_target), the phenotype it moves most and by how much more than the
