@@ -22,7 +22,7 @@ skips what is finished):
    scale (measure.planted.planted_by_target), the phenotype it moves most and by how much more than the
    next, and the source nuclei found again within 3 px (identity).
 
-Writes the tables as Markdown (--out, default WORK/diffex_<mode>.md) and prints them.
+Writes the tables as Markdown (--out, default WORK/diffex_<mode>[-cd<P>]-l<λ₁>.md) and prints them.
 """
 
 from __future__ import annotations
