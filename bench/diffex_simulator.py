@@ -151,18 +151,19 @@ def code_split(model_dir: Path, data: Path, per_class: int = 200) -> dict:
     model = DiffEx.from_pretrained(model_dir)
     records = discover(data)
     n_probs = len(model.classifier.classes)
-    means, spread = [], 0.0
-    for cls in model.classifier.classes:
+    codes = []
+    for cls in (model.classifier.classes[0], model.classifier.classes[-1]):  # the two the table compares
         recs = [r for r in records if r.condition == cls][:per_class]
         with torch.no_grad():
             z = torch.cat([model.semantic_code(model.to_model_space(
                 [read_image(r.path, channels=model.info.channels)[0] for r in recs[i:i + 50]])[0]).cpu()
                 for i in range(0, len(recs), 50)])
-        means.append(z.mean(0))
-        spread = spread or float((z - z.mean(0)).pow(2).sum(-1).mean().sqrt())
-    d = means[-1] - means[0]
+        codes.append(z)
+    first, last = codes
+    d = last.mean(0) - first.mean(0)
     return dict(dim=int(d.numel()), between_classes=float(d.norm()), encoder_part=float(d[:-n_probs].norm()),
-                probability_part=float(d[-n_probs:].norm()), within_first_class=spread)
+                probability_part=float(d[-n_probs:].norm()),
+                within_first_class=float((first - first.mean(0)).pow(2).sum(-1).mean().sqrt()))
 
 
 def stain_table(clf: Path, held: Path) -> list[str]:
@@ -227,14 +228,14 @@ def main() -> None:
                      f"{100 * rec['accuracy_semantic_renders']:.1f} % |")
     model = models[args.lambda_cls]
     split = code_split(model, train)
-    lines += ["", f"z_sem ({split['dim']} numbers): the class means ({classes_of(clf)[0]}, {classes_of(clf)[-1]}) are "
+    classes = classes_of(clf)
+    lines += ["", f"z_sem ({split['dim']} numbers): the class means ({classes[0]}, {classes[-1]}) are "
               f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
               f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
               f"{split['within_first_class']:.2f} (RMS from their mean)."]
     tag = f"{args.mode}{cd}-l{args.lambda_cls:g}"
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
-    classes = classes_of(clf)
     for target in classes[1:]:
         expl = w / (f"explain-{tag}-{target}" + (f"-a{args.alpha:g}" if args.alpha else "")
                     + ("-all" if args.keep_explained else ""))

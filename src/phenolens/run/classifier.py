@@ -285,7 +285,8 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, per_sta
                              f"{classifier_dir} (its classes: {', '.join(clf.classes)})")
     rows, probas, labels = [], [], []
     n = clf.info.n_channels
-    stain_probas: dict[str, list[np.ndarray]] = {f"{kind} {c}": [] for c in range(n) for kind in ("only", "without")}
+    stain_probas: dict[tuple[str, int], list[np.ndarray]] = {(kind, c): [] for c in range(n)
+                                                             for kind in ("only", "without")}
     for i in tqdm(range(0, len(records), 64), desc="classify", disable=None if progress else True):
         chunk = records[i:i + 64]
         raws = [read_image(r.path, channels=clf.info.channels)[0] for r in chunk]
@@ -294,7 +295,7 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, per_sta
         for c in range(n) if per_stain else ():
             keep = np.arange(n) == c
             for kind, blank in (("only", ~keep), ("without", keep)):
-                stain_probas[f"{kind} {c}"].append(
+                stain_probas[kind, c].append(
                     clf.predict_proba(clf.prepare([np.where(blank[:, None, None], 0, r) for r in raws], names)))
         for rec, p in zip(chunk, proba):
             rows.append(dict(path=str(rec.path), condition=rec.condition, predicted=clf.classes[int(p.argmax())],
@@ -304,7 +305,7 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, *, per_sta
     ev = evaluation(np.concatenate(probas), np.array(labels), clf.classes)
     if per_stain:
         channels = clf.info.channels or list(range(n))
-        ev["stains"] = {str(channels[c]): {kind: float((np.concatenate(stain_probas[f"{kind} {c}"]).argmax(1)
+        ev["stains"] = {str(channels[c]): {kind: float((np.concatenate(stain_probas[kind, c]).argmax(1)
                                                         == np.array(labels)).mean()) for kind in ("only", "without")}
                         for c in range(n)}
     return ev, rows
