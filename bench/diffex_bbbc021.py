@@ -94,7 +94,8 @@ def main() -> None:
              f"| {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | {100 * rec['accuracy_real']:.1f} % | "
              f"{100 * rec['accuracy_reconstructions']:.1f} % | {100 * rec['accuracy_semantic_renders']:.1f} % |", ""]
     dirs = w / "directions"
-    phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
+    phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
+              *(["--no-standardize"] if args.no_standardize else []))
     expl = w / ("explain-all" if args.keep_explained else "explain")
     if not (expl / "ranking.csv").is_file():
         phenolens("explain", model, dirs, held, expl, "--target", CONDITIONS[-1], "--n-samples", args.n_samples,

@@ -3,7 +3,7 @@ and which planted phenotype each ranked direction moves.
 
     python bench/diffex_simulator.py WORK [--mode together|separate] [--per-condition 400] [--size 48]
         [--classifier-steps 600] [--steps 3000] [--lambda-cls 0.1] [--ablate] [--k 10] [--channel-dropout P]
-        [--direction-steps 2000] [--n-samples 32] [--threshold 0.1] [--keep-explained] [--alpha A] [--out FILE.md]
+        [--direction-steps 2000] [--no-standardize] [--n-samples 32] [--threshold 0.1] [--keep-explained] [--alpha A] [--out FILE.md]
 
 Every stage is the `phenolens` command a user would run, into WORK (re-running resumes what resumes and
 skips what is finished):
@@ -52,6 +52,8 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--lambda-cls", type=float, default=0.1)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--direction-steps", type=int, default=2000)
+    ap.add_argument("--no-standardize", action="store_true",
+                    help="directions' --no-standardize (folders tagged -raw)")
     ap.add_argument("--n-samples", type=int, default=n_samples)
     ap.add_argument("--render-steps", type=int, default=50)
     ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
@@ -233,9 +235,10 @@ def main() -> None:
               f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
               f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
               f"{split['within_first_class']:.2f} (RMS from their mean)."]
-    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}"
+    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}" + ("-raw" if args.no_standardize else "")
     dirs = w / f"directions-{tag}"
-    phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps)
+    phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
+              *(["--no-standardize"] if args.no_standardize else []))
     for target in classes[1:]:
         expl = w / (f"explain-{tag}-{target}" + (f"-a{args.alpha:g}" if args.alpha else "")
                     + ("-all" if args.keep_explained else ""))

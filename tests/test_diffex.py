@@ -144,7 +144,9 @@ def test_covariance_penalty_is_zero_only_for_uncorrelated_directions():
 
 
 def test_directions_learn_resume_exactly_and_shift_by_alpha(model, sim, tmp_path):
-    from phenolens.methods.diffex_directions import load_directions
+    from phenolens.data.records import discover
+    from phenolens.methods.diffex_directions import code_spread, load_directions
+    from phenolens.run.directions import encode_codes, load_diffex
 
     args = ["-k", "3", "--batch-size", "8"]
     assert main(["directions", str(model), str(sim), str(tmp_path / "a"), *args, "--steps", "40"]) == 0
@@ -155,7 +157,20 @@ def test_directions_learn_resume_exactly_and_shift_by_alpha(model, sim, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     z = torch.randn(5, info_a.dim)
     moved = a.shift(z, 1, 2.5) - z
-    np.testing.assert_allclose(moved.norm(dim=-1).detach().numpy(), 2.5, rtol=1e-5)  # eq. 4: |shift| = α
+    # eq. 4 in the standardised space z̃ = (z - mean) / std of the training codes: |shift / std| = α
+    np.testing.assert_allclose((moved / a.scale).norm(dim=-1).detach().numpy(), 2.5, rtol=1e-5)
+    codes = encode_codes(load_diffex(model), discover(sim), progress=False)
+    np.testing.assert_allclose(a.scale.numpy(), codes.std(0).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(a.center.numpy(), codes.mean(0).numpy(), atol=1e-5)
+    assert info_a.alpha == pytest.approx(code_spread(a.standardized(codes)), rel=1e-5)  # default α: their spread
+    # --no-standardize: eq. 4 on z_sem as it is
+    assert main(["directions", str(model), str(sim), str(tmp_path / "raw"), *args, "--steps", "5",
+                 "--no-standardize"]) == 0
+    raw, info_raw = load_directions(tmp_path / "raw")
+    assert torch.equal(raw.scale, torch.ones(info_raw.dim)) and info_raw.alpha == pytest.approx(code_spread(codes))
+    np.testing.assert_allclose((raw.shift(z, 1, 2.5) - z).norm(dim=-1).detach().numpy(), 2.5, rtol=1e-5)
+    code, _, err = run_cli("directions", model, sim, tmp_path / "raw", *args, "--steps", "10")
+    assert code == 2 and "standardize False -> True" in err, err
 
 
 @pytest.mark.parametrize("extra, message", [

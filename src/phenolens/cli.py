@@ -552,8 +552,12 @@ def _add_directions(sub) -> None:
     p.add_argument("-k", "--n-directions", dest="k", type=int, default=10,
                    help="number of directions K, at least 2 (default 10, as in the paper's examples)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="shift α used in training, in z_sem units (default: the codes' spread, the RMS distance of a "
-                        "code from their mean)")
+                   help="shift α used in training, in units of the codes' spread per number (in z_sem units with "
+                        "--no-standardize) (default: the codes' spread, the RMS distance of a code from their mean)")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="learn the directions in z_sem as it is, instead of with each number scaled by its spread "
+                        "over DATA's codes (default: scaled, so that a direction is not drawn to the classifier's "
+                        "probabilities, whose scale is ten times the encoder's)")
     p.add_argument("--tau", type=float, default=0.5, help="temperature τ of the contrastive loss, eq. 8 (default 0.5, "
                                                           "LatentCLR's; the paper gives none)")
     p.add_argument("--lambda-reg", type=float, default=1.0,
@@ -852,7 +856,8 @@ def cmd_directions(args: argparse.Namespace) -> None:
     from phenolens.run.directions import directions_summary, learn_directions
 
     settings = DirectionSettings(k=args.k, alpha=args.alpha, tau=args.tau, lambda_reg=args.lambda_reg,
-                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                 standardize=args.standardize)
     info = learn_directions(args.model_dir, args.data, args.out, settings, overwrite=args.overwrite,
                             device=args.device)
     print(directions_summary(info))

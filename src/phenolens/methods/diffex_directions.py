@@ -15,6 +15,13 @@ one direction twice).
 The paper gives K = 10 in its examples and no values for α, τ or λ₂: τ = 0.5 is LatentCLR's, λ₂ = 1
 VICReg's covariance weight, and α defaults to the codes' own spread (the RMS distance of a code from
 their mean), so a unit of α is one typical difference between two images' codes.
+
+Standardised space (our choice, `standardize`, on by default; the paper does not say): z_sem joins the
+encoder's numbers to the classifier's probabilities, and their scales differ by an order of magnitude
+(on our simulator one probability spreads ~0.5, one encoder number ~0.06). Eqs. 4-10 are then applied to
+z̃ = (z − mean) / std, each number scaled by its spread over the training codes, so that a unit step can
+go anywhere in the code instead of mostly along the classifier's opinion, which is one axis for a
+two-class classifier and moves every phenotype at once. α is then in units of those spreads.
 """
 
 from __future__ import annotations
@@ -49,13 +56,29 @@ class DirectionModels(nn.Module):
         self.directions = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
                                         for _ in range(k))
         self.features = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        # z̃ = (z − center) / scale: the space the directions live in (identity unless `fit_standardization`)
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def fit_standardization(self, z: torch.Tensor) -> None:
+        """Centre and scale each number of the code by its mean and spread over the codes Z (N, d)."""
+        std = z.std(dim=0)
+        self.center.copy_(z.mean(dim=0))
+        self.scale.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    def standardized(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.center) / self.scale
+
+    def step(self, zs: torch.Tensor, k: int) -> torch.Tensor:
+        """MLP_k(z̃) / ‖MLP_k(z̃)‖ (eq. 4) for standardised codes zs: direction k's unit step in z̃."""
+        return F.normalize(self.directions[k](zs), dim=-1, eps=1e-8)
 
     def unit_shift(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """MLP_k(z) / ‖MLP_k(z)‖: where direction k moves each code, per unit of α."""
-        return F.normalize(self.directions[k](z), dim=-1, eps=1e-8)
+        """Where direction k moves each code z, per unit of α, on the codes' own scale."""
+        return self.scale * self.step(self.standardized(z), k)
 
     def shift(self, z: torch.Tensor, k: int, alpha: float | torch.Tensor) -> torch.Tensor:
-        """D_k(z, α) (eq. 4)."""
+        """D_k(z, α) (eq. 4), applied in z̃ and mapped back."""
         return z + alpha * self.unit_shift(z, k)
 
 
@@ -86,15 +109,16 @@ def covariance_penalty(shifts: torch.Tensor) -> torch.Tensor:
 
 def direction_loss(models: DirectionModels, z: torch.Tensor, alpha: float, tau: float,
                    lambda_reg: float) -> torch.Tensor:
-    """L_dir = L_cont + λ₂ L_reg (eq. 10) on a batch of codes z (N, d)."""
-    base = models.features(z)
-    shifts = torch.stack([models.unit_shift(z, k) for k in range(models.k)])  # (K, N, d)
-    f = models.features(z[None] + alpha * shifts) - base[None]  # eqs. 5-7
-    return contrastive_loss(f, tau) + lambda_reg * covariance_penalty(shifts)
+    """L_dir = L_cont + λ₂ L_reg (eq. 10) on a batch of codes z (N, d), in the models' space z̃."""
+    zs = models.standardized(z)
+    base = models.features(zs)
+    steps = torch.stack([models.step(zs, k) for k in range(models.k)])  # (K, N, d)
+    f = models.features(zs[None] + alpha * steps) - base[None]  # eqs. 5-7
+    return contrastive_loss(f, tau) + lambda_reg * covariance_penalty(steps)
 
 
 def code_spread(z: torch.Tensor) -> float:
-    """RMS distance of codes from their mean: the default unit of α."""
+    """RMS distance of codes from their mean: the default unit of α (√d for standardised codes)."""
     return float((z - z.mean(0)).pow(2).sum(-1).mean().sqrt())
 
 
@@ -108,6 +132,7 @@ class DirectionSettings:
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+    standardize: bool = True  # learn in z̃ = (z − mean) / std (module docstring)
 
     def check(self) -> None:
         if self.k < 2:
@@ -182,7 +207,10 @@ def load_directions(path: Path, optimizer_for: bool = False):
         raise PhenolensError(f"{info_file}: not a valid directions description ({err})") from None
     tensors = load_file(str(path / DIRECTIONS_WEIGHTS))
     models = DirectionModels(info.dim, int(info.settings["k"]))
-    models.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for name in ("center", "scale"):  # directions saved before the standardised space: the identity
+        state.setdefault(name, getattr(models, name))
+    models.load_state_dict(state)
     if optimizer_for:
         return models, info, {k: v for k, v in tensors.items() if k.startswith("adam.")}
     return models, info

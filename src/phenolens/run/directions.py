@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 KIND = "directions"
 CHECKPOINT_EVERY = 500
 LOSS_EVERY = 100
+BEFORE_SETTING_EXISTED = {"standardize": False}  # what directions saved before a setting existed did
 
 
 def load_diffex(model_dir: str | Path, device: str | None = None):
@@ -81,8 +82,9 @@ def _same_run(saved: DirectionsInfo, settings: DirectionSettings, model_id: str)
         diffs.append("they were learnt in another model's semantic space")
     now = {k: v for k, v in asdict(settings).items() if k != "steps"}
     for key, value in now.items():
-        if saved.settings.get(key) != value:
-            diffs.append(f"{key} {saved.settings.get(key)} -> {value}")
+        was = saved.settings.get(key, BEFORE_SETTING_EXISTED.get(key))
+        if was != value:
+            diffs.append(f"{key} {was} -> {value}")
     return diffs
 
 
@@ -113,11 +115,14 @@ def learn_directions(model_dir: str | Path, data: str | Path, out: str | Path, s
     z = encode_codes(model, records, progress=progress)
     if len(z) < 2:
         raise PhenolensError(f"DATA {data}: {len(z)} image(s); learning directions needs at least 2")
-    alpha = settings.alpha if settings.alpha is not None else code_spread(z)
     if saved is None:
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(settings.seed)
             models = DirectionModels(z.shape[1], settings.k)
+        if settings.standardize:
+            models.fit_standardization(z)
+    alpha = settings.alpha if settings.alpha is not None else code_spread(models.standardized(z))
+    if saved is None:
         info = DirectionsInfo(model=str(model_dir.resolve()), model_id=model_id, dim=int(z.shape[1]),
                               settings=asdict(settings), alpha=float(alpha))
         adam = {}
