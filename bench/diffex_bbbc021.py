@@ -96,11 +96,12 @@ def main() -> None:
     dirs = w / "directions"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))
-    expl = w / ("explain-all" if args.keep_explained else "explain")
+    expl = w / ("explain" + (f"-a{args.alpha:g}" if args.alpha else "") + ("-all" if args.keep_explained else ""))
     if not (expl / "ranking.csv").is_file():
         phenolens("explain", model, dirs, held, expl, "--target", CONDITIONS[-1], "--n-samples", args.n_samples,
                   "--steps", args.render_steps, "--threshold", args.threshold,
-                  *(["--keep-explained"] if args.keep_explained else []))
+                  *(["--keep-explained"] if args.keep_explained else []),
+                  *(["--alpha", args.alpha] if args.alpha else []))
     ranking = list(csv_rows(expl / "ranking.csv"))
     lines += [f"## towards {CONDITIONS[-1]}: {len(ranking)} direction(s) kept", ""]
     if ranking:
