@@ -144,23 +144,15 @@ def code_split(model_dir: Path, data: Path, per_class: int = 200) -> dict:
     """Where the classes differ in z_sem = [encoder(x), classifier probabilities]: the distance between
     the class means in each part, against the spread of one class's codes. When nearly all of it is in
     the probabilities, a binary classifier leaves one axis for every class-changing direction."""
-    import torch
-
-    from phenolens.data.io import read_image
     from phenolens.data.records import discover
     from phenolens.methods.diffex import DiffEx
+    from phenolens.run.directions import encode_codes
 
     model = DiffEx.from_pretrained(model_dir)
     records = discover(data)
     n_probs = len(model.classifier.classes)
-    codes = []
-    for cls in (model.classifier.classes[0], model.classifier.classes[-1]):  # the two the table compares
-        recs = [r for r in records if r.condition == cls][:per_class]
-        with torch.no_grad():
-            z = torch.cat([model.semantic_code(model.to_model_space(
-                [read_image(r.path, channels=model.info.channels)[0] for r in recs[i:i + 50]])[0]).cpu()
-                for i in range(0, len(recs), 50)])
-        codes.append(z)
+    codes = [encode_codes(model, [r for r in records if r.condition == cls][:per_class], progress=False)
+             for cls in (model.classifier.classes[0], model.classifier.classes[-1])]  # the two the table compares
     first, last = codes
     d = last.mean(0) - first.mean(0)
     return dict(dim=int(d.numel()), between_classes=float(d.norm()), encoder_part=float(d[:-n_probs].norm()),
