@@ -50,6 +50,8 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--channel-dropout", type=float, default=0.0, help="classifier train's --channel-dropout")
     ap.add_argument("--steps", type=int, default=3000, help="DiffEx training steps")
     ap.add_argument("--lambda-cls", type=float, default=0.1)
+    ap.add_argument("--classifier-views", choices=("whole", "per-stain"), default="whole",
+                    help="train's --classifier-views (per-stain models are tagged -ps)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--direction-steps", type=int, default=2000)
     ap.add_argument("--no-standardize", action="store_true",
@@ -150,13 +152,13 @@ def code_split(model_dir: Path, data: Path, per_class: int = 200) -> dict:
 
     model = DiffEx.from_pretrained(model_dir)
     records = discover(data)
-    n_probs = len(model.classifier.classes)
+    n_code = int(model.encoder.config.code_dim)  # z_sem = [code, classifier probabilities (one or more views)]
     codes = [encode_codes(model, [r for r in records if r.condition == cls][:per_class], progress=False)
              for cls in (model.classifier.classes[0], model.classifier.classes[-1])]  # the two the table compares
     first, last = codes
     d = last.mean(0) - first.mean(0)
-    return dict(dim=int(d.numel()), between_classes=float(d.norm()), encoder_part=float(d[:-n_probs].norm()),
-                probability_part=float(d[-n_probs:].norm()),
+    return dict(dim=int(d.numel()), between_classes=float(d.norm()), encoder_part=float(d[:n_code].norm()),
+                probability_part=float(d[n_code:].norm()),
                 within_first_class=float((first - first.mean(0)).pow(2).sum(-1).mean().sqrt()))
 
 
@@ -210,9 +212,11 @@ def main() -> None:
               "| on renders of z_sem from random x_T |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     models = {}
+    views = "-ps" if args.classifier_views == "per-stain" else ""
     for lam in lambdas:
-        model = w / f"diffex-{args.mode}{cd}-l{lam:g}"
+        model = w / f"diffex-{args.mode}{cd}-l{lam:g}{views}"
         phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
+                  "--classifier-views", args.classifier_views,
                   "--steps", args.steps, "--checkpoint-every", 250,
                   *(["--resume"] if (model / "checkpoints").is_dir() else []))
         models[lam] = model
@@ -227,7 +231,7 @@ def main() -> None:
               f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
               f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
               f"{split['within_first_class']:.2f} (RMS from their mean)."]
-    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}" + ("-raw" if args.no_standardize else "")
+    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}{views}" + ("-raw" if args.no_standardize else "")
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))

@@ -56,6 +56,30 @@ def test_saved_whole_and_reconstructs_exactly_given_z_sem(model, sim):
     np.testing.assert_allclose(z[:, -2:].detach().numpy(), expected, atol=5e-3)
 
 
+def test_per_stain_views_give_one_classifier_axis_per_stain(sim, classifier, tmp_path):
+    """--classifier-views per-stain: z_sem = [code, C(x | stain c) for each stain, C(x)], each view the
+    classifier's probabilities with the other stains at 0 raw units (as `classifier evaluate --per-stain`
+    reads them), and saved in phenolens.json."""
+    from phenolens.methods.registry import load_model_for
+
+    out = tmp_path / "dx-ps"
+    assert main(["train", str(sim), str(out), "--method", "diffex", "--classifier", str(classifier), "--channels",
+                 "0,1,3", "--steps", "4", "--batch-size", "4", "--code-dim", "8", "--classifier-views",
+                 "per-stain"]) == 0
+    assert json.loads((out / "phenolens.json").read_text())["semantic"]["classifier_views"] == "per-stain"
+    m = load_model_for(out)
+    images = [read_image(sim / "high" / f"high_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(3)]
+    x0, _ = m.to_model_space(images)
+    z = m.semantic_code(x0).detach().numpy()
+    assert z.shape == (3, 8 + 2 * (3 + 1)) and m.encoder.sem_dim == z.shape[1]
+    clf = m.classifier
+    for c in range(3):
+        alone = [np.where((np.arange(3) != c)[:, None, None], 0, r) for r in images]
+        np.testing.assert_allclose(z[:, 8 + 2 * c:10 + 2 * c], clf.predict_proba(clf.prepare(alone)), atol=5e-3)
+    np.testing.assert_allclose(z[:, -2:], clf.predict_proba(clf.prepare(images)), atol=5e-3)
+    assert np.abs(z[:, 8:10] - z[:, -2:]).max() > 1e-3  # a stain alone is not the whole image
+
+
 def test_kl_term_is_eq2_and_only_adds(model, sim):
     from phenolens.methods.diffex import DiffEx, SemanticDiffusion, semantic_loss
 

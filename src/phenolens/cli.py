@@ -155,6 +155,11 @@ def _add_train(sub) -> None:
                         "`classifier import`; its classes must be DATA's conditions and its channels --channels")
     p.add_argument("--code-dim", type=int, default=64,
                    help="with --method diffex: length of the encoder's code in z_sem (default 64)")
+    p.add_argument("--classifier-views", choices=("whole", "per-stain"), default="whole",
+                   help="with --method diffex: the classifier's scores in z_sem. whole: its probabilities for the "
+                        "image (the paper's); per-stain: also its probabilities with each stain alone (the others "
+                        "blanked), one classifier-aware axis per stain, so that directions can separate the cues of "
+                        "different stains (for a classifier trained with --channel-dropout) (default whole)")
     p.add_argument("--lambda-cls", type=float, default=0.1,
                    help="with --method diffex: weight λ₁ of the KL term that keeps the classifier's scores of the "
                         "model's denoised estimate equal to the image's (DiffEx eq. 3; the paper gives no value; "
@@ -696,6 +701,7 @@ def _train_diffex(args: argparse.Namespace, prediction_type: str, command: str) 
         raise PhenolensError("--zero-terminal-snr and --timestep-spacing are for --method phendiff")
     settings = DiffExTrainSettings(classifier=str(args.classifier), preset=args.preset, size=args.size,
                                    conditions=args.conditions, code_dim=args.code_dim, lambda_cls=args.lambda_cls,
+                                   classifier_views=args.classifier_views,
                                    prediction_type=prediction_type, skip_bad=args.skip_bad)
     config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.0)
     train_diffex(args.data, args.model_dir, settings, config, channels=parse_channels(args.channels),

@@ -54,10 +54,16 @@ DEFAULT_LAMBDA_CLS = 0.1
 DEFAULT_CODE_DIM = 64
 
 
-def classifier_input(x: torch.Tensor, model_norm: Normalizer, classifier: ConditionClassifier) -> torch.Tensor:
+def classifier_input(x: torch.Tensor, model_norm: Normalizer, classifier: ConditionClassifier,
+                     only_channel: int | None = None) -> torch.Tensor:
     """Images in the diffusion model's [-1, 1] -> the classifier's input (its normalisation and crop
-    size), differentiably: raw = model⁻¹(x), input = classifier(raw)."""
+    size), differentiably: raw = model⁻¹(x), input = classifier(raw). ONLY_CHANNEL keeps that stain and
+    sets the others to 0 raw units (no signal), as `classifier evaluate --per-stain` does."""
     raw = model_norm.from_model(x)
+    if only_channel is not None:
+        keep = torch.zeros(raw.shape[1], dtype=raw.dtype, device=raw.device)
+        keep[only_channel] = 1
+        raw = raw * keep.view(1, -1, 1, 1)
     y = classifier.normalizer.to_model(raw, clip=classifier.info.clip)
     s = int(classifier.info.image_size)
     h, w = y.shape[-2:]
@@ -84,15 +90,34 @@ class SemanticDiffusion(nn.Module):
                 "classifier": self.classifier_digest}
 
 
-def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normalizer, x0: torch.Tensor) -> torch.Tensor:
-    """z_sem = [encoder(x), C(x)] (§3.1): the code, then the classifier's class probabilities."""
+def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normalizer, x0: torch.Tensor,
+                  views: str = "whole") -> torch.Tensor:
+    """z_sem = [encoder(x), C(x)] (§3.1): the code, then the classifier's class probabilities.
+
+    VIEWS "per-stain" (our extension, not the paper's) also puts in the classifier's probabilities with
+    each stain alone, z_sem = [encoder(x), C(x|stain 1), ..., C(x|stain n), C(x)]: a classifier that
+    reads several stains then gives the semantic space one classifier-aware axis per stain instead of a
+    single one for all cues together, so that a direction can move one stain's cue without the others.
+    C(x) stays last, where eq. 2's KL term reads it."""
     with torch.no_grad():
-        scores = classifier.logits(classifier_input(x0, model_norm, classifier)).float().softmax(-1)
-    return torch.cat([encoder.encode(x0), scores.to(x0.dtype)], dim=-1)
+        stains = range(classifier.info.n_channels) if views == "per-stain" else ()
+        scores = [classifier.logits(classifier_input(x0, model_norm, classifier, only_channel=c)).float().softmax(-1)
+                  for c in (*stains, None)]
+    return torch.cat([encoder.encode(x0), *(p.to(x0.dtype) for p in scores)], dim=-1)
+
+
+CLASSIFIER_VIEWS = ("whole", "per-stain")
+
+
+def n_scores(classifier: ConditionClassifier, views: str) -> int:
+    """How many classifier numbers z_sem holds under VIEWS (`semantic_code`)."""
+    n = len(classifier.classes)
+    return n * (1 + classifier.info.n_channels) if views == "per-stain" else n
 
 
 def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, generator: torch.Generator, *,
-                  classifier: ConditionClassifier, model_norm: Normalizer, lambda_cls: float) -> torch.Tensor:
+                  classifier: ConditionClassifier, model_norm: Normalizer, lambda_cls: float,
+                  views: str = "whole") -> torch.Tensor:
     """L_sem = L_diffusion + λ₁ L_cls (eqs. 1-3).
 
     L_diffusion (eq. 1): ||ε_θ(x_t, t, z_sem) - ε||² (or the v / x₀ target the scheduler names).
@@ -105,7 +130,7 @@ def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, gen
     t = torch.randint(0, num_t, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     x_t = noise_scheduler.add_noise(x0, noise, t)
-    z_sem = semantic_code(net.encoder, classifier, model_norm, x0)
+    z_sem = semantic_code(net.encoder, classifier, model_norm, x0, views)
     pred = network_fn(net.unet)(x_t, t, {"class_labels": net.encoder.embed(z_sem)})
     abar = noise_scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
     kind = noise_scheduler.config.prediction_type
@@ -158,6 +183,7 @@ class DiffEx(CounterfactualModel):
         classifier.model.to(self.device).eval().requires_grad_(False)  # it is explained, never trained
         self.model_dir = model_dir
         self.directions = None  # DirectionModels, after use_directions
+        self.views = (info.semantic or {}).get("classifier_views", "whole")  # models saved before it: whole
         self.directions_info = None
 
     def use_directions(self, path: str | Path) -> None:
@@ -200,7 +226,7 @@ class DiffEx(CounterfactualModel):
     # ------------------------------------------------------------------------------ the method
     def semantic_code(self, x0: torch.Tensor) -> torch.Tensor:
         """z_sem of images in [-1, 1] (§3.1)."""
-        return semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device))
+        return semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device), self.views)
 
     def network(self):
         """ε_θ(x_t, t, z_sem) (eq. 1): the UNet, z_sem entering as its `class_labels` embedding."""
@@ -267,6 +293,7 @@ class DiffExTrainSettings:
     conditions: list[str] | None = None
     code_dim: int = DEFAULT_CODE_DIM
     lambda_cls: float = DEFAULT_LAMBDA_CLS
+    classifier_views: str = "whole"  # "per-stain": also the classifier's scores with each stain alone
     prediction_type: str = "epsilon"
     skip_bad: bool = False
 
@@ -309,6 +336,8 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         raise PhenolensError(f"--lambda-cls {settings.lambda_cls}: must be 0 or more")
     if settings.code_dim < 1:
         raise PhenolensError(f"--code-dim {settings.code_dim}: must be at least 1")
+    if settings.classifier_views not in CLASSIFIER_VIEWS:
+        raise PhenolensError(f"--classifier-views {settings.classifier_views}: choose {' or '.join(CLASSIFIER_VIEWS)}")
     classifier_dir = Path(settings.classifier)
     classifier = ConditionClassifier.from_pretrained(classifier_dir)
     records, conditions = training_records(data, settings.conditions)
@@ -331,7 +360,7 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         torch.random.default_generator.manual_seed(config.seed)
         unet = build_semantic_unet(settings.preset, channels=images.n_channels, size=images.size)
         encoder = SemanticEncoder(in_channels=images.n_channels, code_dim=settings.code_dim,
-                                  n_scores=len(classifier.classes), embed_dim=embed_dim_of(unet))
+                                  n_scores=n_scores(classifier, settings.classifier_views), embed_dim=embed_dim_of(unet))
     scheduler = make_scheduler(prediction_type=settings.prediction_type)
     info = ModelInfo(
         conditions=list(conditions), n_channels=images.n_channels, image_size=images.size,
@@ -342,7 +371,8 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=0.0,
         size_rule="resize-up" if images.resized_up else "own",
         semantic=dict(code_dim=settings.code_dim, classes=classifier.classes, lambda_cls=settings.lambda_cls,
-                      classifier=str(classifier_dir.resolve()), classifier_digest=classifier.digest()),
+                      classifier_views=settings.classifier_views, classifier=str(classifier_dir.resolve()),
+                      classifier_digest=classifier.digest()),
     )
     device_classifier: dict = {}
 
@@ -351,7 +381,8 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
             classifier.model.to(x0.device)
             device_classifier["done"] = True
         return semantic_loss(net, noise_scheduler, x0, generator, classifier=classifier,
-                             model_norm=images.normalizer, lambda_cls=settings.lambda_cls)
+                             model_norm=images.normalizer, lambda_cls=settings.lambda_cls,
+                             views=settings.classifier_views)
 
     def on_save(trained: SemanticDiffusion, step: int) -> None:
         info.training["steps_done"] = step
