@@ -264,11 +264,28 @@ def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):
     assert all(r["edit"] in page for r in ranking) and page.count("alt='strip of") == len(ranking)
     # bad input: one clear line each
     for extra, message in ((["--alpha", "0"], "α = 0 moves nothing"), (["--target", "treated"], "'treated' is not a class"),
+                           (["--skip", "50"], "--skip 50: must be from 0 to below --steps (50)"),
                            ([], "holds an explanation already")):
         code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e", *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("explain", model, tmp_path / "elsewhere", sim, tmp_path / "e2")
     assert code == 2 and "not a directions folder" in err, err
+    # --skip (T_skip): the renders start from a later step, so each stays nearer its reconstruction
+    code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e3", "--n-samples", "3", "--steps", "4",
+                           "--threshold", "0", "--keep-explained", "--skip", "3", "--strip-images", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e3" / "run" / "run.json").read_text())["skip"] == 3
+    from phenolens.methods.diffex import DirectionEdit
+    from phenolens.run.explain import ExplainSettings, _render, load_diffex
+
+    m = load_diffex(model, None)
+    m.use_directions(tmp_path / "d")
+    raws = [read_image(sim / "control" / f"control_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(2)]
+    edits = [DirectionEdit(d, 3.0) for d in range(2)]
+    mse = {skip: _render(m, raws, ["control"] * 2, edits, ExplainSettings(steps=4, skip=skip), False)[2]
+           for skip in (0, 3)}
+    for e in edits:
+        assert np.mean(mse[3][e.label]) < np.mean(mse[0][e.label])
 
 
 def test_directions_of_another_model_are_refused(model, sim, classifier, tmp_path):

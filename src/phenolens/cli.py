@@ -603,6 +603,10 @@ def _add_explain(sub) -> None:
                         "explained (Algorithm 1 removes them; when one direction explains most images the others "
                         "are then judged on the few left)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and rendering (default 50)")
+    p.add_argument("--skip", type=int, default=0, metavar="K",
+                   help="T_skip: invert only to step K of --steps and render the last steps-K steps along each "
+                        "direction; larger K keeps more of each cell (its nuclei where they were) and moves the "
+                        "classifier less; 0 = the whole x_T, as DiffEx does (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="images inverted together (default 8)")
     p.add_argument("--strip-images", type=int, default=4, help="cells in each strip (default 4)")
     p.add_argument("--strip-points", type=int, default=5, help="alpha values in a strip, -alpha to +alpha (default 5)")
@@ -875,6 +879,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     settings = ExplainSettings(target=args.target, alpha=args.alpha, threshold=args.threshold,
                                n_samples=args.n_samples, max_directions=args.max_directions, steps=args.steps,
+                               skip=args.skip,
                                batch_size=args.batch_size, strip_images=args.strip_images,
                                strip_points=args.strip_points, remove_explained=not args.keep_explained)
     from phenolens.report.grids import translation_grid

@@ -51,6 +51,7 @@ class ExplainSettings:
     max_directions: int | None = None
     remove_explained: bool = True  # Algorithm 1; False scores every direction on the whole sample
     steps: int = 50  # DDIM steps of inversion and rendering
+    skip: int = 0  # T_skip: invert only to this step and render the rest (0 = DiffEx's whole x_T)
     batch_size: int = 8
     strip_images: int = 4
     strip_points: int = 5  # α values from −α to +α, 0 (the reconstruction) included when odd
@@ -65,6 +66,8 @@ class ExplainSettings:
                 raise PhenolensError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.strip_points < 2:
             raise PhenolensError(f"--strip-points {self.strip_points}: must be at least 2")
+        if not 0 <= self.skip < self.steps:
+            raise PhenolensError(f"--skip {self.skip}: must be from 0 to below --steps ({self.steps})")
         if self.max_directions is not None and self.max_directions < 1:
             raise PhenolensError(f"--max-directions {self.max_directions}: must be at least 1")
 
@@ -78,7 +81,7 @@ def _render(model, raws, sources, edits, settings: ExplainSettings, progress: bo
     """Invert each batch once and render it under every edit; (reconstructions, {label: images})."""
     from phenolens.diffusion.inversion import InversionSettings
 
-    inversion = InversionSettings(steps=settings.steps)
+    inversion = InversionSettings(steps=settings.steps, skip=settings.skip)
     recon, out = [], {e.label: [] for e in edits}
     mse: dict = {"reconstruction": [], **{e.label: [] for e in edits}}
     for start in range(0, len(raws), settings.batch_size):
@@ -95,7 +98,7 @@ def _render(model, raws, sources, edits, settings: ExplainSettings, progress: bo
 
 
 def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sample, layouts, recon, rendered, mse,
-               kept: list, target: str, steps: int) -> None:
+               kept: list, target: str, settings: ExplainSettings) -> None:
     """OUT/run: a translate-run folder of the sample (reconstruction + one render per kept direction)."""
     from phenolens.data.io import write_image
     from phenolens.measure.image_metrics import psnr_from_mse
@@ -123,7 +126,8 @@ def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sam
                              change_mse=f"{mse[edit.label][i]:.6g}", edit=edit.label))
     folder.record("run/index.csv", "run/run.json")
     write_json_atomic(run / "run.json", dict(model_dir=str(model_dir.resolve()), input=str(data.resolve()),
-                                             method="diffex", steps=steps, target=target,
+                                             method="diffex", steps=settings.steps, skip=settings.skip,
+                                             target=target,
                                              edits=[e.label for e in kept]))
     write_csv_atomic(run / "index.csv", rows, ["source_path", "source_condition", "target_condition", "output_path",
                                                "recon_mse", "recon_psnr", "change_mse", "kind",
@@ -214,7 +218,7 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
             draw(rows=grid_rows, path=out / "strips" / f"rank-{d.rank}-direction-{d.direction}.png",
                  columns=columns, diff_target=columns[-1], caption_note=f"p = classifier's probability of {target}")
     kept = [DirectionEdit(d.direction, d.sign * alpha) for d in ranked]
-    _write_run(out, folder, model_dir, data, sample, layouts, recon_all, rendered, mse, kept, target, settings.steps)
+    _write_run(out, folder, model_dir, data, sample, layouts, recon_all, rendered, mse, kept, target, settings)
     write_csv_atomic(out / "ranking.csv", ranking_rows,
                      ["rank", "direction", "sign", "edit", "target", "mean_change", "explained", "explained_images"])
     write_json_atomic(out / "explain.json", dict(model=str(model_dir.resolve()), directions=str(directions_dir.resolve()),
