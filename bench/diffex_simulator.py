@@ -61,7 +61,21 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
     ap.add_argument("--keep-explained", action="store_true", help="explain's --keep-explained")
     ap.add_argument("--alpha", type=float, default=None, help="explain's --alpha (default: the directions' own)")
+    ap.add_argument("--skip", type=int, default=0, help="explain's --skip (T_skip; folders tagged -sK)")
     ap.add_argument("--out", type=Path, default=None)
+
+
+def explain_stage(model: Path, dirs: Path, data: Path, base: Path, target: str, args) -> Path:
+    """Run `phenolens explain` towards TARGET unless done; its folder is BASE tagged with the options that
+    change what it holds (-aALPHA, -sSKIP, -all)."""
+    expl = base.parent / (base.name + (f"-a{args.alpha:g}" if args.alpha else "") + (f"-s{args.skip}" if args.skip else "")
+                          + ("-all" if args.keep_explained else ""))
+    if not (expl / "ranking.csv").is_file():
+        phenolens("explain", model, dirs, data, expl, "--target", target, "--n-samples", args.n_samples,
+                  "--steps", args.render_steps, "--threshold", args.threshold, "--skip", args.skip,
+                  *(["--keep-explained"] if args.keep_explained else []),
+                  *(["--alpha", args.alpha] if args.alpha else []))
+    return expl
 
 
 def reconstruction_table(model_dir: Path, heldout: Path, steps: int) -> dict:
@@ -236,13 +250,7 @@ def main() -> None:
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))
     for target in classes[1:]:
-        expl = w / (f"explain-{tag}-{target}" + (f"-a{args.alpha:g}" if args.alpha else "")
-                    + ("-all" if args.keep_explained else ""))
-        if not (expl / "ranking.csv").is_file():
-            phenolens("explain", model, dirs, held, expl, "--target", target, "--n-samples", args.n_samples,
-                      "--steps", args.render_steps, "--threshold", args.threshold,
-                      *(["--keep-explained"] if args.keep_explained else []),
-                      *(["--alpha", args.alpha] if args.alpha else []))
+        expl = explain_stage(model, dirs, held, w / f"explain-{tag}-{target}", target, args)
         ranking = list(csv_rows(expl / "ranking.csv"))
         lines += ["", f"## towards {target}: {len(ranking)} direction(s) kept", ""]
         if not ranking:
