@@ -62,17 +62,20 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--keep-explained", action="store_true", help="explain's --keep-explained")
     ap.add_argument("--alpha", type=float, default=None, help="explain's --alpha (default: the directions' own)")
     ap.add_argument("--skip", type=int, default=0, help="explain's --skip (T_skip; folders tagged -sK)")
+    ap.add_argument("--inversion", choices=("fixed-point", "ef-ddpm"), default="fixed-point",
+                    help="explain's --inversion (ef-ddpm folders tagged -ef)")
     ap.add_argument("--out", type=Path, default=None)
 
 
 def explain_stage(model: Path, dirs: Path, data: Path, base: Path, target: str, args) -> Path:
     """Run `phenolens explain` towards TARGET unless done; its folder is BASE tagged with the options that
-    change what it holds (-aALPHA, -sSKIP, -all)."""
+    change what it holds (-aALPHA, -sSKIP, -ef, -all)."""
     expl = base.parent / (base.name + (f"-a{args.alpha:g}" if args.alpha else "") + (f"-s{args.skip}" if args.skip else "")
-                          + ("-all" if args.keep_explained else ""))
+                          + ("-ef" if args.inversion == "ef-ddpm" else "") + ("-all" if args.keep_explained else ""))
     if not (expl / "ranking.csv").is_file():
         phenolens("explain", model, dirs, data, expl, "--target", target, "--n-samples", args.n_samples,
                   "--steps", args.render_steps, "--threshold", args.threshold, "--skip", args.skip,
+                  "--inversion", args.inversion,
                   *(["--keep-explained"] if args.keep_explained else []),
                   *(["--alpha", args.alpha] if args.alpha else []))
     return expl

@@ -280,12 +280,18 @@ def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):
 
     m = load_diffex(model, None)
     m.use_directions(tmp_path / "d")
-    raws = [read_image(sim / "control" / f"control_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(2)]
+    from phenolens.data.records import discover
+
+    records = [r for r in discover(sim) if r.condition == "control"][:2]
+    raws = [read_image(r.path, channels=[0, 1, 3])[0] for r in records]
     edits = [DirectionEdit(d, 3.0) for d in range(2)]
-    mse = {skip: _render(m, raws, ["control"] * 2, edits, ExplainSettings(steps=4, skip=skip), False)[2]
-           for skip in (0, 3)}
+    mse = {skip: _render(m, records, raws, edits, ExplainSettings(steps=4, skip=skip), False)[2] for skip in (0, 3)}
     for e in edits:
         assert np.mean(mse[3][e.label]) < np.mean(mse[0][e.label])
+    # --inversion ef-ddpm (the core's edit-friendly inversion): exact reconstructions, and the same draw again
+    ef = [_render(m, records, raws, edits, ExplainSettings(steps=4, inversion="ef-ddpm", seed=1), False) for _ in "ab"]
+    assert max(ef[0][2]["reconstruction"]) < 1e-8
+    np.testing.assert_array_equal(ef[0][1][edits[0].label][0], ef[1][1][edits[0].label][0])
 
 
 def test_directions_of_another_model_are_refused(model, sim, classifier, tmp_path):

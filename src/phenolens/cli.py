@@ -234,6 +234,16 @@ def _add_finetune(sub) -> None:
 
 def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
     """How strong an edit is: the inversion, its restart point and guidance (`translate` and `validate`)."""
+    _add_inversion_options(p)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
+                        "inversion and the reconstruction stay unguided and exact; 1 = none (default: 2 for a PhenDiff "
+                        "model trained with `train`'s default recipe and a fixed-point or ddim inversion, where it was "
+                        "measured to help; else 1, e.g. with EF-DDPM; README \"Edit strength\")")
+
+
+def _add_inversion_options(p: argparse.ArgumentParser) -> None:
+    """How a real image is inverted, and from which step it is rendered again (`translate`, `validate`, `explain`)."""
     p.add_argument("--inversion", choices=INVERSION_CHOICES, default="fixed-point",
                    help="fixed-point: deterministic DDIM, each inversion step solved implicitly (exact); ddim: plain "
                         "DDIM inversion (one network call per step, inexact); ef-ddpm: edit-friendly DDPM inversion, "
@@ -241,11 +251,6 @@ def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", type=int, default=0, metavar="K",
                    help="T_skip: invert only to step K of --steps and render the last steps-K steps under the target; "
                         "larger K keeps more of the source image (weaker edits); 0 = the whole schedule (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
-                        "inversion and the reconstruction stay unguided and exact; 1 = none (default: 2 for a PhenDiff "
-                        "model trained with `train`'s default recipe and a fixed-point or ddim inversion, where it was "
-                        "measured to help; else 1, e.g. with EF-DDPM; README \"Edit strength\")")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of --inversion ef-ddpm's noise maps (each image's draw also depends on its pixels and "
                         "condition, so batching, resuming or moving the files do not change it); deterministic "
@@ -603,10 +608,7 @@ def _add_explain(sub) -> None:
                         "explained (Algorithm 1 removes them; when one direction explains most images the others "
                         "are then judged on the few left)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and rendering (default 50)")
-    p.add_argument("--skip", type=int, default=0, metavar="K",
-                   help="T_skip: invert only to step K of --steps and render the last steps-K steps along each "
-                        "direction; larger K keeps more of each cell (its nuclei where they were) and moves the "
-                        "classifier less; 0 = the whole x_T, as DiffEx does (default 0)")
+    _add_inversion_options(p)  # DiffEx's own stochastic encoding is --inversion fixed-point --skip 0
     p.add_argument("--batch-size", type=int, default=8, help="images inverted together (default 8)")
     p.add_argument("--strip-images", type=int, default=4, help="cells in each strip (default 4)")
     p.add_argument("--strip-points", type=int, default=5, help="alpha values in a strip, -alpha to +alpha (default 5)")
@@ -879,7 +881,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     settings = ExplainSettings(target=args.target, alpha=args.alpha, threshold=args.threshold,
                                n_samples=args.n_samples, max_directions=args.max_directions, steps=args.steps,
-                               skip=args.skip,
+                               skip=args.skip, inversion=args.inversion, seed=args.seed,
                                batch_size=args.batch_size, strip_images=args.strip_images,
                                strip_points=args.strip_points, remove_explained=not args.keep_explained)
     from phenolens.report.grids import translation_grid

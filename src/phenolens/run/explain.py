@@ -52,6 +52,8 @@ class ExplainSettings:
     remove_explained: bool = True  # Algorithm 1; False scores every direction on the whole sample
     steps: int = 50  # DDIM steps of inversion and rendering
     skip: int = 0  # T_skip: invert only to this step and render the rest (0 = DiffEx's whole x_T)
+    inversion: str = "fixed-point"  # the core's inversion; ef-ddpm keeps each image's noise maps for its renders
+    seed: int = 0  # EF-DDPM's noise draw (per image, as `translate` draws it)
     batch_size: int = 8
     strip_images: int = 4
     strip_points: int = 5  # α values from −α to +α, 0 (the reconstruction) included when odd
@@ -66,6 +68,10 @@ class ExplainSettings:
                 raise PhenolensError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.strip_points < 2:
             raise PhenolensError(f"--strip-points {self.strip_points}: must be at least 2")
+        from phenolens.diffusion.inversion import INVERSIONS
+
+        if self.inversion not in INVERSIONS:
+            raise PhenolensError(f"--inversion {self.inversion}: choose one of {', '.join(INVERSIONS)}")
         if not 0 <= self.skip < self.steps:
             raise PhenolensError(f"--skip {self.skip}: must be from 0 to below --steps ({self.steps})")
         if self.max_directions is not None and self.max_directions < 1:
@@ -77,16 +83,20 @@ def _target_probability(model, raws, target_index: int) -> np.ndarray:
     return clf.predict_proba(clf.prepare(raws))[:, target_index]
 
 
-def _render(model, raws, sources, edits, settings: ExplainSettings, progress: bool):
+def _render(model, records, raws, edits, settings: ExplainSettings, progress: bool):
     """Invert each batch once and render it under every edit; (reconstructions, {label: images})."""
     from phenolens.diffusion.inversion import InversionSettings
+    from phenolens.run.translate import noise_generator
 
-    inversion = InversionSettings(steps=settings.steps, skip=settings.skip)
+    inversion = InversionSettings(method=settings.inversion, steps=settings.steps, skip=settings.skip)
+    sources = [r.condition for r in records]
     recon, out = [], {e.label: [] for e in edits}
     mse: dict = {"reconstruction": [], **{e.label: [] for e in edits}}
     for start in range(0, len(raws), settings.batch_size):
         sl = slice(start, start + settings.batch_size)
-        t = model.translate(raws[sl], sources[sl], edits, inversion=inversion, progress=False)
+        generators = [noise_generator(settings.seed, r, raw) for r, raw in zip(records[sl], raws[sl])] \
+            if settings.inversion == "ef-ddpm" else None
+        t = model.translate(raws[sl], sources[sl], edits, inversion=inversion, generator=generators, progress=False)
         recon += t.reconstructions
         mse["reconstruction"] += [float(v) for v in t.recon_mse]
         for e in edits:
@@ -127,6 +137,7 @@ def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sam
     folder.record("run/index.csv", "run/run.json")
     write_json_atomic(run / "run.json", dict(model_dir=str(model_dir.resolve()), input=str(data.resolve()),
                                              method="diffex", steps=settings.steps, skip=settings.skip,
+                                             inversion=settings.inversion,
                                              target=target,
                                              edits=[e.label for e in kept]))
     write_csv_atomic(run / "index.csv", rows, ["source_path", "source_condition", "target_condition", "output_path",
@@ -169,11 +180,10 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
     sample = pick_evenly(records, settings.n_samples)
     read = [read_image(r.path, channels=model.info.channels) for r in sample]
     raws, layouts = [r[0] for r in read], [r[1] for r in read]
-    sources = [r.condition for r in sample]
     k = model.directions.k
     edits = [DirectionEdit(d, s * alpha) for d in range(k) for s in (1, -1)]
     logger.info("explain: %d images x %d directions x 2 signs towards %r (α %.3g)", len(raws), k, target, alpha)
-    recon_all, rendered, mse = _render(model, raws, sources, edits, settings, progress)
+    recon_all, rendered, mse = _render(model, sample, raws, edits, settings, progress)
     before = _target_probability(model, raws, target_index)
     change = np.zeros((len(raws), k, 2))
     rows = []
@@ -199,7 +209,7 @@ def run_explain(model_dir: str | Path, directions_dir: str | Path, data: str | P
     every_point = list({e.label: e for edits_ in strip_edits.values() for e in edits_}.values())
     strip, strip_p = {}, {}
     if ranked:
-        _, strip, _ = _render(model, [raws[i] for i in strip_sample], [sources[i] for i in strip_sample],
+        _, strip, _ = _render(model, [sample[i] for i in strip_sample], [raws[i] for i in strip_sample],
                               every_point, settings, progress=False)
         strip_p = {label: _target_probability(model, images, target_index) for label, images in strip.items()}
     to_model = model.normalizer.to_model
