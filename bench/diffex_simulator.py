@@ -22,7 +22,8 @@ skips what is finished):
    scale (measure.planted.planted_by_target), the phenotype it moves most and by how much more than the
    next, and the source nuclei found again within 3 px (identity).
 
-Writes the tables as Markdown (--out, default WORK/diffex_<mode>[-cd<P>]-l<λ₁>.md) and prints them.
+Writes the tables as Markdown (--out, default WORK/diffex_<mode>[-cd<P>]-l<λ₁>[-ps][-raw]<explain tags>.md,
+the tags those of the explain folders: -aALPHA, -sSKIP, -ef, -all) and prints them.
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--out", type=Path, default=None)
 
 
+def explain_tag(args) -> str:
+    """The explain options that change what an explanation holds, as a name suffix (-aALPHA, -sSKIP, -ef, -all)."""
+    return ((f"-a{args.alpha:g}" if args.alpha else "") + (f"-s{args.skip}" if args.skip else "")
+            + ("-ef" if args.inversion == "ef-ddpm" else "") + ("-all" if args.keep_explained else ""))
+
+
 def explain_stage(model: Path, dirs: Path, data: Path, base: Path, target: str, args) -> Path:
-    """Run `phenolens explain` towards TARGET unless done; its folder is BASE tagged with the options that
-    change what it holds (-aALPHA, -sSKIP, -ef, -all)."""
-    expl = base.parent / (base.name + (f"-a{args.alpha:g}" if args.alpha else "") + (f"-s{args.skip}" if args.skip else "")
-                          + ("-ef" if args.inversion == "ef-ddpm" else "") + ("-all" if args.keep_explained else ""))
+    """Run `phenolens explain` towards TARGET unless done, in BASE + `explain_tag`."""
+    expl = base.parent / (base.name + explain_tag(args))
     if not (expl / "ranking.csv").is_file():
         phenolens("explain", model, dirs, data, expl, "--target", target, "--n-samples", args.n_samples,
                   "--steps", args.render_steps, "--threshold", args.threshold, "--skip", args.skip,
@@ -277,7 +282,7 @@ def main() -> None:
         lines.append("| real | control → " + target + " | | " + " | ".join(f"{real.get(p, float('nan')):+.2f}"
                                                                          for p in phenotypes) + " | | | |")
     text = "\n".join(lines) + "\n"
-    out = args.out or w / f"diffex_{tag}.md"
+    out = args.out or w / f"diffex_{tag}{explain_tag(args)}.md"
     out.write_text(text)
     print(text)
 
