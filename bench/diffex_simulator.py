@@ -22,7 +22,7 @@ skips what is finished):
    scale (measure.planted.planted_by_target), the phenotype it moves most and by how much more than the
    next, and the source nuclei found again within 3 px (identity).
 
-Writes the tables as Markdown (--out, default WORK/diffex_<mode>[-cd<P>]-l<λ₁>[-ps][-raw]<explain tags>.md,
+Writes the tables as Markdown (--out, default WORK/diffex_<mode>[-cd<P>]-l<λ₁>[-ps][-raw][-kK]<explain tags>.md,
 the tags those of the explain folders: -aALPHA, -sSKIP, -ef, -all) and prints them.
 """
 
@@ -253,7 +253,8 @@ def main() -> None:
               f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
               f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
               f"{split['within_first_class']:.2f} (RMS from their mean)."]
-    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}{views}" + ("-raw" if args.no_standardize else "")
+    tag = (f"{args.mode}{cd}-l{args.lambda_cls:g}{views}" + ("-raw" if args.no_standardize else "")
+           + (f"-k{args.k}" if args.k != 10 else ""))
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))
