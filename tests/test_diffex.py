@@ -270,25 +270,29 @@ def test_explain_end_to_end_and_its_bad_input(model, sim, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("explain", model, tmp_path / "elsewhere", sim, tmp_path / "e2")
     assert code == 2 and "not a directions folder" in err, err
-    # --skip (T_skip): the renders start from a later step, so each stays nearer its reconstruction
+    # --skip reaches the run's record (what it does: test_explain_renders_from_a_later_step_or_with_ef_ddpm)
     code, _, err = run_cli("explain", model, tmp_path / "d", sim, tmp_path / "e3", "--n-samples", "3", "--steps", "4",
                            "--threshold", "0", "--keep-explained", "--skip", "3", "--strip-images", "1")
     assert code == 0, err
     assert json.loads((tmp_path / "e3" / "run" / "run.json").read_text())["skip"] == 3
+
+
+def test_explain_renders_from_a_later_step_or_with_ef_ddpm(model, sim, tmp_path):
+    """explain --skip K renders each direction over the last steps-K steps only, so nearer the source;
+    --inversion ef-ddpm keeps each image's noise maps (exact reconstructions, the same draw again)."""
+    from phenolens.data.records import discover
     from phenolens.methods.diffex import DirectionEdit
     from phenolens.run.explain import ExplainSettings, _render, load_diffex
 
+    assert main(["directions", str(model), str(sim), str(tmp_path / "d"), "-k", "2", "--steps", "5"]) == 0
     m = load_diffex(model, None)
     m.use_directions(tmp_path / "d")
-    from phenolens.data.records import discover
-
     records = [r for r in discover(sim) if r.condition == "control"][:2]
     raws = [read_image(r.path, channels=[0, 1, 3])[0] for r in records]
     edits = [DirectionEdit(d, 3.0) for d in range(2)]
     mse = {skip: _render(m, records, raws, edits, ExplainSettings(steps=4, skip=skip), False)[2] for skip in (0, 3)}
     for e in edits:
         assert np.mean(mse[3][e.label]) < np.mean(mse[0][e.label])
-    # --inversion ef-ddpm (the core's edit-friendly inversion): exact reconstructions, and the same draw again
     ef = [_render(m, records, raws, edits, ExplainSettings(steps=4, inversion="ef-ddpm", seed=1), False) for _ in "ab"]
     assert max(ef[0][2]["reconstruction"]) < 1e-8
     np.testing.assert_array_equal(ef[0][1][edits[0].label][0], ef[1][1][edits[0].label][0])

@@ -33,6 +33,7 @@ import numpy as np
 
 from phenolens.atomic import write_csv_atomic, write_json_atomic
 from phenolens.data.records import discover, pick_evenly
+from phenolens.diffusion.inversion import INVERSIONS, InversionSettings
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.methods.diffex_directions import DEFAULT_THRESHOLD, rank_directions
@@ -68,8 +69,6 @@ class ExplainSettings:
                 raise PhenolensError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.strip_points < 2:
             raise PhenolensError(f"--strip-points {self.strip_points}: must be at least 2")
-        from phenolens.diffusion.inversion import INVERSIONS
-
         if self.inversion not in INVERSIONS:
             raise PhenolensError(f"--inversion {self.inversion}: choose one of {', '.join(INVERSIONS)}")
         if not 0 <= self.skip < self.steps:
@@ -85,7 +84,6 @@ def _target_probability(model, raws, target_index: int) -> np.ndarray:
 
 def _render(model, records, raws, edits, settings: ExplainSettings, progress: bool):
     """Invert each batch once and render it under every edit; (reconstructions, {label: images})."""
-    from phenolens.diffusion.inversion import InversionSettings
     from phenolens.run.translate import noise_generator
 
     inversion = InversionSettings(method=settings.inversion, steps=settings.steps, skip=settings.skip)
@@ -137,8 +135,7 @@ def _write_run(out: Path, folder: OutputFolder, model_dir: Path, data: Path, sam
     folder.record("run/index.csv", "run/run.json")
     write_json_atomic(run / "run.json", dict(model_dir=str(model_dir.resolve()), input=str(data.resolve()),
                                              method="diffex", steps=settings.steps, skip=settings.skip,
-                                             inversion=settings.inversion,
-                                             target=target,
+                                             inversion=settings.inversion, target=target,
                                              edits=[e.label for e in kept]))
     write_csv_atomic(run / "index.csv", rows, ["source_path", "source_condition", "target_condition", "output_path",
                                                "recon_mse", "recon_psnr", "change_mse", "kind",
