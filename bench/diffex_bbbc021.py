@@ -31,8 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
-from diffex_simulator import (add_stage_options, csv_rows, explain_stage, phenolens,  # noqa: E402
-                             reconstruction_table)
+from diffex_simulator import (add_stage_options, csv_rows, directions_tag, explain_stage,  # noqa: E402
+                             phenolens, reconstruction_table, views_tag)
 
 CONDITIONS = ("DMSO", "CHX_50uM")
 CHANNEL_NAMES = "DNA,tubulin,actin"
@@ -82,7 +82,7 @@ def main() -> None:
         phenolens("classifier", "evaluate", clf, held, "--out", evaluation)
     rows = list(csv_rows(evaluation))
     accuracy = sum(r["condition"] == r["predicted"] for r in rows) / len(rows)
-    model = w / ("diffex" + ("-ps" if args.classifier_views == "per-stain" else ""))
+    model = w / f"diffex{views_tag(args)}"
     phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", args.lambda_cls,
               "--classifier-views", args.classifier_views,
               "--size", args.size, "--steps", args.steps, "--checkpoint-every", 250,
@@ -95,11 +95,10 @@ def main() -> None:
              "|---:|---:|---:|---:|---:|---:|",
              f"| {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | {100 * rec['accuracy_real']:.1f} % | "
              f"{100 * rec['accuracy_reconstructions']:.1f} % | {100 * rec['accuracy_semantic_renders']:.1f} % |", ""]
-    dirs = w / ("directions" + ("-ps" if args.classifier_views == "per-stain" else ""))
+    dirs = w / f"directions{directions_tag(args)}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))
-    expl = explain_stage(model, dirs, held, w / ("explain" + ("-ps" if args.classifier_views == "per-stain" else "")),
-                         CONDITIONS[-1], args)
+    expl = explain_stage(model, dirs, held, w / f"explain{directions_tag(args)}", CONDITIONS[-1], args)
     ranking = list(csv_rows(expl / "ranking.csv"))
     lines += [f"## towards {CONDITIONS[-1]}: {len(ranking)} direction(s) kept", ""]
     if ranking:

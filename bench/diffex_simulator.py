@@ -68,6 +68,16 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--out", type=Path, default=None)
 
 
+def views_tag(args) -> str:
+    """-ps for a model trained with --classifier-views per-stain (its folder and its directions')."""
+    return "-ps" if args.classifier_views == "per-stain" else ""
+
+
+def directions_tag(args) -> str:
+    """The directions options that change what they are, as a name suffix (-ps, -raw, -kK)."""
+    return views_tag(args) + ("-raw" if args.no_standardize else "") + (f"-k{args.k}" if args.k != 10 else "")
+
+
 def explain_tag(args) -> str:
     """The explain options that change what an explanation holds, as a name suffix (-aALPHA, -sSKIP, -ef, -all)."""
     return ((f"-a{args.alpha:g}" if args.alpha else "") + (f"-s{args.skip}" if args.skip else "")
@@ -234,9 +244,8 @@ def main() -> None:
               "| on renders of z_sem from random x_T |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     models = {}
-    views = "-ps" if args.classifier_views == "per-stain" else ""
     for lam in lambdas:
-        model = w / f"diffex-{args.mode}{cd}-l{lam:g}{views}"
+        model = w / f"diffex-{args.mode}{cd}-l{lam:g}{views_tag(args)}"
         phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
                   "--classifier-views", args.classifier_views,
                   "--steps", args.steps, "--checkpoint-every", 250,
@@ -253,8 +262,7 @@ def main() -> None:
               f"{split['between_classes']:.2f} apart, {split['encoder_part']:.2f} in the encoder's part and "
               f"{split['probability_part']:.2f} in the classifier's probabilities; codes of one class spread "
               f"{split['within_first_class']:.2f} (RMS from their mean)."]
-    tag = (f"{args.mode}{cd}-l{args.lambda_cls:g}{views}" + ("-raw" if args.no_standardize else "")
-           + (f"-k{args.k}" if args.k != 10 else ""))
+    tag = f"{args.mode}{cd}-l{args.lambda_cls:g}{directions_tag(args)}"
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
               *(["--no-standardize"] if args.no_standardize else []))

@@ -55,15 +55,14 @@ DEFAULT_CODE_DIM = 64
 
 
 def classifier_input(x: torch.Tensor, model_norm: Normalizer, classifier: ConditionClassifier,
-                     only_channel: int | None = None) -> torch.Tensor:
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
     """Images in the diffusion model's [-1, 1] -> the classifier's input (its normalisation and crop
-    size), differentiably: raw = model⁻¹(x), input = classifier(raw). ONLY_CHANNEL keeps that stain and
-    sets the others to 0 raw units (no signal), as `classifier evaluate --per-stain` does."""
+    size), differentiably: raw = model⁻¹(x), input = classifier(raw). KEEP (B, C, 1, 1), 1 or 0 per
+    image and stain, sets the stains at 0 to 0 raw units (no signal), as `classifier evaluate
+    --per-stain` does."""
     raw = model_norm.from_model(x)
-    if only_channel is not None:
-        keep = torch.zeros(raw.shape[1], dtype=raw.dtype, device=raw.device)
-        keep[only_channel] = 1
-        raw = raw * keep.view(1, -1, 1, 1)
+    if keep is not None:
+        raw = raw * keep
     y = classifier.normalizer.to_model(raw, clip=classifier.info.clip)
     s = int(classifier.info.image_size)
     h, w = y.shape[-2:]
@@ -98,21 +97,29 @@ def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normaliz
     each stain alone, z_sem = [encoder(x), C(x|stain 1), ..., C(x|stain n), C(x)]: a classifier that
     reads several stains then gives the semantic space one classifier-aware axis per stain instead of a
     single one for all cues together, so that a direction can move one stain's cue without the others.
-    C(x) stays last, where eq. 2's KL term reads it."""
+    C(x) stays last, where eq. 2's KL term reads it. Every view is scored in one classifier call."""
+    masks = view_masks(classifier.info.n_channels, views).to(x0.device, x0.dtype)
+    b = x0.shape[0]
     with torch.no_grad():
-        stains = range(classifier.info.n_channels) if views == "per-stain" else ()
-        scores = [classifier.logits(classifier_input(x0, model_norm, classifier, only_channel=c)).float().softmax(-1)
-                  for c in (*stains, None)]
-    return torch.cat([encoder.encode(x0), *(p.to(x0.dtype) for p in scores)], dim=-1)
+        keep = masks.repeat_interleave(b, dim=0)[:, :, None, None]  # view-major: view 0's images, view 1's, ...
+        x = classifier_input(x0.repeat(len(masks), 1, 1, 1), model_norm, classifier, keep)
+        scores = classifier.logits(x).float().softmax(-1).view(len(masks), b, -1).transpose(0, 1).reshape(b, -1)
+    return torch.cat([encoder.encode(x0), scores.to(x0.dtype)], dim=-1)
 
 
 CLASSIFIER_VIEWS = ("whole", "per-stain")
 
 
+def view_masks(n_channels: int, views: str) -> torch.Tensor:
+    """The stains each classifier view of z_sem keeps, one row per view in z_sem's order: each stain
+    alone (per-stain only), then every stain."""
+    alone = [torch.eye(n_channels)] if views == "per-stain" else []
+    return torch.cat([*alone, torch.ones(1, n_channels)])
+
+
 def n_scores(classifier: ConditionClassifier, views: str) -> int:
     """How many classifier numbers z_sem holds under VIEWS (`semantic_code`)."""
-    n = len(classifier.classes)
-    return n * (1 + classifier.info.n_channels) if views == "per-stain" else n
+    return len(classifier.classes) * len(view_masks(classifier.info.n_channels, views))
 
 
 def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, generator: torch.Generator, *,
