@@ -246,10 +246,12 @@ def main() -> None:
     models = {}
     for lam in lambdas:
         model = w / f"diffex-{args.mode}{cd}-l{lam:g}{views_tag(args)}"
-        phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
-                  "--classifier-views", args.classifier_views,
-                  "--steps", args.steps, "--checkpoint-every", 250,
-                  *(["--resume"] if (model / "checkpoints").is_dir() else []))
+        if (model / "checkpoints").is_dir() or not (model / "phenolens.json").is_file():
+            phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
+                      "--classifier-views", args.classifier_views,
+                      "--steps", args.steps, "--checkpoint-every", 250,
+                      *(["--resume"] if (model / "checkpoints").is_dir() else []))
+        # else: a finished model without checkpoints (bench/diffex_gpu_train.py's): used as it is
         models[lam] = model
         rec = reconstruction_table(model, held, args.render_steps)
         lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "
