@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bbbc021_split import split  # noqa: E402
 from diffex_simulator import (add_stage_options, csv_rows, directions_tag, explain_stage,  # noqa: E402
-                             phenolens, reconstruction_table, views_tag)
+                             phenolens, reconstruction_table, train_stage, views_tag)
 
 CONDITIONS = ("DMSO", "CHX_50uM")
 CHANNEL_NAMES = "DNA,tubulin,actin"
@@ -83,10 +83,7 @@ def main() -> None:
     rows = list(csv_rows(evaluation))
     accuracy = sum(r["condition"] == r["predicted"] for r in rows) / len(rows)
     model = w / f"diffex{views_tag(args)}"
-    phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", args.lambda_cls,
-              "--classifier-views", args.classifier_views,
-              "--size", args.size, "--steps", args.steps, "--checkpoint-every", 250,
-              *(["--resume"] if (model / "checkpoints").is_dir() else []))
+    train_stage(train, model, clf, args.lambda_cls, args, "--size", args.size)
     rec = reconstruction_table(model, held, args.render_steps)
     lines = ["# DiffEx on BBBC021 (DMSO vs CHX_50uM)", "",
              f"classifier on the {len(rows)} held-out cells: {100 * accuracy:.1f} % correct", "",

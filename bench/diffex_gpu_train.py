@@ -1,7 +1,7 @@
 """Train several DiffEx models side by side on one GPU for a fixed wall-clock budget, then pack them.
 
-    python bench/diffex_gpu_train.py WORK --run NAME:MODE:CLASSIFIER:VIEWS [--run ...] --budget SECONDS
-        [--per-condition 300] [--size 48] [--lambda-cls 0.1] [--calibrate-steps 150] [--pack DIR]
+    python bench/diffex_gpu_train.py WORK --run NAME:DATA:CLASSIFIER:VIEWS [--run ...] --budget SECONDS
+        [--per-condition 300] [--size 48] [--lambda-cls 0.1] [--calibrate-steps 150] [--max-steps N] [--pack DIR]
 
 Why: a 2-core CPU trains the tiny DiffEx UNet at about 2 s a step, so the simulator models of
 `bench/diffex_simulator.py` stopped at 1500-2000 steps. On a GPU lent for a few minutes the same
@@ -10,16 +10,22 @@ rest of the bench (reconstruction, directions, explain, measure) runs on the CPU
 `bench/diffex_simulator.py WORK` skips training when WORK/diffex-<tag> is already a finished model.
 
 Stages, each a `phenolens` command as a user would run it:
-1. `phenolens simulate` WORK/train-<mode> (seed 0, the data diffex_simulator.py makes) when missing;
+1. DATA `together` or `separate`: `phenolens simulate` WORK/train-<DATA> (seed 0, the data
+   diffex_simulator.py makes) when missing; any other DATA is a folder or CSV `phenolens train` reads;
 2. a calibration: every --run trains --calibrate-steps steps at once, side by side, into a scratch
    folder; the slowest run's seconds per step (from its train_log.csv) sets how many steps fit the
    budget;
 3. the real runs, side by side, `--steps N` each (the cosine schedule then ends where training ends);
-4. --pack: each model (checkpoints left out) as DIR/<NAME>.tar, and DIR/gpu_train.json with the
-   machine, the steps and the seconds per step measured.
+4. --pack: each model as DIR/<NAME>.tar, and DIR/gpu_train.json with the machine, the steps and the
+   seconds per step measured. The checkpoints and the model's copy of the classifier are left out (a
+   device returns files of 16 MiB at most); after `tar xf NAME.tar`, `cp -r CLASSIFIER NAME/classifier`.
 
---run NAME:MODE:CLASSIFIER:VIEWS trains WORK/NAME on WORK/train-MODE with the classifier directory
-CLASSIFIER (`phenolens classifier train`'s output) and --classifier-views VIEWS (whole or per-stain).
+--run NAME:DATA:CLASSIFIER:VIEWS trains WORK/NAME on DATA with the classifier directory CLASSIFIER
+(`phenolens classifier train`'s output) and --classifier-views VIEWS (whole or per-stain), at --size.
+
+Measured on an H200 (2026-12-04): three 48 px simulator models side by side at 0.049 s a step each
+(7250 steps in 6 min), against about 2 s a step for one on a 2-core CPU thread; two 68 px BBBC021
+models side by side at 0.071 s a step (3000 steps in 3.5 min).
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ def phenolens_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "phenolens", *map(str, args)]
 
 
-def simulate(work: Path, mode: str, per_condition: int, size: int) -> Path:
+def training_data(work: Path, mode: str, per_condition: int, size: int) -> Path:
+    """The simulator's training data for MODE together / separate (made once), or MODE itself as a path."""
+    if mode not in ("together", "separate"):
+        return Path(mode)
     data = work / f"train-{mode}"
     if not (data / "manifest.csv").is_file():
         extra = ["--conditions", "control,high"] if mode == "together" else []
@@ -50,13 +59,14 @@ def simulate(work: Path, mode: str, per_condition: int, size: int) -> Path:
     return data
 
 
-def train_all(runs: list[dict], work: Path, steps: int, out_of: str, lambda_cls: float) -> dict[str, float]:
+def train_all(runs: list[dict], work: Path, steps: int, out_of: str, lambda_cls: float,
+              size: int) -> dict[str, float]:
     """Start every run's `phenolens train` at once and wait; seconds per step of each (its log)."""
     procs = {}
     for r in runs:
         model = work / out_of.format(name=r["name"])
         cmd = phenolens_cmd("train", r["data"], model, "--method", "diffex", "--classifier", r["classifier"],
-                            "--lambda-cls", lambda_cls, "--classifier-views", r["views"], "--steps", steps,
+                            "--lambda-cls", lambda_cls, "--classifier-views", r["views"], "--size", size, "--steps", steps,
                             "--checkpoint-every", max(ROUND, steps // 4))
         print("$ " + " ".join(cmd[2:]), flush=True)
         log = open(work / f"log-{model.name}.txt", "w")
@@ -85,7 +95,7 @@ def pack(runs: list[dict], work: Path, dest: Path, report: dict) -> None:
     for r in runs:
         model = work / r["name"]
         with tarfile.open(dest / f"{r['name']}.tar", "w") as tar:
-            tar.add(model, arcname=r["name"], filter=lambda ti: None if "/checkpoints" in ti.name else ti)
+            tar.add(model, arcname=r["name"], filter=lambda ti: None if ti.name.split("/")[1:2] in (["checkpoints"], ["classifier"]) else ti)
     (dest / "gpu_train.json").write_text(json.dumps(report, indent=2))
 
 
@@ -106,17 +116,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     runs = []
     for spec in args.run:
-        name, mode, clf, views = spec.split(":")
-        runs.append(dict(name=name, mode=mode, classifier=clf, views=views,
-                         data=simulate(work, mode, args.per_condition, args.size)))
+        name, data, clf, views = spec.split(":")
+        runs.append(dict(name=name, classifier=clf, views=views,
+                         data=training_data(work, data, args.per_condition, args.size)))
     t = time.perf_counter()
-    calib = train_all(runs, work, args.calibrate_steps, "calibrate-{name}", args.lambda_cls)
+    calib = train_all(runs, work, args.calibrate_steps, "calibrate-{name}", args.lambda_cls, args.size)
     calib_wall = time.perf_counter() - t
     pace = max(calib.values())
     steps = min(args.max_steps, max(ROUND, int(args.budget / pace * 0.92) // ROUND * ROUND))
     print(f"calibration: {calib} s/step side by side ({calib_wall:.0f} s wall); training {steps} steps", flush=True)
     t = time.perf_counter()
-    rates = train_all(runs, work, steps, "{name}", args.lambda_cls)
+    rates = train_all(runs, work, steps, "{name}", args.lambda_cls, args.size)
     wall = time.perf_counter() - t
     report = dict(machine=machine(), runs=args.run, steps=steps, seconds_per_step=rates,
                   calibration_seconds_per_step=calib, wall_seconds=round(wall, 1), lambda_cls=args.lambda_cls)

@@ -84,6 +84,17 @@ def explain_tag(args) -> str:
             + ("-ef" if args.inversion == "ef-ddpm" else "") + ("-all" if args.keep_explained else ""))
 
 
+def train_stage(train: Path, model: Path, clf: Path, lam: float, args, *extra) -> None:
+    """`phenolens train --method diffex` into MODEL, resumed from its checkpoints when there are some. A
+    finished model without checkpoints (bench/diffex_gpu_train.py's, trained on a GPU) is used as it is."""
+    if (model / "phenolens.json").is_file() and not (model / "checkpoints").is_dir():
+        return
+    phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
+              "--classifier-views", args.classifier_views, *extra,
+              "--steps", args.steps, "--checkpoint-every", 250,
+              *(["--resume"] if (model / "checkpoints").is_dir() else []))
+
+
 def explain_stage(model: Path, dirs: Path, data: Path, base: Path, target: str, args) -> Path:
     """Run `phenolens explain` towards TARGET unless done, in BASE + `explain_tag`."""
     expl = base.parent / (base.name + explain_tag(args))
@@ -246,12 +257,7 @@ def main() -> None:
     models = {}
     for lam in lambdas:
         model = w / f"diffex-{args.mode}{cd}-l{lam:g}{views_tag(args)}"
-        if (model / "checkpoints").is_dir() or not (model / "phenolens.json").is_file():
-            phenolens("train", train, model, "--method", "diffex", "--classifier", clf, "--lambda-cls", lam,
-                      "--classifier-views", args.classifier_views,
-                      "--steps", args.steps, "--checkpoint-every", 250,
-                      *(["--resume"] if (model / "checkpoints").is_dir() else []))
-        # else: a finished model without checkpoints (bench/diffex_gpu_train.py's): used as it is
+        train_stage(train, model, clf, lam, args)
         models[lam] = model
         rec = reconstruction_table(model, held, args.render_steps)
         lines.append(f"| {lam:g} | {rec['images']} | {rec['ssim']:.4f} | {rec['mse']:.2e} | "
