@@ -136,14 +136,11 @@ def main() -> None:
 
 
 def machine() -> str:
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    except ImportError:
-        pass
-    return f"{platform.processor() or platform.machine()} CPU"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
 
 
 if __name__ == "__main__":
