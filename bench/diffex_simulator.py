@@ -57,6 +57,7 @@ def add_stage_options(ap: argparse.ArgumentParser, n_samples: int) -> None:
     ap.add_argument("--direction-steps", type=int, default=2000)
     ap.add_argument("--no-standardize", action="store_true",
                     help="directions' --no-standardize (folders tagged -raw)")
+    ap.add_argument("--whiten", action="store_true", help="directions' --whiten (folders tagged -w)")
     ap.add_argument("--n-samples", type=int, default=n_samples)
     ap.add_argument("--render-steps", type=int, default=50)
     ap.add_argument("--threshold", type=float, default=0.1, help="explain's --threshold")
@@ -74,8 +75,9 @@ def views_tag(args) -> str:
 
 
 def directions_tag(args) -> str:
-    """The directions options that change what they are, as a name suffix (-ps, -raw, -kK)."""
-    return views_tag(args) + ("-raw" if args.no_standardize else "") + (f"-k{args.k}" if args.k != 10 else "")
+    """The directions options that change what they are, as a name suffix (-ps, -raw, -w, -kK)."""
+    return (views_tag(args) + ("-raw" if args.no_standardize else "") + ("-w" if args.whiten else "")
+            + (f"-k{args.k}" if args.k != 10 else ""))
 
 
 def explain_tag(args) -> str:
@@ -230,8 +232,6 @@ def main() -> None:
     add_stage_options(ap, n_samples=32)
     args = ap.parse_args()
 
-    from phenolens.measure.planted import planted_by_target, planted_in, separation
-
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     train, held = w / f"train-{args.mode}", w / f"heldout-{args.mode}"
@@ -273,35 +273,47 @@ def main() -> None:
     tag = f"{args.mode}{cd}-l{args.lambda_cls:g}{directions_tag(args)}"
     dirs = w / f"directions-{tag}"
     phenolens("directions", model, train, dirs, "-k", args.k, "--steps", args.direction_steps,
-              *(["--no-standardize"] if args.no_standardize else []))
+              *(["--no-standardize"] if args.no_standardize else []), *(["--whiten"] if args.whiten else []))
     for target in classes[1:]:
         expl = explain_stage(model, dirs, held, w / f"explain-{tag}-{target}", target, args)
-        ranking = list(csv_rows(expl / "ranking.csv"))
-        lines += ["", f"## towards {target}: {len(ranking)} direction(s) kept", ""]
-        if not ranking:
-            continue
-        if not (expl / "run" / "measure" / "stats.csv").is_file():
-            phenolens("measure", expl / "run", "--reference", held, "--channel-names", CHANNEL_NAMES, "--no-judges")
-        table = planted_by_target(expl / "run" / "measure", [r["edit"] for r in ranking], planted_in(classes))
-        metrics = json.loads((expl / "run" / "measure" / "metrics.json").read_text())
-        phenotypes = list(dict.fromkeys(r["phenotype"] for r in table))
-        lines += ["| rank | direction | p(target) rise | " + " | ".join(phenotypes)
-                  + " | moves most | × next | nuclei found again |",
-                  "|---:|---|---:|" + "---:|" * len(phenotypes) + "---|---:|---:|"]
-        for r in ranking:
-            cells = {t["phenotype"]: t["translated_d"] for t in table if t["target"] == r["edit"]}
-            sep = separation(table, r["edit"])
-            ident = metrics["identity_nuclei_within_3px"].get(r["edit"], {}).get("fraction", float("nan"))
-            lines.append(f"| {r['rank']} | {r['edit']} | {float(r['mean_change']):+.3f} | "
-                         + " | ".join(f"{cells.get(p, float('nan')):+.2f}" for p in phenotypes)
-                         + f" | {sep['largest']} | {sep['ratio_to_next']:.1f} | {100 * ident:.0f} % |")
-        real = {t["phenotype"]: t["real_d"] for t in table if t["target"] == ranking[0]["edit"]}
-        lines.append("| real | control → " + target + " | | " + " | ".join(f"{real.get(p, float('nan')):+.2f}"
-                                                                         for p in phenotypes) + " | | | |")
+        lines += ["", *direction_table(expl, held, classes, target)]
     text = "\n".join(lines) + "\n"
     out = args.out or w / f"diffex_{tag}{explain_tag(args)}.md"
     out.write_text(text)
     print(text)
+
+
+def direction_table(expl: Path, held: Path, classes: list[str], target: str, workers: int | None = None) -> list[str]:
+    """`phenolens measure` of an explanation's run (unless measured), then its table: for every ranked
+    direction, the translated effect of each planted phenotype on the real scale
+    (measure.planted.planted_by_target), the one it moves most and by how much more than the next, and the
+    source nuclei found again within 3 px."""
+    from phenolens.measure.planted import planted_by_target, planted_in, separation
+
+    ranking = list(csv_rows(expl / "ranking.csv"))
+    lines = [f"## towards {target}: {len(ranking)} direction(s) kept", ""]
+    if not ranking:
+        return lines
+    if not (expl / "run" / "measure" / "stats.csv").is_file():
+        phenolens("measure", expl / "run", "--reference", held, "--channel-names", CHANNEL_NAMES, "--no-judges",
+                  *(["--workers", workers] if workers else []))
+    table = planted_by_target(expl / "run" / "measure", [r["edit"] for r in ranking], planted_in(classes))
+    metrics = json.loads((expl / "run" / "measure" / "metrics.json").read_text())
+    phenotypes = list(dict.fromkeys(r["phenotype"] for r in table))
+    lines += ["| rank | direction | p(target) rise | " + " | ".join(phenotypes)
+              + " | moves most | × next | nuclei found again |",
+              "|---:|---|---:|" + "---:|" * len(phenotypes) + "---|---:|---:|"]
+    for r in ranking:
+        cells = {t["phenotype"]: t["translated_d"] for t in table if t["target"] == r["edit"]}
+        sep = separation(table, r["edit"])
+        ident = metrics["identity_nuclei_within_3px"].get(r["edit"], {}).get("fraction", float("nan"))
+        lines.append(f"| {r['rank']} | {r['edit']} | {float(r['mean_change']):+.3f} | "
+                     + " | ".join(f"{cells.get(p, float('nan')):+.2f}" for p in phenotypes)
+                     + f" | {sep['largest']} | {sep['ratio_to_next']:.1f} | {100 * ident:.0f} % |")
+    real = {t["phenotype"]: t["real_d"] for t in table if t["target"] == ranking[0]["edit"]}
+    lines.append("| real | control → " + target + " | | " + " | ".join(f"{real.get(p, float('nan')):+.2f}"
+                                                                     for p in phenotypes) + " | | | |")
+    return lines
 
 
 def classes_of(clf: Path) -> list[str]:

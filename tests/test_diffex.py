@@ -108,6 +108,29 @@ def test_resume_is_exact(sim, classifier, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_whitened_space_steps_one_spread_and_stays_in_the_codes_span():
+    """--whiten: a shift of α is α spreads of the codes (Mahalanobis length α), and never leaves their span
+    (two probabilities that sum to 1 keep summing to 1)."""
+    from phenolens.methods.diffex_directions import DirectionModels, code_spread
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(500, 3, generator=g)
+    p = torch.sigmoid(latent[:, :1] * 2)
+    z = torch.cat([latent @ torch.tensor([[1.0, 0.9, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 5.0]]), p, 1 - p], dim=1)
+    models = DirectionModels(5, k=2)
+    models.fit_standardization(z, whiten=True)
+    assert models.mask.tolist() == [1, 1, 1, 1, 0]  # p and 1 - p: one component of no variance, left out
+    zs = models.standardized(z)[:, :4]
+    np.testing.assert_allclose(torch.cov(zs.T).numpy(), np.eye(4), atol=1e-4)
+    assert code_spread(models.standardized(z)) == pytest.approx(2 * (499 / 500) ** 0.5, rel=1e-4)  # √(kept ones)
+    moved = models.shift(z[:7], 1, 2.5)
+    np.testing.assert_allclose((moved[:, 3] + moved[:, 4]).detach().numpy(), 1.0, atol=1e-5)
+    cov = torch.cov(z.T.double())
+    delta = (moved - z[:7]).double()
+    mahalanobis = (delta @ torch.linalg.pinv(cov) * delta).sum(-1).sqrt()
+    np.testing.assert_allclose(mahalanobis.detach().numpy(), 2.5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "--method diffex needs --classifier"),
     (["--classifier", "CLF", "--channels", "0,1,2"], "reads file channels [0, 1, 3], but training uses [0, 1, 2]"),
@@ -195,12 +218,19 @@ def test_directions_learn_resume_exactly_and_shift_by_alpha(model, sim, tmp_path
     np.testing.assert_allclose((raw.shift(z, 1, 2.5) - z).norm(dim=-1).detach().numpy(), 2.5, rtol=1e-5)
     code, _, err = run_cli("directions", model, sim, tmp_path / "raw", *args, "--steps", "10")
     assert code == 2 and "standardize False -> True" in err, err
+    # --whiten: the codes' principal components at unit spread; their probabilities' sum is no component
+    assert main(["directions", str(model), str(sim), str(tmp_path / "w"), *args, "--steps", "5", "--whiten"]) == 0
+    white, info_w = load_directions(tmp_path / "w")
+    assert info_w.settings["whiten"] and 0 < white.mask.sum() < info_w.dim
+    np.testing.assert_allclose(torch.cov(white.standardized(codes).T)[white.mask > 0][:, white.mask > 0].numpy(),
+                               np.eye(int(white.mask.sum())), atol=1e-3)
 
 
 @pytest.mark.parametrize("extra, message", [
     (["-k", "1"], "at least 2 directions"),
     (["--alpha", "0"], "--alpha 0.0: must be a number above 0"),
     (["--tau", "0"], "--tau 0.0: must be above 0"),
+    (["--whiten", "--no-standardize"], "--whiten with --no-standardize"),
 ])
 def test_directions_bad_options(model, sim, tmp_path, extra, message):
     code, _, err = run_cli("directions", model, sim, tmp_path / "d", *extra)

@@ -568,6 +568,10 @@ def _add_directions(sub) -> None:
                    help="learn the directions in z_sem as it is, instead of with each number scaled by its spread "
                         "over DATA's codes (default: scaled, so that a direction is not drawn to the classifier's "
                         "probabilities, whose scale is ten times the encoder's)")
+    p.add_argument("--whiten", action="store_true",
+                   help="learn the directions in the codes' principal components, each scaled to unit spread (PCA "
+                        "whitening of the standardised codes): a unit step is one spread of the codes along any "
+                        "direction, and steps stay within the codes' span (default: per-number scaling only)")
     p.add_argument("--tau", type=float, default=0.5, help="temperature τ of the contrastive loss, eq. 8 (default 0.5, "
                                                           "LatentCLR's; the paper gives none)")
     p.add_argument("--lambda-reg", type=float, default=1.0,
@@ -869,7 +873,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
 
     settings = DirectionSettings(k=args.k, alpha=args.alpha, tau=args.tau, lambda_reg=args.lambda_reg,
                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                 standardize=args.standardize)
+                                 standardize=args.standardize, whiten=args.whiten)
     info = learn_directions(args.model_dir, args.data, args.out, settings, overwrite=args.overwrite,
                             device=args.device)
     print(directions_summary(info))

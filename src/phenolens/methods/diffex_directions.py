@@ -22,6 +22,14 @@ encoder's numbers to the classifier's probabilities, and their scales differ by 
 z̃ = (z − mean) / std, each number scaled by its spread over the training codes, so that a unit step can
 go anywhere in the code instead of mostly along the classifier's opinion, which is one axis for a
 two-class classifier and moves every phenotype at once. α is then in units of those spreads.
+
+Whitened space (`whiten`, our option): the standardised codes are further rotated into their principal
+components, each scaled to unit spread, z̃ = ((z − mean) / std) U Λ^(-1/2) (PCA whitening). A unit step
+is then one standard deviation of the codes along any direction, not only along each number, so a
+step cannot go many spreads off the codes along a combination of numbers that barely varies (in the
+standardised space it can: the encoder's numbers are correlated). Components whose variance is below
+1e-4 of the largest (the probabilities of a two-class classifier sum to 1) are left out: steps stay in
+the codes' span. α is then in units of the codes' spread along the direction.
 """
 
 from __future__ import annotations
@@ -56,26 +64,43 @@ class DirectionModels(nn.Module):
         self.directions = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
                                         for _ in range(k))
         self.features = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
-        # z̃ = (z − center) / scale: the space the directions live in (identity unless `fit_standardization`)
+        # z̃ = ((z − center) / scale) @ basis: the space the directions live in (identity unless
+        # `fit_standardization`); a step s in z̃ is (s · mask) @ unbasis · scale in z (mask: the components kept)
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("basis", torch.eye(dim))
+        self.register_buffer("unbasis", torch.eye(dim))
+        self.register_buffer("mask", torch.ones(dim))
 
-    def fit_standardization(self, z: torch.Tensor) -> None:
-        """Centre and scale each number of the code by its mean and spread over the codes Z (N, d)."""
+    def fit_standardization(self, z: torch.Tensor, whiten: bool = False) -> None:
+        """Centre and scale each number of the code by its mean and spread over the codes Z (N, d); with
+        WHITEN, also rotate into the principal components, each scaled to unit spread (module docstring)."""
         std = z.std(dim=0)
         self.center.copy_(z.mean(dim=0))
         self.scale.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        if not whiten:
+            return
+        zs = ((z - self.center) / self.scale).double()
+        var, vectors = torch.linalg.eigh(zs.T @ zs / max(len(zs) - 1, 1))
+        order = torch.argsort(var, descending=True)
+        var, vectors = var[order], vectors[:, order]
+        kept = var > 1e-4 * var[0]
+        sd = var.clamp_min(1e-12).sqrt()
+        self.basis.copy_(torch.where(kept, 1 / sd, 0.0) * vectors)  # column j: component j / its spread
+        self.unbasis.copy_((torch.where(kept, sd, 0.0) * vectors).T)
+        self.mask.copy_(kept.to(self.mask.dtype))
 
     def standardized(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.center) / self.scale
+        return ((z - self.center) / self.scale) @ self.basis
 
     def step(self, zs: torch.Tensor, k: int) -> torch.Tensor:
-        """MLP_k(z̃) / ‖MLP_k(z̃)‖ (eq. 4) for standardised codes zs: direction k's unit step in z̃."""
-        return F.normalize(self.directions[k](zs), dim=-1, eps=1e-8)
+        """MLP_k(z̃) / ‖MLP_k(z̃)‖ (eq. 4) for standardised codes zs: direction k's unit step in z̃ (within
+        the kept components)."""
+        return F.normalize(self.directions[k](zs) * self.mask, dim=-1, eps=1e-8)
 
     def unit_shift(self, z: torch.Tensor, k: int) -> torch.Tensor:
         """Where direction k moves each code z, per unit of α, on the codes' own scale."""
-        return self.scale * self.step(self.standardized(z), k)
+        return self.scale * (self.step(self.standardized(z), k) @ self.unbasis)
 
     def shift(self, z: torch.Tensor, k: int, alpha: float | torch.Tensor) -> torch.Tensor:
         """D_k(z, α) (eq. 4), applied in z̃ and mapped back."""
@@ -133,8 +158,11 @@ class DirectionSettings:
     lr: float = 1e-3
     seed: int = 0
     standardize: bool = True  # learn in z̃ = (z − mean) / std (module docstring)
+    whiten: bool = False  # learn in the whitened space (module docstring)
 
     def check(self) -> None:
+        if self.whiten and not self.standardize:
+            raise PhenolensError("--whiten with --no-standardize: whitening standardises first; choose one")
         if self.k < 2:
             raise PhenolensError(f"-k {self.k}: contrastive learning needs at least 2 directions")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -208,7 +236,7 @@ def load_directions(path: Path, optimizer_for: bool = False):
     tensors = load_file(str(path / DIRECTIONS_WEIGHTS))
     models = DirectionModels(info.dim, int(info.settings["k"]))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    for name in ("center", "scale"):  # directions saved before the standardised space: the identity
+    for name in ("center", "scale", "basis", "unbasis", "mask"):  # saved before these existed: the identity
         state.setdefault(name, getattr(models, name))
     models.load_state_dict(state)
     if optimizer_for:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 KIND = "directions"
 CHECKPOINT_EVERY = 500
 LOSS_EVERY = 100
-BEFORE_SETTING_EXISTED = {"standardize": False}  # what directions saved before a setting existed did
+BEFORE_SETTING_EXISTED = {"standardize": False, "whiten": False}  # what directions saved before a setting existed did
 
 
 def load_diffex(model_dir: str | Path, device: str | None = None):
@@ -120,7 +120,7 @@ def learn_directions(model_dir: str | Path, data: str | Path, out: str | Path, s
             torch.random.default_generator.manual_seed(settings.seed)
             models = DirectionModels(z.shape[1], settings.k)
         if settings.standardize:
-            models.fit_standardization(z)
+            models.fit_standardization(z, whiten=settings.whiten)
     alpha = settings.alpha if settings.alpha is not None else code_spread(models.standardized(z))
     if saved is None:
         info = DirectionsInfo(model=str(model_dir.resolve()), model_id=model_id, dim=int(z.shape[1]),
