@@ -259,6 +259,43 @@ def test_a_target_equal_to_the_source_is_not_rendered(tiny_model, blob_data):
     assert np.array_equal(result.translations["to=dose1"][2], result.reconstructions[2])
 
 
+def test_skip_sweep_from_one_inversion_matches_one_translation_per_skip(tiny_model, blob_data):
+    """sweep_skip (DIFFusion's edits of decreasing strength) renders each T_skip from the path of one
+    inversion; with a deterministic inversion that is what inverting to each T_skip alone gives."""
+    from phenolens.diffusion.inversion import InversionSettings
+    from phenolens.methods.phendiff import PhenDiff
+
+    model = PhenDiff.from_pretrained(tiny_model, device="cpu")
+    images = _ctrl_images(blob_data)[:2]
+    # (late starts only: on this random-weight network fixed-point inversion converges for the last few steps)
+    inv = InversionSettings(method="fixed-point", steps=8, tol=0.0, iters=30)
+    sweep = model.sweep_skip(images, "ctrl", "dose2", [5, 7, 6], inversion=inv)
+    assert sweep.skips == [7, 6, 5] and sweep.recon_mse.max() < 1e-9
+    for k in sweep.skips:
+        one = model.translate(images, "ctrl", ["dose2"], inversion=InversionSettings(
+            method="fixed-point", steps=8, tol=0.0, iters=30, skip=k))
+        for a, b in zip(sweep.outputs[k], one.translations["dose2"]):
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * float(np.abs(b).max()))
+    assert sweep.change_mse[7].mean() < sweep.change_mse[5].mean()  # a later start keeps closer to the source
+
+
+def test_ef_ddpm_code_restarted_on_its_path_still_reconstructs_exactly(tiny_model, blob_data):
+    from phenolens.diffusion.inversion import InversionSettings
+    from phenolens.methods.phendiff import PhenDiff
+
+    model = PhenDiff.from_pretrained(tiny_model, device="cpu")
+    x0, _ = model.to_model_space(_ctrl_images(blob_data)[:2])
+    cond = model.condition(x0, ["ctrl", "ctrl"])
+    code = model.invert(x0, cond, InversionSettings(method="ef-ddpm", steps=6), generator=torch.Generator().manual_seed(0))
+    path = {}
+    full = model.render(code, cond, trajectory=path)
+    assert sorted(path) == list(range(6)) and torch.equal(path[0], code.x)
+    for k in (1, 3, 5):
+        torch.testing.assert_close(model.render(code.restart(k, path[k]), cond), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="can restart at steps 0 to 5"):
+        code.restart(6, path[5])
+
+
 # ----------------------------------------------------------------------------- no prints
 @pytest.fixture
 def library_logging(monkeypatch, caplog):

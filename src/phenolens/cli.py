@@ -140,27 +140,32 @@ def _train_config(args: argparse.Namespace, lr: float | None = None, default_dro
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a diffusion model (PhenDiff, or DiffEx's semantic model) on your images",
+    p = sub.add_parser("train", help="train a diffusion model (PhenDiff, DiffEx's semantic model or DIFFusion's "
+                                     "embedded model) on your images",
                        description="Train one class-conditional UNet on all conditions of DATA (PhenDiff), or with "
                                    "--method diffex a UNet conditioned on each image's semantic code [encoder(x), "
-                                   "classifier scores] (DiffEx). Runs on CPU, one GPU, or several under "
-                                   "`accelerate launch -m phenolens train ...`.")
+                                   "classifier scores] (DiffEx), or with --method diffusion a UNet conditioned on an "
+                                   "image embedding learnt with it (DIFFusion's embedded default). Runs on CPU, one "
+                                   "GPU, or several under `accelerate launch -m phenolens train ...`.")
     p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
     p.add_argument("model_dir", type=Path, help="where the model, its checkpoints and train_log.csv go")
-    p.add_argument("--method", choices=("phendiff", "diffex"), default="phendiff",
+    p.add_argument("--method", choices=("phendiff", "diffex", "diffusion"), default="phendiff",
                    help="phendiff: the condition is the class label; diffex: a semantic diffusion autoencoder aware of "
-                        "--classifier, whose learned directions explain it (default phendiff)")
+                        "--classifier, whose learned directions explain it; diffusion: a diffusion autoencoder whose "
+                        "condition is the image's own embedding (its code, L2-normalised), which `translate` moves "
+                        "towards another condition's mean (DIFFusion) (default phendiff)")
     p.add_argument("--classifier", type=Path, default=None,
                    help="with --method diffex: the classifier to explain, a folder from `phenolens classifier train` or "
-                        "`classifier import`; its classes must be DATA's conditions and its channels --channels")
+                        "`classifier import`; its classes must be DATA's conditions and its channels --channels. "
+                        "With --method diffusion (optional): its scores join the embedding")
     p.add_argument("--code-dim", type=int, default=64,
-                   help="with --method diffex: length of the encoder's code in z_sem (default 64)")
+                   help="with --method diffex or diffusion: length of the encoder's code (default 64)")
     p.add_argument("--classifier-views", choices=("whole", "per-stain"), default="whole",
                    help="with --method diffex: the classifier's scores in z_sem. whole: its probabilities for the "
                         "image (the paper's); per-stain: also its probabilities with each stain alone (the others "
                         "blanked), one classifier-aware axis per stain, so that directions can separate the cues of "
                         "different stains (for a classifier trained with --channel-dropout) (default whole)")
-    p.add_argument("--lambda-cls", type=float, default=0.1,
+    p.add_argument("--lambda-cls", type=float, default=None,
                    help="with --method diffex: weight λ₁ of the KL term that keeps the classifier's scores of the "
                         "model's denoised estimate equal to the image's (DiffEx eq. 3; the paper gives no value; "
                         "0 = none) (default 0.1)")
@@ -276,6 +281,17 @@ def _add_translate(sub) -> None:
     p.add_argument("--from", dest="source", default=None, metavar="COND",
                    help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
+    p.add_argument("--omega", type=float, default=None, metavar="W",
+                   help="DIFFusion models (`train --method diffusion`): the edit moves each image's embedding by W "
+                        "times the difference of the target's and the source's mean embeddings, ĉ = c + W·Δc "
+                        "(eq. 6; index.csv's edit writes to=COND,omega=W) (default 2, the paper's)")
+    p.add_argument("--mean-images", type=int, default=None, metavar="N",
+                   help="DIFFusion models: images per condition whose mean embedding gives Δc (eq. 7), spread evenly "
+                        "over each condition; stored in OUT/class_means.* (default 50: the paper's means stop "
+                        "improving near 50)")
+    p.add_argument("--mean-data", default=None, metavar="DATA",
+                   help="DIFFusion models: the images the class means come from (default: the data the model was "
+                        "trained on, as its phenolens.json records it, else INPUT)")
     _add_edit_strength_options(p)
     p.add_argument("--inversion-iters", type=int, default=DEFAULT_ITERS,
                    help="fixed-point: at most this many network calls per step after the first guess, at least 1 "
@@ -682,12 +698,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                              "the image from pure noise)")
     prediction_type = args.prediction_type or ("v_prediction" if args.zero_terminal_snr else RECIPE_PREDICTION_TYPE)
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
-    if args.method == "diffex":
-        _train_diffex(args, prediction_type, command)
+    if args.method in ("diffex", "diffusion"):
+        _train_semantic(args, prediction_type, command)
         return
     for option in ("classifier",):
         if getattr(args, option) is not None:
-            raise PhenolensError(f"--{option} is for --method diffex")
+            raise PhenolensError(f"--{option} is for --method diffex or diffusion")
     settings = PhenDiffTrainSettings(
         preset=args.preset, size=args.size, channels=parse_channels(args.channels), conditions=args.conditions,
         prediction_type=prediction_type, zero_terminal_snr=args.zero_terminal_snr,
@@ -700,22 +716,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"model saved in {args.model_dir}")
 
 
-def _train_diffex(args: argparse.Namespace, prediction_type: str, command: str) -> None:
+def _train_semantic(args: argparse.Namespace, prediction_type: str, command: str) -> None:
+    """--method diffex (DiffEx's semantic model) or diffusion (DIFFusion's embedded model): one trainer."""
     from phenolens.data.io import parse_channels
-    from phenolens.methods.diffex import DiffExTrainSettings, train_diffex
+    from phenolens.methods.diffex import DEFAULT_LAMBDA_CLS, DiffExTrainSettings, train_diffex
 
-    if args.classifier is None:
+    if args.classifier is None and args.method == "diffex":
         raise PhenolensError("--method diffex needs --classifier, the classifier to explain (make one with "
                              "`phenolens classifier train DATA OUT`)")
+    if args.method == "diffusion" and args.lambda_cls is not None and args.lambda_cls != 0:
+        raise PhenolensError("--lambda-cls is DiffEx's KL term; DIFFusion's model has none (--method diffusion)")
     if args.zero_terminal_snr or args.timestep_spacing != "leading":
         raise PhenolensError("--zero-terminal-snr and --timestep-spacing are for --method phendiff")
-    settings = DiffExTrainSettings(classifier=str(args.classifier), preset=args.preset, size=args.size,
-                                   conditions=args.conditions, code_dim=args.code_dim, lambda_cls=args.lambda_cls,
+    settings = DiffExTrainSettings(classifier=str(args.classifier or ""), preset=args.preset, size=args.size,
+                                   conditions=args.conditions, code_dim=args.code_dim,
+                                   lambda_cls=DEFAULT_LAMBDA_CLS if args.lambda_cls is None else args.lambda_cls,
                                    classifier_views=args.classifier_views,
                                    prediction_type=prediction_type, skip_bad=args.skip_bad)
     config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.0)
     train_diffex(args.data, args.model_dir, settings, config, channels=parse_channels(args.channels),
-                 resume=args.resume, overwrite=args.overwrite, command=command)
+                 resume=args.resume, overwrite=args.overwrite, command=command, method=args.method)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model saved in {args.model_dir}")
 
@@ -774,7 +794,8 @@ def cmd_translate(args: argparse.Namespace) -> None:
         source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
         inversion_iters=args.inversion_iters, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
         max_clipped=args.max_clipped, skip=args.skip, inversion_tol=args.inversion_tol, solver=args.solver,
-        warm_start=args.warm_start,
+        warm_start=args.warm_start, omega=args.omega, mean_images=args.mean_images,
+        mean_data=str(Path(args.mean_data).resolve()) if args.mean_data else None,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
                           workers=args.workers)

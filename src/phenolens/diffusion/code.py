@@ -48,6 +48,17 @@ class Code:
     def stochastic(self) -> bool:
         return self.noise is not None
 
+    def restart(self, start: int, x: Tensor) -> "Code":
+        """The code that starts later, at sampling step START (a larger T_skip), from X: the images at that
+        step on this code's path under the inversion's condition (`render(..., trajectory=...)`). The
+        noise maps of the steps left are this code's own, so rendering it under that condition still
+        returns the images exactly."""
+        if not self.start <= start < self.steps:
+            raise ValueError(f"a code starting at step {self.start} of {self.steps} can restart at steps "
+                             f"{self.start} to {self.steps - 1}, not {start}")
+        noise = None if self.noise is None else self.noise[start - self.start:]
+        return Code(x, self.steps, start, noise, self.forwards.clone())
+
     def take(self, index: Tensor | Sequence[int]) -> "Code":
         """The codes of images `index` (e.g. those an edit changes)."""
         idx = torch.as_tensor(index, dtype=torch.long)

@@ -322,8 +322,13 @@ def render(
     guidance_scale: float = 1.0,
     null_condition: Condition | None = None,
     progress: bool = False,
+    trajectory: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """x_0 from a code under CONDITION, starting at the code's step, with `DDIMScheduler.step`.
+
+    TRAJECTORY, when given, receives x before each sampling step (key: the step's index in the schedule):
+    under the inversion's own condition these are the points every shorter code restarts from
+    (`Code.restart`), so one inversion serves a whole sweep of T_skip.
 
     A deterministic code runs DDIM (η = 0, PhenDiff eq. 5). A code with noise maps runs DDPM (η = 1)
     with those maps as `variance_noise` (DIFFusion eq. 8); on the last step, where σ = 0, the map is the
@@ -340,6 +345,8 @@ def render(
     x = code.x
     timesteps = [int(t) for t in work.timesteps][code.start:]
     for k, t in enumerate(_progress(timesteps, progress, "render", len(timesteps))):
+        if trajectory is not None:
+            trajectory[code.start + k] = x
         if guided:
             out = model(torch.cat([x, x]), _timestep(t, torch.cat([x, x])), both)
             cond, uncond = out.chunk(2)

@@ -96,6 +96,18 @@ class Translation:
 EditLike = Union[Edit, str]
 
 
+@dataclass
+class SkipSweep:
+    """What `sweep_skip` returns: one edit of a batch from each T_skip (highest first), in raw units, with
+    the reconstruction and the per-image MSEs ([-1, 1] units) against the sources."""
+
+    skips: list[int]
+    reconstructions: list[np.ndarray]
+    recon_mse: np.ndarray
+    outputs: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    change_mse: dict[int, np.ndarray] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Frame:
     """Where a batch of images sits in the tensor the networks see. Why: networks take sides that are
@@ -185,11 +197,12 @@ class CounterfactualModel:
                             generator=generator, progress=progress)
 
     def render(self, code: Code, condition: Condition, guidance_scale: float = 1.0,
-               progress: bool = False) -> torch.Tensor:
-        """The diffusion-space images a code becomes under CONDITION, from the code's own step."""
+               progress: bool = False, trajectory: dict | None = None) -> torch.Tensor:
+        """The diffusion-space images a code becomes under CONDITION, from the code's own step (TRAJECTORY:
+        see `diffusion.ddim.render`)."""
         null = self.null_condition(len(code)) if guidance_scale != 1.0 else None
         return render(self.network(), code, condition, self.scheduler, guidance_scale=guidance_scale,
-                      null_condition=null, progress=progress)
+                      null_condition=null, progress=progress, trajectory=trajectory)
 
     def model_scale(self, h: int, w: int) -> tuple[int, int]:
         """The (h, w) an image of (h, w) pixels is processed at: its own, unless the model was trained on
@@ -303,6 +316,46 @@ class CounterfactualModel:
                 result.latent_change_mse[key] = mse_per_image(z_out, z0)
         result.render_forwards = render_forwards
         return result
+
+    @torch.no_grad()
+    def sweep_skip(self, images: Sequence[np.ndarray], source: str | Sequence[str], edit: EditLike,
+                   skips: Sequence[int], *, inversion: InversionSettings | None = None, guidance_scale: float = 1.0,
+                   generator: Generators = None, progress: bool = False) -> SkipSweep:
+        """One edit rendered from several T_skip (DIFFusion §4.2: edits of decreasing strength, from the
+        highest T_skip down), all from one inversion: the images are inverted from the smallest T_skip, the
+        reconstruction's path under their own condition gives the point each later start restarts from
+        (`Code.restart`), and the edited condition is rendered from each. `inversion.skip` is ignored."""
+        from dataclasses import replace
+
+        sources = [source] * len(images) if isinstance(source, str) else list(source)
+        skips = sorted(set(int(k) for k in skips), reverse=True)
+        if not skips:
+            raise PhenolensError("a T_skip sweep needs at least one T_skip")
+        inversion = replace(inversion or InversionSettings(), skip=min(skips))
+        inversion.check()
+        edit = self.as_edit(edit)
+        with self.inference():
+            x0, frame = self.to_model_space(images)
+            x0 = x0.to(self.device)
+            src = self.normalized(images).to(self.device) if frame.resized else self.crop_back(x0, frame)
+            cond = self.condition(x0, sources)
+            code = self.invert(self.encode(x0), cond, inversion, generator=generator, progress=progress)
+            path: dict[int, torch.Tensor] = {}
+            recon = self.crop_back(self.decode(self.render(code, cond, progress=progress, trajectory=path))
+                                   .clamp(-1, 1), frame)
+            sweep = SkipSweep(skips=skips, reconstructions=self._to_raw(recon), recon_mse=mse_per_image(recon, src))
+            changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
+            idx = torch.tensor(changed, dtype=torch.long, device=x0.device)
+            cond_e = self.edited(take(cond, changed), edit, [sources[i] for i in changed], x0[idx]) if changed else None
+            for k in skips:
+                out = recon.clone()
+                if changed:
+                    z = self.render(code.restart(k, path[k]).take(changed), cond_e, guidance_scale=guidance_scale,
+                                    progress=progress)
+                    out[idx] = self.crop_back(self.decode(z).clamp(-1, 1), frame)
+                sweep.outputs[k] = self._to_raw(out)
+                sweep.change_mse[k] = mse_per_image(out, src)
+            return sweep
 
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, conditions: Sequence[str], steps: int = 50,

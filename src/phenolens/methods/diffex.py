@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -89,22 +89,31 @@ class SemanticDiffusion(nn.Module):
                 "classifier": self.classifier_digest}
 
 
-def semantic_code(encoder, classifier: ConditionClassifier, model_norm: Normalizer, x0: torch.Tensor,
+def semantic_code(encoder, classifier: ConditionClassifier | None, model_norm: Normalizer, x0: torch.Tensor,
                   views: str = "whole") -> torch.Tensor:
     """z_sem = [encoder(x), C(x)] (§3.1): the code, then the classifier's class probabilities.
+
+    Without a classifier (DIFFusion's embedded model, `phenolens.methods.diffusion_embedding`) z_sem is
+    the encoder's code alone; an encoder with `unit_norm` returns z_sem scaled to length 1.
 
     VIEWS "per-stain" (our extension, not the paper's) also puts in the classifier's probabilities with
     each stain alone, z_sem = [encoder(x), C(x|stain 1), ..., C(x|stain n), C(x)]: a classifier that
     reads several stains then gives the semantic space one classifier-aware axis per stain instead of a
     single one for all cues together, so that a direction can move one stain's cue without the others.
     C(x) stays last, where eq. 2's KL term reads it. Every view is scored in one classifier call."""
+    if classifier is None:
+        return _unit(encoder, encoder.encode(x0))
     masks = view_masks(classifier.info.n_channels, views).to(x0.device, x0.dtype)
     b = x0.shape[0]
     with torch.no_grad():
         keep = masks.repeat_interleave(b, dim=0)[:, :, None, None]  # view-major: view 0's images, view 1's, ...
         x = classifier_input(x0.repeat(len(masks), 1, 1, 1), model_norm, classifier, keep)
         scores = classifier.logits(x).float().softmax(-1).view(len(masks), b, -1).transpose(0, 1).reshape(b, -1)
-    return torch.cat([encoder.encode(x0), scores.to(x0.dtype)], dim=-1)
+    return _unit(encoder, torch.cat([encoder.encode(x0), scores.to(x0.dtype)], dim=-1))
+
+
+def _unit(encoder, z: torch.Tensor) -> torch.Tensor:
+    return F.normalize(z, dim=-1) if getattr(encoder, "unit_norm", False) else z
 
 
 CLASSIFIER_VIEWS = ("whole", "per-stain")
@@ -117,13 +126,15 @@ def view_masks(n_channels: int, views: str) -> torch.Tensor:
     return torch.cat([*alone, torch.ones(1, n_channels)])
 
 
-def n_scores(classifier: ConditionClassifier, views: str) -> int:
-    """How many classifier numbers z_sem holds under VIEWS (`semantic_code`)."""
+def n_scores(classifier: ConditionClassifier | None, views: str) -> int:
+    """How many classifier numbers z_sem holds under VIEWS (`semantic_code`); none without a classifier."""
+    if classifier is None:
+        return 0
     return len(classifier.classes) * len(view_masks(classifier.info.n_channels, views))
 
 
 def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, generator: torch.Generator, *,
-                  classifier: ConditionClassifier, model_norm: Normalizer, lambda_cls: float,
+                  classifier: ConditionClassifier | None, model_norm: Normalizer, lambda_cls: float,
                   views: str = "whole") -> torch.Tensor:
     """L_sem = L_diffusion + λ₁ L_cls (eqs. 1-3).
 
@@ -131,6 +142,7 @@ def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, gen
     L_cls (eq. 2): D_KL[C(x') || C(x)]. The paper's x' is the reconstruction; a full sampling pass per
     training step is unaffordable, so x' here is the model's own estimate x̂₀ at the sampled step t
     (from its prediction, clipped to [-1, 1]), which is the reconstruction's one-step approximation.
+    Without a classifier (DIFFusion's embedded model) there is no L_cls.
     """
     b = x0.shape[0]
     num_t = int(noise_scheduler.config.num_train_timesteps)
@@ -148,7 +160,7 @@ def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, gen
     else:
         raise PhenolensError(f"prediction_type {kind!r}: DiffEx trains with epsilon or v_prediction")
     loss = F.mse_loss(pred.float(), target.float())
-    if lambda_cls > 0:
+    if lambda_cls > 0 and classifier is not None:
         p_real = z_sem[:, -len(classifier.classes):].detach().float().clamp_min(1e-8)
         logp_hat = classifier.logits(classifier_input(x0_hat.clamp(-1, 1), model_norm, classifier)).float() \
             .log_softmax(-1)
@@ -209,22 +221,8 @@ class DiffEx(CounterfactualModel):
     # ----------------------------------------------------------------------------- persistence
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> "DiffEx":
-        from phenolens.models.semantic import SemanticEncoder
-
-        model_dir = Path(model_dir)
-        unet, scheduler, info = load_model(model_dir, device="cpu")
-        if info.method != "diffex":
-            raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not a DiffEx model")
-        for part in (ENCODER_DIR, CLASSIFIER_DIR):
-            if not (model_dir / part).is_dir():
-                raise PhenolensError(f"{model_dir}: DiffEx model is incomplete ({part}/ missing)")
-        try:
-            encoder = SemanticEncoder.from_pretrained(model_dir / ENCODER_DIR, use_safetensors=True)
-        except (OSError, ValueError) as err:
-            raise PhenolensError(f"{model_dir / ENCODER_DIR}: cannot load the semantic encoder "
-                                 f"({str(err).splitlines()[0]})") from None
-        classifier = ConditionClassifier.from_pretrained(model_dir / CLASSIFIER_DIR)
-        return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=model_dir)
+        unet, encoder, classifier, scheduler, info = load_semantic_model(model_dir, "diffex", "a DiffEx model")
+        return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=Path(model_dir))
 
     def save_pretrained(self, model_dir: str | Path) -> None:
         save_model(Path(model_dir), self.unet, self.scheduler, self.info, extra=model_parts(self.encoder,
@@ -283,10 +281,35 @@ class DiffEx(CounterfactualModel):
         return unet_downsample_factor(self.unet)
 
 
-def model_parts(encoder, classifier: ConditionClassifier) -> dict:
-    """The parts a DiffEx folder holds besides unet/ and scheduler/, as `save_model`'s writers."""
-    return {ENCODER_DIR: lambda path: encoder.save_pretrained(path, safe_serialization=True),
-            CLASSIFIER_DIR: lambda path: classifier.save_pretrained(path)}
+def load_semantic_model(model_dir: str | Path, method: str, what: str, need_classifier: bool = True):
+    """(unet, encoder, classifier or None, scheduler, info) of a semantic model folder whose phenolens.json
+    names METHOD (WHAT says it in errors); the classifier is loaded when the folder holds one."""
+    from phenolens.models.semantic import SemanticEncoder
+
+    model_dir = Path(model_dir)
+    unet, scheduler, info = load_model(model_dir, device="cpu")
+    if info.method != method:
+        raise PhenolensError(f"{model_dir}: is a {info.method!r} model, not {what}")
+    for part in (ENCODER_DIR, *([CLASSIFIER_DIR] if need_classifier else [])):
+        if not (model_dir / part).is_dir():
+            raise PhenolensError(f"{model_dir}: {what} is incomplete ({part}/ missing)")
+    try:
+        encoder = SemanticEncoder.from_pretrained(model_dir / ENCODER_DIR, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise PhenolensError(f"{model_dir / ENCODER_DIR}: cannot load the semantic encoder "
+                             f"({str(err).splitlines()[0]})") from None
+    classifier = ConditionClassifier.from_pretrained(model_dir / CLASSIFIER_DIR) \
+        if (model_dir / CLASSIFIER_DIR).is_dir() else None
+    return unet, encoder, classifier, scheduler, info
+
+
+def model_parts(encoder, classifier: ConditionClassifier | None) -> dict:
+    """The parts a DiffEx folder holds besides unet/ and scheduler/, as `save_model`'s writers (no
+    classifier/ for a DIFFusion model trained without one)."""
+    parts = {ENCODER_DIR: lambda path: encoder.save_pretrained(path, safe_serialization=True)}
+    if classifier is not None:
+        parts[CLASSIFIER_DIR] = lambda path: classifier.save_pretrained(path)
+    return parts
 
 
 # --------------------------------------------------------------------------------- training
@@ -322,9 +345,16 @@ def check_classifier_fits(classifier: ConditionClassifier, classifier_dir: Path,
 
 def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainSettings, config, *,
                  channels: Sequence[int] | None = None, resume: bool = False, overwrite: bool = False,
-                 command: str = "", progress: bool = True) -> ModelInfo:
+                 command: str = "", progress: bool = True, method: str = "diffex") -> ModelInfo:
     """Train a DiffEx semantic model on DATA into MODEL_DIR with the shared trainer (EMA, checkpoints,
-    exact resume, Accelerate); the classifier's classes name the conditions, in its order."""
+    exact resume, Accelerate); the classifier's classes name the conditions, in its order.
+
+    METHOD "diffusion" trains the same networks as DIFFusion's embedded model: the code is scaled to
+    length 1 (its image embedding), there is no KL term, and the classifier is optional (without one the
+    data's conditions are the model's)."""
+    embedded = method == "diffusion"
+    if embedded:
+        settings = replace(settings, lambda_cls=0.0)
     from phenolens import __version__
     from phenolens.data.dataset import ImageSet
     from phenolens.data.records import training_records
@@ -345,19 +375,24 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         raise PhenolensError(f"--code-dim {settings.code_dim}: must be at least 1")
     if settings.classifier_views not in CLASSIFIER_VIEWS:
         raise PhenolensError(f"--classifier-views {settings.classifier_views}: choose {' or '.join(CLASSIFIER_VIEWS)}")
-    classifier_dir = Path(settings.classifier)
-    classifier = ConditionClassifier.from_pretrained(classifier_dir)
+    classifier_dir = Path(settings.classifier) if settings.classifier else None
+    if classifier_dir is None and not embedded:
+        raise PhenolensError("--method diffex needs --classifier, the classifier to explain (make one with "
+                             "`phenolens classifier train DATA OUT`)")
+    classifier = ConditionClassifier.from_pretrained(classifier_dir) if classifier_dir else None
     records, conditions = training_records(data, settings.conditions)
-    if sorted(classifier.classes) != sorted(conditions):
-        raise PhenolensError(f"--classifier {classifier_dir}: its classes ({', '.join(classifier.classes)}) are not "
-                             f"the data's conditions ({', '.join(conditions)})")
-    conditions = settings.conditions or classifier.classes  # without --conditions, the classifier's order
-    check_classifier_fits(classifier, classifier_dir, channels)  # before reading the images
+    if classifier is not None:
+        if sorted(classifier.classes) != sorted(conditions):
+            raise PhenolensError(f"--classifier {classifier_dir}: its classes ({', '.join(classifier.classes)}) are "
+                                 f"not the data's conditions ({', '.join(conditions)})")
+        conditions = settings.conditions or classifier.classes  # without --conditions, the classifier's order
+        check_classifier_fits(classifier, classifier_dir, channels)  # before reading the images
     folder = open_model_folder(model_dir, inputs=training_inputs(data, records), resume=resume, overwrite=overwrite)
     images = ImageSet(records, settings.size, conditions, channels=channels, skip_bad=settings.skip_bad,
                       augment=getattr(config, "augment", True), progress=progress,
                       size_multiple=preset_downsample_factor(settings.preset))
-    check_classifier_fits(classifier, classifier_dir, channels, images.size)
+    if classifier is not None:
+        check_classifier_fits(classifier, classifier_dir, channels, images.size)
     main = is_main_process()
     if main:
         (logger.warning if images.resized_up else logger.info)(size_line(images, settings.size))
@@ -367,24 +402,26 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         torch.random.default_generator.manual_seed(config.seed)
         unet = build_semantic_unet(settings.preset, channels=images.n_channels, size=images.size)
         encoder = SemanticEncoder(in_channels=images.n_channels, code_dim=settings.code_dim,
-                                  n_scores=n_scores(classifier, settings.classifier_views), embed_dim=embed_dim_of(unet))
+                                  n_scores=n_scores(classifier, settings.classifier_views), embed_dim=embed_dim_of(unet),
+                                  unit_norm=embedded)
     scheduler = make_scheduler(prediction_type=settings.prediction_type)
     info = ModelInfo(
         conditions=list(conditions), n_channels=images.n_channels, image_size=images.size,
-        normalization=images.normalizer.to_dict(), method="diffex", channels=list(channels) if channels else None,
+        normalization=images.normalizer.to_dict(), method=method, channels=list(channels) if channels else None,
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=0.0,
         size_rule="resize-up" if images.resized_up else "own",
-        semantic=dict(code_dim=settings.code_dim, classes=classifier.classes, lambda_cls=settings.lambda_cls,
-                      classifier_views=settings.classifier_views, classifier=str(classifier_dir.resolve()),
-                      classifier_digest=classifier.digest()),
+        semantic=dict(code_dim=settings.code_dim, classes=classifier.classes if classifier else list(conditions),
+                      lambda_cls=settings.lambda_cls, classifier_views=settings.classifier_views,
+                      classifier=str(classifier_dir.resolve()) if classifier_dir else "",
+                      classifier_digest=classifier.digest() if classifier else "", unit_norm=embedded),
     )
     device_classifier: dict = {}
 
     def loss_fn(net, noise_scheduler, x0, labels, generator):
-        if not device_classifier:  # the trainer picks the device: follow the networks there
+        if not device_classifier and classifier is not None:  # the trainer picks the device: follow the networks
             classifier.model.to(x0.device)
             device_classifier["done"] = True
         return semantic_loss(net, noise_scheduler, x0, generator, classifier=classifier,
@@ -393,10 +430,11 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
 
     def on_save(trained: SemanticDiffusion, step: int) -> None:
         info.training["steps_done"] = step
-        folder.record(*DIFFEX_FILES)
+        folder.record(*(DIFFEX_FILES if classifier else [f for f in DIFFEX_FILES if f != CLASSIFIER_DIR]))
         save_model(model_dir, trained.unet, scheduler, info, extra=model_parts(trained.encoder, classifier))
 
-    classifier.model.requires_grad_(False)  # frozen: eq. 3 trains the UNet and the encoder only
+    if classifier is not None:
+        classifier.model.requires_grad_(False)  # frozen: eq. 3 trains the UNet and the encoder only
     train(SemanticDiffusion(unet, encoder, info.semantic["classifier_digest"]), scheduler, images, model_dir, config,
           null_label=len(conditions), resume=resume, overwrite=overwrite, loss_fn=loss_fn, on_save=on_save, progress=progress, out_folder=folder)
     return info

@@ -24,6 +24,7 @@ METHODS: dict[str, Union[str, Loader]] = {
     "phendiff": "phenolens.methods.phendiff:PhenDiff",
     "phenldiff": "phenolens.methods.phenldiff:PhenLDiff",
     "diffex": "phenolens.methods.diffex:DiffEx",
+    "diffusion": "phenolens.methods.diffusion_embedding:DIFFusion",
 }
 
 

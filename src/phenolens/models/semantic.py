@@ -31,7 +31,9 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, in_channels: int = 4, code_dim: int = 64, n_scores: int = 2, width: int = 32,
-                 levels: int = 3, embed_dim: int = 128, norm_groups: int = 8):
+                 levels: int = 3, embed_dim: int = 128, norm_groups: int = 8, unit_norm: bool = False):
+        # unit_norm: the semantic code is L2-normalised before it conditions the UNet (DIFFusion's image
+        # embeddings, paper 004 §3: "we normalize all the image embeddings with L2 norm")
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1)]
         channels = width
@@ -47,8 +49,12 @@ class SemanticEncoder(ModelMixin, ConfigMixin):
                                        nn.Linear(embed_dim, embed_dim))
 
     @property
+    def unit_norm(self) -> bool:
+        return bool(self.config.get("unit_norm", False))  # encoders saved before it: False
+
+    @property
     def sem_dim(self) -> int:
-        """Length of z_sem: the code and one score per class."""
+        """Length of z_sem: the code and one score per class (none without a classifier)."""
         return int(self.config.code_dim + self.config.n_scores)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,10 @@ class TranslateSettings:
     inversion_tol: float = DEFAULT_TOL  # fixed-point: an image's iteration stops below this residual
     solver: str = DEFAULT_SOLVER  # fixed-point: picard or anderson
     warm_start: bool = True  # fixed-point: first guess of a step from the previous step's ε
+    # DIFFusion models only (`phenolens.run.class_means`): the edit ĉ = c + ω·Δc and where Δc comes from
+    omega: float | None = None  # None = DEFAULT_OMEGA
+    mean_images: int | None = None  # None = DEFAULT_MEAN_IMAGES
+    mean_data: str | None = None  # None = the model's training data, else INPUT
 
     def inversion_settings(self) -> InversionSettings:
         return InversionSettings(method=self.inversion, steps=self.steps, skip=self.skip, iters=self.inversion_iters,
@@ -280,9 +284,26 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                         "recipe; --guidance-scale 1 for none)")
     check_guidance(settings, model.info)
     records = _unique_records(records)
+    embedded = model.info.method == "diffusion"
+    if embedded:
+        from phenolens.run.class_means import DEFAULT_MEAN_IMAGES, check_embedding_edit, mean_data_of
+
+        settings = replace(settings, mean_images=DEFAULT_MEAN_IMAGES if settings.mean_images is None
+                           else settings.mean_images,
+                           mean_data=str(Path(mean_data_of(model, settings.mean_data, settings.input)).resolve()))
+        check_embedding_edit(settings.omega, settings.mean_images)
+    elif settings.omega is not None or settings.mean_images is not None or settings.mean_data is not None:
+        raise PhenolensError("--omega, --mean-images and --mean-data are for a DIFFusion model (`phenolens train "
+                             f"--method diffusion`); {settings.model_dir} is a {model.info.method} model")
     check_apart(out, inputs=[Path(settings.input), *(r.path for r in records)], models=[Path(settings.model_dir)])
 
     folder = open_run_folder(out, settings, overwrite)
+    if embedded:
+        from phenolens.run.class_means import prepare_class_means
+
+        prepare_class_means(model, settings.mean_data, settings.mean_images, settings.omega, out, folder,
+                            reuse=not overwrite)
+    edits = {t: model.as_edit(t) for t in targets}  # values: a worker process needs nothing else
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
     cache = read_cache(provenance_path)
@@ -335,7 +356,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
     batches = batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
                                skip_bad, skipped, check=check)
-    jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], targets, inversion,
+    jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], list(edits.values()), inversion,
                      settings.guidance_scale, settings.seed)) for batch in batches)
     for batch, result in map_in_order(translate_batch, jobs, model, settings.model_dir, workers):
         forwards.extend(int(f) for f in result.inversion_forwards)
@@ -360,12 +381,13 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
             for target in targets:
                 rel = paths[target]
                 kind = "reconstruction" if target == rec.condition else "translation"
+                label = edits[target].label
                 if kind == "translation":
-                    write_image(out / rel, result.translations[target][i], layout)
+                    write_image(out / rel, result.translations[label][i], layout)
                 row = dict(common, target_condition=target, output_path=rel.as_posix(), kind=kind,
-                           edit=ToCondition(target).label, change_mse=f"{float(result.change_mse[target][i]):.6g}")
+                           edit=label, change_mse=f"{float(result.change_mse[label][i]):.6g}")
                 if model.latent:
-                    row["latent_change_mse"] = f"{float(result.latent_change_mse[target][i]):.6g}"
+                    row["latent_change_mse"] = f"{float(result.latent_change_mse[label][i]):.6g}"
                 new_rows.append(row)
             done[record_key(rec)] = new_rows
         write_index()
@@ -387,10 +409,11 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     return index_path
 
 
-def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], targets: list[str],
+def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
                     inversion: InversionSettings, guidance_scale: float, seed: int):
-    """One batch of sources (one shape) translated to every target: what a worker process runs."""
-    return model.translate(raws, [r.condition for r in recs], targets, inversion=inversion,
+    """One batch of sources (one shape) translated under every edit (Edit values, or condition names):
+    what a worker process runs."""
+    return model.translate(raws, [r.condition for r in recs], edits, inversion=inversion,
                            guidance_scale=guidance_scale,
                            generator=[noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)]
                            if inversion.method == "ef-ddpm" else None)

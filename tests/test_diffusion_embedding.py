@@ -1,0 +1,124 @@
+"""DIFFusion's embedded default (issue 13, items 1 and 3): a UNet conditioned on its own L2-normalised image
+embedding, class means over --mean-images per condition (eq. 7), the edit ĉ = c + ω·Δc (eq. 6) through the
+core's EF-DDPM inversion and `translate`."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from phenolens.cli import main
+from phenolens.data.io import read_image
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from phenolens.data.simulate import simulate
+
+    return simulate(tmp_path_factory.mktemp("dfn") / "sim", conditions=["control", "mid", "high"], per_condition=6,
+                    size=32, seed=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(sim):
+    out = sim.parent / "dfn"
+    assert main(["train", str(sim), str(out), "--method", "diffusion", "--channels", "0,1,3", "--steps", "12",
+                 "--batch-size", "4", "--code-dim", "8", "--checkpoint-every", "6"]) == 0
+    return out
+
+
+def test_trains_an_embedded_model_without_a_classifier(model, sim):
+    from phenolens.methods.diffusion_embedding import DIFFusion
+    from phenolens.methods.registry import load_model_for
+
+    info = json.loads((model / "phenolens.json").read_text())
+    assert info["method"] == "diffusion" and info["semantic"]["unit_norm"] and info["semantic"]["lambda_cls"] == 0
+    assert not (model / "classifier").exists()
+    m = load_model_for(model)
+    assert isinstance(m, DIFFusion) and m.conditions == ["control", "mid", "high"] and m.classifier is None
+    x0, _ = m.to_model_space([read_image(sim / "mid" / f"mid_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(3)])
+    c = m.embedding(x0)
+    assert c.shape == (3, 8)
+    np.testing.assert_allclose(c.norm(dim=-1).detach().numpy(), 1.0, rtol=1e-5)  # "normalize ... with L2 norm"
+
+
+def test_edit_is_eq6_with_eq7_means(model, sim):
+    from phenolens.methods.diffusion_embedding import DIFFusion, TowardCondition
+
+    m = DIFFusion.from_pretrained(model)
+    raws = {c: [(p, read_image(p, channels=[0, 1, 3])[0]) for p in sorted((sim / c).glob("*.tif"))[:4]]
+            for c in m.conditions}
+    means = m.mean_embeddings(raws)
+    for c, items in raws.items():  # eq. 7: the mean of the unit-length embeddings of each condition
+        x0, _ = m.to_model_space([r for _, r in items])
+        np.testing.assert_allclose(means.means[c].numpy(), m.embedding(x0).mean(0).detach().numpy(), atol=1e-6)
+    m.use_class_means(means, omega=1.5)
+    edit = m.parse_edit("high")
+    assert isinstance(edit, TowardCondition) and edit.label == "to=high,omega=1.5"
+    assert m.parse_edit("to=mid,omega=-1").omega == -1.0  # any pair, either way along Δc
+    x0, _ = m.to_model_space([r for _, r in raws["control"][:2]])
+    cond = m.edited(m.condition(x0, ["control"] * 2), edit, ["control", "mid"], x0)
+    c = m.embedding(x0)
+    want = torch.stack([c[0] + 1.5 * (means.means["high"] - means.means["control"]),
+                        c[1] + 1.5 * (means.means["high"] - means.means["mid"])])
+    np.testing.assert_allclose(cond["class_labels"].detach().numpy(), m.encoder.embed(want).detach().numpy(), atol=1e-6)
+    assert edit.is_identity("high") and TowardCondition("high", 0.0).is_identity("control")
+
+
+def test_translate_ef_ddpm_writes_edits_and_class_means(model, sim, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["translate", str(model), str(sim / "control"), str(out), "--from", "control", "--to", "high",
+            "--inversion", "ef-ddpm", "--steps", "10", "--skip", "3", "--mean-images", "3", "--mean-data", str(sim)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "index.csv")))
+    assert {r["edit"] for r in rows} == {"to=high,omega=2"} and len(rows) == 6
+    assert max(float(r["recon_mse"]) for r in rows) < 1e-8  # EF-DDPM: exact under the image's own embedding
+    assert min(float(r["change_mse"]) for r in rows) > 1e-6  # the edit changed the images
+    used = json.loads((out / "class_means.json").read_text())
+    assert sorted(used) == ["control", "high", "mid"] and all(len(v) == 3 for v in used.values())
+    saved = load_file(out / "class_means.safetensors")
+    assert saved["high"].shape == (8,) and 0 < float(saved["high"].norm()) <= 1 + 1e-6
+    stamp = (out / "class_means.safetensors").stat().st_mtime_ns
+    assert main(args) == 0  # a re-run resumes: the means are read back, not computed again
+    assert (out / "class_means.safetensors").stat().st_mtime_ns == stamp
+    code, _, err = run_cli(*args[:-4], "--mean-images", "4", "--mean-data", str(sim))
+    assert code == 2 and "other settings (mean_images)" in err, err
+
+
+def test_omega_zero_is_the_reconstruction(model, sim, tmp_path):
+    from phenolens.methods.diffusion_embedding import DIFFusion
+    from phenolens.run.class_means import prepare_class_means  # noqa: F401 (the run module imports cleanly)
+
+    m = DIFFusion.from_pretrained(model)
+    raws = {c: [(p, read_image(p, channels=[0, 1, 3])[0]) for p in sorted((sim / c).glob("*.tif"))[:2]]
+            for c in m.conditions}
+    m.use_class_means(m.mean_embeddings(raws), omega=0)
+    images = [r for _, r in raws["control"]]
+    t = m.translate(images, "control", ["high"])
+    for a, b in zip(t.translations["high"], t.reconstructions):  # keyed as given; ω 0 renders nothing new
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mean-images", "0"], "--mean-images 0: must be at least 1"),
+    (["--omega", "nan"], "--omega nan: must be a finite number"),
+])
+def test_bad_diffusion_options(model, sim, tmp_path, extra, message):
+    code, _, err = run_cli("translate", model, sim / "control", tmp_path / "r", "--from", "control", "--to", "high",
+                           "--steps", "4", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_diffusion_options_refused_for_other_methods(tiny_model, blob_data, tmp_path):
+    code, _, err = run_cli("translate", tiny_model, blob_data, tmp_path / "r", "--omega", "2")
+    assert code == 2 and "are for a DIFFusion model" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lambda_cls_refused_for_diffusion(sim, tmp_path):
+    code, _, err = run_cli("train", sim, tmp_path / "m", "--method", "diffusion", "--lambda-cls", "0.5")
+    assert code == 2 and "DIFFusion's model has none" in err, err
