@@ -122,3 +122,40 @@ def test_diffusion_options_refused_for_other_methods(tiny_model, blob_data, tmp_
 def test_lambda_cls_refused_for_diffusion(sim, tmp_path):
     code, _, err = run_cli("train", sim, tmp_path / "m", "--method", "diffusion", "--lambda-cls", "0.5")
     assert code == 2 and "DIFFusion's model has none" in err, err
+
+
+def test_minimal_edit_keeps_the_highest_t_skip_the_judges_flip(model, sim, tmp_path):
+    """--minimal-edit (DIFFusion §4.2): per image, the first edit from the highest T_skip down that the oracle
+    ensemble assigns to the target (else the strongest), with the whole sweep in sweep.csv; a re-run resumes."""
+    from phenolens.run.minimal_edit import sweep_skips
+
+    out = tmp_path / "min"
+    args = ["translate", str(model), str(sim / "control"), str(out), "--from", "control", "--to", "high",
+            "--inversion", "ef-ddpm", "--steps", "10", "--minimal-edit", "--strengths", "4", "--judge-steps", "20",
+            "--judge-data", str(sim), "--mean-data", str(sim), "--mean-images", "3"]
+    assert main(args) == 0
+    skips = sweep_skips(10, 4)
+    assert skips == [9, 6, 3, 0]
+    rows = [r for r in csv.DictReader(open(out / "index.csv")) if r["kind"] == "translation"]
+    sweep = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(rows) == 6 and len(sweep) == 6 * len(skips)
+    for r in rows:
+        mine = {int(s["t_skip"]): s for s in sweep if s["source_path"] == r["source_path"]}
+        assert sorted(mine, reverse=True) == skips
+        flips = [k for k in skips if mine[k]["flipped"] == "1"]
+        want = flips[0] if flips else skips[-1]
+        assert int(r["t_skip"]) == want and r["flipped"] == ("1" if flips else "0")
+        assert r["change_mse"] == mine[want]["change_mse"] and r["flip_probability"] == mine[want]["flip_probability"]
+        assert 0 < float(r["oracle_feature_distance"]) and -1 <= float(r["ssim"]) <= 1
+    before = (out / "sweep.csv").read_text()
+    assert main(args) == 0  # resumes: nothing to do, the sweep kept
+    assert (out / "sweep.csv").read_text() == before
+
+
+def test_minimal_edit_refuses_skip_and_workers(model, sim, tmp_path):
+    base = ["translate", model, sim / "control", tmp_path / "m", "--from", "control", "--to", "high", "--steps", "4",
+            "--minimal-edit"]
+    code, _, err = run_cli(*base, "--skip", "2")
+    assert code == 2 and "tries its own T_skip" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(*base, "--strengths", "0")
+    assert code == 2 and "--strengths 0: must be at least 1" in err, err

@@ -292,6 +292,22 @@ def _add_translate(sub) -> None:
     p.add_argument("--mean-data", default=None, metavar="DATA",
                    help="DIFFusion models: the images the class means come from (default: the data the model was "
                         "trained on, as its phenolens.json records it, else INPUT)")
+    p.add_argument("--minimal-edit", action="store_true",
+                   help="keep, per image and target, the weakest edit that the judges (an oracle ensemble trained "
+                        "on real images) assign to the target: the edit is rendered from --strengths T_skip values, "
+                        "highest first, all from one inversion (DIFFusion §4.2); index.csv gets its t_skip, "
+                        "flip_probability, flipped, ssim and oracle_feature_distance, OUT/sweep.csv every T_skip "
+                        "tried. Any model and --inversion")
+    p.add_argument("--strengths", type=int, default=10,
+                   help="--minimal-edit: T_skip values tried, evenly from 90%% of --steps down to 0 (default 10, "
+                        "the paper's)")
+    p.add_argument("--judge-data", default=None, metavar="DATA",
+                   help="--minimal-edit: real images of every condition to train the judges on (default: the "
+                        "model's training data, as its phenolens.json records it, else INPUT)")
+    p.add_argument("--judge-steps", type=int, default=300,
+                   help="--minimal-edit: training steps of each judge (default 300)")
+    p.add_argument("--max-reference", type=int, default=200,
+                   help="--minimal-edit: at most this many real images per condition train the judges (default 200)")
     _add_edit_strength_options(p)
     p.add_argument("--inversion-iters", type=int, default=DEFAULT_ITERS,
                    help="fixed-point: at most this many network calls per step after the first guess, at least 1 "
@@ -796,6 +812,9 @@ def cmd_translate(args: argparse.Namespace) -> None:
         max_clipped=args.max_clipped, skip=args.skip, inversion_tol=args.inversion_tol, solver=args.solver,
         warm_start=args.warm_start, omega=args.omega, mean_images=args.mean_images,
         mean_data=str(Path(args.mean_data).resolve()) if args.mean_data else None,
+        minimal_edit=args.minimal_edit, strengths=args.strengths,
+        judge_data=str(Path(args.judge_data).resolve()) if args.judge_data else None, judge_steps=args.judge_steps,
+        max_reference=args.max_reference,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
                           workers=args.workers)

@@ -1,7 +1,7 @@
 """The class means a DIFFusion run moves embeddings along (paper 004, eq. 7), computed once per run.
 
 `--mean-images N` images per condition (default 50: the paper found the means stop improving near 50)
-are taken evenly spread over each condition of `--mean-data` (default: the data the model was trained
+are taken spread evenly over each condition of `--mean-data` (default: the data the model was trained
 on, as its phenolens.json records it, else the images being translated); their L2-normalised
 embeddings are averaged and stored in the run folder (class_means.safetensors, and class_means.json
 naming the images), so a re-run with the same settings reuses them and a reader can see what was used.
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from phenolens.data.io import read_image
-from phenolens.data.records import ImageRecord, discover
+from phenolens.data.records import discover, pick_evenly
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder
 from phenolens.methods.diffusion_embedding import (DEFAULT_MEAN_IMAGES, DEFAULT_OMEGA, MEANS_INFO, MEANS_WEIGHTS,
@@ -31,13 +31,6 @@ def mean_data_of(model, given: str | None, translated: str) -> str:
     if trained_on and Path(trained_on).exists():
         return trained_on
     return translated
-
-
-def evenly(records: list[ImageRecord], n: int) -> list[ImageRecord]:
-    """N records spread evenly over RECORDS (all of them when there are no more than N)."""
-    if len(records) <= n:
-        return records
-    return [records[(i * len(records)) // n] for i in range(n)]
 
 
 def check_embedding_edit(omega: float | None, n: int) -> None:
@@ -67,7 +60,7 @@ def prepare_class_means(model, data: str, n: int, omega: float | None, out: Path
                            "those conditions cannot be made")
         images = {}
         for condition, recs in by_condition.items():
-            chosen = evenly(recs, n)
+            chosen = pick_evenly(recs, n)
             raws = [(r.path, read_image(r.path, channels=model.info.channels)[0]) for r in chosen]
             shapes = {raw.shape for _, raw in raws}
             if len(shapes) > 1:  # the means are per image: one shape at a time is enough
@@ -82,4 +75,4 @@ def prepare_class_means(model, data: str, n: int, omega: float | None, out: Path
     return means
 
 
-__all__ = ["DEFAULT_MEAN_IMAGES", "check_embedding_edit", "evenly", "mean_data_of", "prepare_class_means"]
+__all__ = ["DEFAULT_MEAN_IMAGES", "check_embedding_edit", "mean_data_of", "prepare_class_means"]

@@ -11,12 +11,52 @@ per condition), not `run.measure`'s objects, so `run/measure.py` can call it wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from phenolens.run.index import reference_of
+
+
+@dataclass
+class Judges:
+    """An oracle ensemble trained on real images, the normalisation it reads them with, its training
+    images and labels (BCHW in [-1, 1], class indices), and what to report of it."""
+
+    oracles: object
+    normalizer: object
+    images: object
+    labels: np.ndarray
+    summary: dict
+    conditions: list[str]
+
+
+def train_judges(by_condition: dict[str, list], conditions: list[str], size: tuple[int, int], *,
+                 channels: list[int] | None = None, normalization: dict | None = None, max_reference: int = 200,
+                 steps: int = 300, progress: bool = True) -> Judges:
+    """The oracle ensemble of CONDITIONS (in that order), trained on at most MAX_REFERENCE real images per
+    condition of BY_CONDITION (ImageRecords), read at SIZE; a fifth is held out to report its accuracy."""
+    from phenolens.data.io import read_image
+    from phenolens.data.normalize import Normalizer, load_normalized
+    from phenolens.data.records import pick_evenly
+    from phenolens.measure.oracles import OracleEnsemble
+
+    ref_paths, labels = [], []
+    for ci, c in enumerate(conditions):
+        picked = pick_evenly(by_condition.get(c, []), max_reference)
+        ref_paths += [r.path for r in picked]
+        labels += [ci] * len(picked)
+    normalizer = (Normalizer.from_dict(normalization) if normalization
+                  else Normalizer.fit(read_image(p, channels=channels)[0] for p in ref_paths))
+    x = load_normalized(ref_paths, normalizer, channels, size)
+    y = np.array(labels)
+    held = np.random.default_rng(0).random(len(y)) < 0.2
+    oracles = OracleEnsemble.train(x[~held], y[~held], len(conditions), steps=steps, seed=0, progress=progress)
+    summary = dict(members=list(oracles.members), steps_per_member=steps, trained_on=int((~held).sum()),
+                   heldout_accuracy=oracles.accuracy(x[held], y[held]) if held.any() else {})
+    return Judges(oracles, normalizer, x, y, summary, list(conditions))
 
 
 def judge_metrics(rows: Sequence[dict], run_dir: Path, sources: dict[str, Path], by_condition: dict[str, list],
@@ -29,27 +69,15 @@ def judge_metrics(rows: Sequence[dict], run_dir: Path, sources: dict[str, Path],
     fitted on the picked reference images when the model records none.
     """
     from phenolens.data.io import read_image
-    from phenolens.data.normalize import Normalizer, load_normalized
-    from phenolens.data.records import pick_evenly
+    from phenolens.data.normalize import load_normalized
     from phenolens.measure.image_metrics import distribution_metrics
-    from phenolens.measure.oracles import OracleEnsemble
 
     first = read_image(next(iter(sources.values())), channels=channels)[0]
     size = tuple(first.shape[1:])
-    ref_paths, labels = [], []
-    for ci, c in enumerate(conditions):
-        picked = pick_evenly(by_condition[c], max_reference)
-        ref_paths += [r.path for r in picked]
-        labels += [ci] * len(picked)
-    normalizer = (Normalizer.from_dict(normalization) if normalization
-                  else Normalizer.fit(read_image(p, channels=channels)[0] for p in ref_paths))
-    x = load_normalized(ref_paths, normalizer, channels, size)
-    y = np.array(labels)
-    rng = np.random.default_rng(0)
-    held = rng.random(len(y)) < 0.2
-    oracles = OracleEnsemble.train(x[~held], y[~held], len(conditions), steps=steps, seed=0, progress=progress)
-    out: dict = dict(members=list(oracles.members), steps_per_member=steps, trained_on=int((~held).sum()),
-                     heldout_accuracy=oracles.accuracy(x[held], y[held]) if held.any() else {})
+    judges = train_judges(by_condition, conditions, size, channels=channels, normalization=normalization,
+                          max_reference=max_reference, steps=steps, progress=progress)
+    oracles, normalizer, x, y = judges.oracles, judges.normalizer, judges.images, judges.labels
+    out: dict = dict(judges.summary)
     per_target: dict = {}
     for source_condition in dict.fromkeys(r["source_condition"] for r in rows):
         src_keys = list(dict.fromkeys(r["source_path"] for r in rows if r["source_condition"] == source_condition))

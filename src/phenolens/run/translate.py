@@ -76,6 +76,7 @@ from phenolens.run.index import INDEX_COLUMNS
 from phenolens.run.input_check import InputCheck
 from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs, record_key, safe_name, target_file,
                                   unique_targets)
+from phenolens.run.minimal_edit import MINIMAL_COLUMNS, SWEEP_COLUMNS, SWEEP_FILE, minimal_edit_batch, sweep_skips
 from phenolens.run.notices import Notices, warn
 from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
 from phenolens.run.workers import check_workers, map_in_order
@@ -125,6 +126,12 @@ class TranslateSettings:
     omega: float | None = None  # None = DEFAULT_OMEGA
     mean_images: int | None = None  # None = DEFAULT_MEAN_IMAGES
     mean_data: str | None = None  # None = the model's training data, else INPUT
+    # --minimal-edit (`phenolens.run.minimal_edit`): the weakest of STRENGTHS T_skip the judges see as the target
+    minimal_edit: bool = False
+    strengths: int = 10
+    judge_data: str | None = None  # None = the model's training data, else INPUT
+    judge_steps: int = 300
+    max_reference: int = 200
 
     def inversion_settings(self) -> InversionSettings:
         return InversionSettings(method=self.inversion, steps=self.steps, skip=self.skip, iters=self.inversion_iters,
@@ -304,6 +311,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         prepare_class_means(model, settings.mean_data, settings.mean_images, settings.omega, out, folder,
                             reuse=not overwrite)
     edits = {t: model.as_edit(t) for t in targets}  # values: a worker process needs nothing else
+    minimal = prepare_minimal_edit(model, settings, records, workers, progress) if settings.minimal_edit else None
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
     cache = read_cache(provenance_path)
@@ -331,10 +339,11 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                        "left out of index.csv (their files stay)")
 
     latent_columns = LATENT_COLUMNS if model.latent else []
-    ours = INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS
+    minimal_columns = MINIMAL_COLUMNS if minimal else []
+    ours = INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS + MINIMAL_COLUMNS
     meta_names = meta_column_names(records, ours, settings.input)
     columns = (INDEX_COLUMNS + latent_columns + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS
-               + list(meta_names.values()))
+               + minimal_columns + list(meta_names.values()))
 
     def meta(rec: ImageRecord) -> dict:
         return {meta_names[k]: v for k, v in rec.meta.items()}
@@ -357,8 +366,13 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     batches = batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
                                skip_bad, skipped, check=check)
     jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], list(edits.values()), inversion,
-                     settings.guidance_scale, settings.seed)) for batch in batches)
-    for batch, result in map_in_order(translate_batch, jobs, model, settings.model_dir, workers):
+                     settings.guidance_scale, settings.seed, *((minimal,) if minimal else ()))) for batch in batches)
+    sweep = minimal.previous_sweep(out, {record_key(r) for r in records if record_key(r) in done}) if minimal else []
+    for batch, result in map_in_order(minimal_translate_batch if minimal else translate_batch, jobs, model,
+                                      settings.model_dir, workers):
+        extra = None
+        if minimal:
+            extra, result = result, result.translation
         forwards.extend(int(f) for f in result.inversion_forwards)
         planned = [output_paths(folders[record_key(item.rec)], item.rec, targets) for item in batch]
         folder.record(*(p for recon_rel, paths in planned for p in (recon_rel, *paths.values())))  # before writing:
@@ -388,8 +402,14 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                            edit=label, change_mse=f"{float(result.change_mse[label][i]):.6g}")
                 if model.latent:
                     row["latent_change_mse"] = f"{float(result.latent_change_mse[label][i]):.6g}"
+                if extra is not None and kind == "translation":
+                    row.update(extra.columns[label][i])
                 new_rows.append(row)
             done[record_key(rec)] = new_rows
+        if extra is not None:
+            sweep += extra.sweep
+            folder.record(SWEEP_FILE)
+            write_csv_atomic(out / SWEEP_FILE, sweep, SWEEP_COLUMNS)
         write_index()
         bar.update(len(batch))
     bar.close()
@@ -417,6 +437,66 @@ def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edit
                            guidance_scale=guidance_scale,
                            generator=[noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)]
                            if inversion.method == "ef-ddpm" else None)
+
+
+def minimal_translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
+                            inversion: InversionSettings, guidance_scale: float, seed: int, minimal):
+    """One batch of sources at their minimal edits (`phenolens.run.minimal_edit`)."""
+    gens = [noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)] if inversion.method == "ef-ddpm" else None
+    return minimal_edit_batch(model, raws, recs, edits, inversion, guidance_scale, gens, minimal.judges, minimal.skips)
+
+
+@dataclass
+class MinimalEdit:
+    """What a --minimal-edit run needs besides the translation settings: the judges and the T_skip tried."""
+
+    judges: object
+    skips: list[int]
+
+    @staticmethod
+    def previous_sweep(out: Path, done_keys: set) -> list[dict]:
+        """The rows of an earlier sweep.csv whose images are done (resuming keeps them)."""
+        import csv
+
+        path = out / SWEEP_FILE
+        if not path.is_file():
+            return []
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return [r for r in rows if (r.get("source_path"), r.get("source_condition")) in done_keys]
+
+
+def prepare_minimal_edit(model, settings: TranslateSettings, records: list[ImageRecord], workers: int,
+                         progress: bool) -> MinimalEdit:
+    """Check the options of --minimal-edit and train the judges on real images of every condition."""
+    from phenolens.run.class_means import mean_data_of
+    from phenolens.run.judges import train_judges
+
+    if workers != 1:
+        raise PhenolensError(f"--minimal-edit with --workers {workers}: the judges run in this process; use --workers 1")
+    if settings.skip:
+        raise PhenolensError(f"--minimal-edit with --skip {settings.skip}: the minimal edit tries its own T_skip "
+                             f"values (--strengths); leave --skip out")
+    if settings.judge_steps < 1 or settings.max_reference < 1:
+        raise PhenolensError("--judge-steps and --max-reference must be at least 1")
+    try:
+        skips = sweep_skips(settings.steps, settings.strengths)
+    except ValueError as err:
+        raise PhenolensError(str(err)) from None
+    shapes = {read_image(r.path, channels=model.info.channels)[0].shape[1:] for r in records[:1]}
+    data = mean_data_of(model, settings.judge_data, settings.input)
+    by_condition: dict[str, list] = defaultdict(list)
+    for rec in discover(data):
+        by_condition[rec.condition].append(rec)
+    missing = [c for c in model.conditions if not by_condition.get(c)]
+    if missing:
+        raise PhenolensError(f"--judge-data {data}: no images of {', '.join(missing)}; the judges need real images of "
+                             "every condition of the model")
+    logger.info(f"training the judges (oracle ensemble, {settings.judge_steps} steps each) on {data}")
+    judges = train_judges(by_condition, model.conditions, next(iter(shapes)), channels=model.info.channels,
+                          normalization=model.info.normalization, max_reference=settings.max_reference,
+                          steps=settings.judge_steps, progress=progress)
+    return MinimalEdit(judges, skips)
 
 
 def noise_generator(seed: int, rec: ImageRecord, raw: np.ndarray) -> torch.Generator:
