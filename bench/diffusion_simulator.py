@@ -4,7 +4,7 @@ and the planted phenotypes it shows.
 
     python bench/diffusion_simulator.py WORK [--per-condition 300] [--size 48] [--steps 1500]
         [--render-steps 25] [--strengths 10] [--judge-steps 300] [--omega 2] [--mean-images 50]
-        [--targets high,mid] [--out FILE.md]
+        [--targets high,mid] [--omegas 0,0.5,1,2,3] [--omega-skip K] [--out FILE.md]
 
 Every stage is the `phenolens` command a user would run, into WORK (re-running skips what is done and
 resumes training from its checkpoints):
@@ -17,7 +17,8 @@ resumes training from its checkpoints):
    `phenolens measure` of the run against the held-out images;
 4. a table per target: success ratio at the minimal edit (the judges' flip rate), the T_skip where it
    flips, SSIM / MSE / oracle-feature distance to the source, and each planted phenotype's translated
-   effect against the real one (measure.planted.planted_by_target), with the source nuclei kept.
+   effect against the real one (measure.planted.planted_by_target), with the source nuclei kept;
+5. the ω sweep: control → high at each of --omegas from --omega-skip, the planted effects per ω.
 """
 
 from __future__ import annotations
@@ -25,19 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-CHANNEL_NAMES = "DNA,tubulin,actin,Golgi"
-
-
-def phenolens(*args) -> None:
-    print("$ phenolens " + " ".join(map(str, args)), flush=True)
-    subprocess.run([sys.executable, "-m", "phenolens", *map(str, args)], check=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffex_simulator import CHANNEL_NAMES, phenolens  # noqa: E402
 
 
 def train_stage(data: Path, model: Path, method: str, steps: int) -> None:
@@ -72,6 +68,35 @@ def summary(run: Path, target: str, held: Path) -> dict:
                 feature=np.mean([float(r["oracle_feature_distance"]) for r in rows]), planted=planted, identity=ident)
 
 
+def omega_sweep(w: Path, held: Path, args) -> list[str]:
+    """Embedding arithmetic over the dose series: control → high at several ω, the planted effects of each
+    (is the change monotonic in ω?)."""
+    from phenolens.measure.planted import planted_by_target
+
+    table = {}
+    for omega in [float(v) for v in args.omegas.split(",")]:
+        run = w / f"omega-{omega:g}-s{args.render_steps}-k{args.omega_skip}"
+        if not (run / "index.csv").is_file():
+            phenolens("translate", w / "diffusion", held / "control", run, "--from", "control", "--to", "high",
+                      "--inversion", "ef-ddpm", "--steps", args.render_steps, "--skip", args.omega_skip, "--omega",
+                      omega, "--mean-images", args.mean_images)
+        if not (run / "measure" / "stats.csv").is_file():
+            phenolens("measure", run, "--reference", held, "--channel-names", CHANNEL_NAMES, "--no-judges")
+        key = f"to=high,omega={omega:g}"
+        metrics = json.loads((run / "measure" / "metrics.json").read_text())
+        table[omega] = ({p["phenotype"]: p for p in planted_by_target(run / "measure", [key])},
+                        metrics["identity_nuclei_within_3px"].get(key, {}).get("fraction", float("nan")))
+    phenotypes = list(next(iter(table.values()))[0])
+    lines = [f"## ω sweep, control → high (EF-DDPM, T_skip {args.omega_skip} of {args.render_steps})", "",
+             "| ω | " + " | ".join(phenotypes) + " | nuclei kept |", "|---:|" + "---:|" * len(phenotypes) + "---:|"]
+    for omega, (planted, ident) in table.items():
+        lines.append(f"| {omega:g} | " + " | ".join(f"{planted[p]['translated_d']:+.2f}" for p in phenotypes)
+                     + f" | {100 * ident:.0f} % |")
+    real = next(iter(table.values()))[0]
+    lines += ["| real | " + " | ".join(f"{real[p]['real_d']:+.2f}" for p in phenotypes) + " | |", ""]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work", type=Path)
@@ -85,6 +110,10 @@ def main() -> None:
     ap.add_argument("--omega", type=float, default=2.0)
     ap.add_argument("--mean-images", type=int, default=50)
     ap.add_argument("--targets", default="high,mid")
+    ap.add_argument("--omegas", default="0,0.5,1,2,3",
+                    help="the ω sweep: control → high at each ω (EF-DDPM from --omega-skip), planted effects per ω; "
+                         "ω 0 is the reconstruction, the floor (the normalisation clips the brightest pixels)")
+    ap.add_argument("--omega-skip", type=int, default=0, help="T_skip of the ω sweep's translations")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     w = args.work
@@ -123,6 +152,8 @@ def main() -> None:
         real = next(iter(runs.values()))["planted"]
         lines.append("| real | | | | | | | " + " | ".join(f"{real[p]['real_d']:+.2f}" for p in phenotypes) + " | |")
         lines.append("")
+    if args.omegas:
+        lines += omega_sweep(w, held, args)
     text = "\n".join(lines) + "\n"
     out = args.out or w / "diffusion_simulator.md"
     out.write_text(text)
