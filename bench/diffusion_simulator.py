@@ -37,9 +37,12 @@ from diffex_simulator import CHANNEL_NAMES, phenolens  # noqa: E402
 
 
 def train_stage(data: Path, model: Path, method: str, steps: int) -> None:
-    """Train unless finished; resume from checkpoints."""
-    if (model / "phenolens.json").is_file() and not (model / "checkpoints").is_dir():
-        return
+    """Train unless finished (its train_log.csv reached STEPS, or it came without checkpoints); resume from
+    checkpoints."""
+    if (model / "phenolens.json").is_file():
+        log = rows_of(model / "train_log.csv") if (model / "train_log.csv").is_file() else []
+        if not (model / "checkpoints").is_dir() or (log and int(log[-1]["step"]) >= steps):
+            return
     phenolens("train", data, model, "--method", method, "--steps", steps, "--checkpoint-every", 250,
               *(["--resume"] if (model / "checkpoints").is_dir() else []))
 
@@ -128,7 +131,7 @@ def main() -> None:
         train_stage(train, w / method, method, args.steps)
     lines = [f"# DIFFusion's minimal edit on simulated cells, beside PhenDiff ({args.steps} training steps, "
              f"{args.render_steps} render steps, EF-DDPM, {args.strengths} T_skip values, ω {args.omega:g})", ""]
-    for target in args.targets.split(","):
+    for target in [t for t in args.targets.split(",") if t]:
         runs = {}
         for method in ("diffusion", "phendiff"):
             run = w / f"min-{method}-{target}-s{args.render_steps}-n{args.strengths}"
