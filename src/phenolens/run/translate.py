@@ -302,6 +302,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     elif settings.omega is not None or settings.mean_images is not None or settings.mean_data is not None:
         raise PhenolensError("--omega, --mean-images and --mean-data are for a DIFFusion model (`phenolens train "
                              f"--method diffusion`); {settings.model_dir} is a {model.info.method} model")
+    skips = check_minimal_edit(settings, workers) if settings.minimal_edit else []
     check_apart(out, inputs=[Path(settings.input), *(r.path for r in records)], models=[Path(settings.model_dir)])
 
     folder = open_run_folder(out, settings, overwrite)
@@ -311,7 +312,6 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         prepare_class_means(model, settings.mean_data, settings.mean_images, settings.omega, out, folder,
                             reuse=not overwrite)
     edits = {t: model.as_edit(t) for t in targets}  # values: a worker process needs nothing else
-    minimal = prepare_minimal_edit(model, settings, records, workers, progress) if settings.minimal_edit else None
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
     cache = read_cache(provenance_path)
@@ -338,8 +338,10 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         logger.warning(f"{index_path}: {gone} image(s) listed there are no longer in {settings.input}; "
                        "left out of index.csv (their files stay)")
 
+    # the judges of --minimal-edit are trained only when there is something to judge
+    minimal = prepare_minimal_edit(model, settings, todo, skips, progress) if settings.minimal_edit and todo else None
     latent_columns = LATENT_COLUMNS if model.latent else []
-    minimal_columns = MINIMAL_COLUMNS if minimal else []
+    minimal_columns = MINIMAL_COLUMNS if settings.minimal_edit else []
     ours = INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS + MINIMAL_COLUMNS
     meta_names = meta_column_names(records, ours, settings.input)
     columns = (INDEX_COLUMNS + latent_columns + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS
@@ -466,12 +468,8 @@ class MinimalEdit:
         return [r for r in rows if (r.get("source_path"), r.get("source_condition")) in done_keys]
 
 
-def prepare_minimal_edit(model, settings: TranslateSettings, records: list[ImageRecord], workers: int,
-                         progress: bool) -> MinimalEdit:
-    """Check the options of --minimal-edit and train the judges on real images of every condition."""
-    from phenolens.run.class_means import mean_data_of
-    from phenolens.run.judges import train_judges
-
+def check_minimal_edit(settings: TranslateSettings, workers: int) -> list[int]:
+    """The options of --minimal-edit, before anything is written; the T_skip values it tries."""
     if workers != 1:
         raise PhenolensError(f"--minimal-edit with --workers {workers}: the judges run in this process; use --workers 1")
     if settings.skip:
@@ -480,9 +478,17 @@ def prepare_minimal_edit(model, settings: TranslateSettings, records: list[Image
     if settings.judge_steps < 1 or settings.max_reference < 1:
         raise PhenolensError("--judge-steps and --max-reference must be at least 1")
     try:
-        skips = sweep_skips(settings.steps, settings.strengths)
+        return sweep_skips(settings.steps, settings.strengths)
     except ValueError as err:
         raise PhenolensError(str(err)) from None
+
+
+def prepare_minimal_edit(model, settings: TranslateSettings, records: list[ImageRecord], skips: list[int],
+                         progress: bool) -> MinimalEdit:
+    """Train the judges of --minimal-edit on real images of every condition, at the first source's size."""
+    from phenolens.run.class_means import mean_data_of
+    from phenolens.run.judges import train_judges
+
     shapes = {read_image(r.path, channels=model.info.channels)[0].shape[1:] for r in records[:1]}
     data = mean_data_of(model, settings.judge_data, settings.input)
     by_condition: dict[str, list] = defaultdict(list)
