@@ -107,11 +107,20 @@ def test_omega_zero_is_the_reconstruction(model, sim, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--mean-images", "0"], "--mean-images 0: must be at least 1"),
     (["--omega", "nan"], "--omega nan: must be a finite number"),
+    (["--edit", "to=high,omega=1", "--omega", "2"], "one ω per run"),
 ])
 def test_bad_diffusion_options(model, sim, tmp_path, extra, message):
     code, _, err = run_cli("translate", model, sim / "control", tmp_path / "r", "--from", "control", "--to", "high",
                            "--steps", "4", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_edit_names_omega_as_index_csv_writes_it(model, sim, tmp_path):
+    out = tmp_path / "e"
+    assert main(["translate", str(model), str(sim / "control"), str(out), "--from", "control", "--edit",
+                 "to=mid,omega=1.5", "--steps", "4", "--mean-images", "2", "--mean-data", str(sim)]) == 0
+    rows = list(csv.DictReader(open(out / "index.csv")))
+    assert {r["edit"] for r in rows} == {"to=mid,omega=1.5"} and json.loads((out / "run.json").read_text())["omega"] == 1.5
 
 
 def test_diffusion_options_refused_for_other_methods(tiny_model, blob_data, tmp_path):

@@ -276,8 +276,9 @@ def _add_translate(sub) -> None:
                    help="target condition(s) (default: every condition of the model); index.csv's edit column "
                         "writes each as to=COND")
     p.add_argument("--edit", action="append", default=None, metavar="EDIT",
-                   help="an edit as index.csv's edit column writes it, e.g. to=high (repeat for several); "
-                        "the same as --to for the methods of this version")
+                   help="an edit as index.csv's edit column writes it, e.g. to=high (repeat for several): the same "
+                        "as --to; for a DIFFusion model also to=high,omega=2 (the same as --to high --omega 2; one "
+                        "ω per run)")
     p.add_argument("--from", dest="source", default=None, metavar="COND",
                    help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
@@ -781,17 +782,27 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"model saved in {args.model_dir}")
 
 
-def _targets_with_edits(targets: list[str] | None, edits: list[str] | None) -> list[str] | None:
-    """--to and --edit together: the methods of this version edit by condition (to=COND) only."""
-    from phenolens.methods.edits import target_of
+def _targets_with_edits(targets: list[str] | None, edits: list[str] | None,
+                        omega: float | None = None) -> tuple[list[str] | None, float | None]:
+    """--to and --edit together: edits by condition (to=COND), and DIFFusion's to=COND,omega=W (one ω
+    per run, the same as --omega W)."""
+    from phenolens.methods.edits import parse_fields, target_of
 
     out = list(targets or [])
     for text in edits or []:
         try:
+            fields = parse_fields(text)
+            if "omega" in fields and set(fields) == {"to", "omega"}:
+                w = float(fields["omega"])
+                if omega is not None and w != omega:
+                    raise ValueError(f"edit {text!r}: one ω per run (--omega {omega:g} or another edit's); run "
+                                     "once per ω")
+                omega = w
+                text = f"to={fields['to']}"
             out.append(target_of(text))
         except ValueError as err:
             raise PhenolensError(f"--edit: {err}") from None
-    return out or None
+    return out or None, omega
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -804,13 +815,14 @@ def cmd_translate(args: argparse.Namespace) -> None:
         raise PhenolensError(f"--inversion-iters {args.inversion_iters}: must be 0 or more")
     if args.batch_size < 1:
         raise PhenolensError("--batch-size must be at least 1")
+    targets, omega = _targets_with_edits(args.to, args.edit, args.omega)
     settings = TranslateSettings(
         model_dir=str(args.model_dir.resolve()), input=str(args.input.resolve()),
-        targets=_targets_with_edits(args.to, args.edit),
+        targets=targets,
         source=args.source, steps=args.steps, seed=args.seed, inversion=args.inversion,
         inversion_iters=args.inversion_iters, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
         max_clipped=args.max_clipped, skip=args.skip, inversion_tol=args.inversion_tol, solver=args.solver,
-        warm_start=args.warm_start, omega=args.omega, mean_images=args.mean_images,
+        warm_start=args.warm_start, omega=omega, mean_images=args.mean_images,
         mean_data=str(Path(args.mean_data).resolve()) if args.mean_data else None,
         minimal_edit=args.minimal_edit, strengths=args.strengths,
         judge_data=str(Path(args.judge_data).resolve()) if args.judge_data else None, judge_steps=args.judge_steps,
