@@ -189,20 +189,45 @@ class DirectionEdit:
         return self.alpha == 0
 
 
-class DiffEx(CounterfactualModel):
-    """A trained DiffEx semantic model: UNet conditioned on z_sem, semantic encoder, classifier, and
-    (after `use_directions`) the learnt directions its edits follow."""
+class SemanticConditionModel(CounterfactualModel):
+    """A UNet conditioned on each image's own semantic code (DiffEx's z_sem, DIFFusion's embedding): the
+    networks, the optional classifier, saving, and the network call. Subclasses say what an edit does."""
 
-    def __init__(self, unet, encoder, classifier: ConditionClassifier, scheduler, info: ModelInfo,
+    def __init__(self, unet, encoder, classifier: ConditionClassifier | None, scheduler, info: ModelInfo,
                  device: str | None = None, model_dir: Path | None = None):
         super().__init__(info, scheduler, device)
         self.unet = unet.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
         self.classifier = classifier
-        classifier.model.to(self.device).eval().requires_grad_(False)  # it is explained, never trained
+        if classifier is not None:  # it is read (or explained), never trained
+            classifier.model.to(self.device).eval().requires_grad_(False)
         self.model_dir = model_dir
-        self.directions = None  # DirectionModels, after use_directions
         self.views = (info.semantic or {}).get("classifier_views", "whole")  # models saved before it: whole
+
+    def save_pretrained(self, model_dir: str | Path) -> None:
+        save_model(Path(model_dir), self.unet, self.scheduler, self.info, extra=model_parts(self.encoder,
+                                                                                              self.classifier))
+
+    def semantic_code(self, x0: torch.Tensor) -> torch.Tensor:
+        """z_sem of images in [-1, 1] (§3.1)."""
+        return semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device), self.views)
+
+    def network(self):
+        """ε_θ(x_t, t, z_sem) (eq. 1): the UNet, z_sem entering as its `class_labels` embedding."""
+        return network_fn(self.unet)
+
+    def spatial_factor(self) -> int:
+        return unet_downsample_factor(self.unet)
+
+
+class DiffEx(SemanticConditionModel):
+    """A trained DiffEx semantic model: UNet conditioned on z_sem, semantic encoder, classifier, and
+    (after `use_directions`) the learnt directions its edits follow."""
+
+    def __init__(self, unet, encoder, classifier: ConditionClassifier, scheduler, info: ModelInfo,
+                 device: str | None = None, model_dir: Path | None = None):
+        super().__init__(unet, encoder, classifier, scheduler, info, device, model_dir)
+        self.directions = None  # DirectionModels, after use_directions
         self.directions_info = None
 
     def use_directions(self, path: str | Path) -> None:
@@ -224,19 +249,7 @@ class DiffEx(CounterfactualModel):
         unet, encoder, classifier, scheduler, info = load_semantic_model(model_dir, "diffex", "a DiffEx model")
         return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=Path(model_dir))
 
-    def save_pretrained(self, model_dir: str | Path) -> None:
-        save_model(Path(model_dir), self.unet, self.scheduler, self.info, extra=model_parts(self.encoder,
-                                                                                              self.classifier))
-
     # ------------------------------------------------------------------------------ the method
-    def semantic_code(self, x0: torch.Tensor) -> torch.Tensor:
-        """z_sem of images in [-1, 1] (§3.1)."""
-        return semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device), self.views)
-
-    def network(self):
-        """ε_θ(x_t, t, z_sem) (eq. 1): the UNet, z_sem entering as its `class_labels` embedding."""
-        return network_fn(self.unet)
-
     def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> dict:
         """An image's own condition is its semantic code; there is none without an image."""
         if x0 is None:
@@ -276,9 +289,6 @@ class DiffEx(CounterfactualModel):
         self._check_direction(edit)
         z = self.directions.shift(self.semantic_code(x0), edit.direction, edit.alpha)
         return {"class_labels": self.encoder.embed(z)}
-
-    def spatial_factor(self) -> int:
-        return unet_downsample_factor(self.unet)
 
 
 def load_semantic_model(model_dir: str | Path, method: str, what: str, need_classifier: bool = True):

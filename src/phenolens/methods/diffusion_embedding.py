@@ -30,13 +30,10 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
-from phenolens.methods.core import CounterfactualModel
-from phenolens.methods.diffex import load_semantic_model, model_parts, semantic_code
+from phenolens.methods.diffex import SemanticConditionModel, load_semantic_model
 from phenolens.methods.edits import Edit, parse_fields
-from phenolens.models.store import ModelInfo, save_model
-from phenolens.models.unet import unet_downsample_factor
+from phenolens.models.store import ModelInfo
 
 DEFAULT_OMEGA = 2.0  # the paper's ω for all its datasets but AFHQ (1.0)
 DEFAULT_MEAN_IMAGES = 50  # paper §4: the class means stop improving (LPIPS) near 50 images
@@ -103,19 +100,12 @@ class TowardCondition:
         return source == self.target or self.omega == 0
 
 
-class DIFFusion(CounterfactualModel):
+class DIFFusion(SemanticConditionModel):
     """A pixel UNet conditioned on an image embedding (the embedded default of DIFFusion)."""
 
     def __init__(self, unet, encoder, classifier, scheduler, info: ModelInfo, device: str | None = None,
                  model_dir: Path | None = None):
-        super().__init__(info, scheduler, device)
-        self.unet = unet.to(self.device).eval()
-        self.encoder = encoder.to(self.device).eval()
-        self.classifier = classifier
-        if classifier is not None:
-            classifier.model.to(self.device).eval().requires_grad_(False)
-        self.views = (info.semantic or {}).get("classifier_views", "whole")
-        self.model_dir = model_dir
+        super().__init__(unet, encoder, classifier, scheduler, info, device, model_dir)
         self.omega = DEFAULT_OMEGA
         self.class_means: ClassMeans | None = None
 
@@ -125,15 +115,10 @@ class DIFFusion(CounterfactualModel):
             model_dir, "diffusion", "a DIFFusion model (`phenolens train --method diffusion`)", need_classifier=False)
         return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=Path(model_dir))
 
-    def save_pretrained(self, model_dir: str | Path) -> None:
-        save_model(Path(model_dir), self.unet, self.scheduler, self.info,
-                   extra=model_parts(self.encoder, self.classifier))
-
     # ------------------------------------------------------------------------------ the method
     def embedding(self, x0: torch.Tensor) -> torch.Tensor:
         """c = E(x) of images in [-1, 1]: the semantic code, length 1 (§3, "normalize ... with L2 norm")."""
-        return F.normalize(semantic_code(self.encoder, self.classifier, self.normalizer, x0.to(self.device),
-                                         self.views), dim=-1)
+        return F.normalize(self.semantic_code(x0), dim=-1)
 
     @torch.no_grad()
     def mean_embeddings(self, images: Mapping[str, Sequence], batch_size: int = 32) -> ClassMeans:
@@ -159,10 +144,6 @@ class DIFFusion(CounterfactualModel):
             check_omega(omega)
             self.omega = float(omega)
         self.class_means = means
-
-    def network(self):
-        """ε_θ(x_t, t, c): the UNet, the embedding entering as its `class_labels` embedding."""
-        return network_fn(self.unet)
 
     def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> dict:
         """An image's own condition is its embedding; there is none without an image."""
@@ -201,9 +182,6 @@ class DIFFusion(CounterfactualModel):
         c = self.embedding(x0)
         delta = torch.stack([means.delta(s, edit.target) for s in source]).to(c.device, c.dtype)
         return {"class_labels": self.encoder.embed(c + edit.omega * delta)}
-
-    def spatial_factor(self) -> int:
-        return unet_downsample_factor(self.unet)
 
 
 def check_omega(omega: float) -> None:
