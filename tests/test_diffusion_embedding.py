@@ -168,3 +168,23 @@ def test_minimal_edit_refuses_skip_and_workers(model, sim, tmp_path):
     assert code == 2 and "tries its own T_skip" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli(*base, "--strengths", "0")
     assert code == 2 and "--strengths 0: must be at least 1" in err, err
+
+
+def test_a_classifier_s_scores_join_the_embedding(sim, tmp_path):
+    """--method diffusion --classifier: the embedding is [code, the classifier's probabilities], length 1."""
+    from phenolens.methods.registry import load_model_for
+
+    clf = tmp_path / "clf"
+    assert main(["classifier", "train", str(sim), str(clf), "--steps", "5", "--channels", "0,1,3"]) == 0
+    out = tmp_path / "dfn-c"
+    assert main(["train", str(sim), str(out), "--method", "diffusion", "--classifier", str(clf), "--channels", "0,1,3",
+                 "--steps", "2", "--batch-size", "4", "--code-dim", "8"]) == 0
+    m = load_model_for(out)
+    assert m.classifier is not None and (out / "classifier").is_dir() and m.encoder.sem_dim == 8 + 3
+    images = [read_image(sim / "mid" / f"mid_{i:05d}.tif", channels=[0, 1, 3])[0] for i in range(2)]
+    x0, _ = m.to_model_space(images)
+    c = m.embedding(x0).detach()
+    np.testing.assert_allclose(c.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+    raw = torch.cat([m.encoder.encode(x0), torch.from_numpy(m.classifier.predict_proba(m.classifier.prepare(images)))
+                     .float()], dim=-1).detach()
+    np.testing.assert_allclose(c.numpy(), torch.nn.functional.normalize(raw, dim=-1).numpy(), atol=5e-3)
