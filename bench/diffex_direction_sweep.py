@@ -53,8 +53,6 @@ def one_run(spec: str, args) -> tuple[str, list[str], float]:
                   *(["--max-directions", args.max_directions] if args.max_directions else []), *expl_opts)
     if args.no_measure:
         return tag, ["(explained; not measured: --no-measure)"], time.perf_counter() - start
-    # direction_table calls `phenolens measure` in this process's own environment: one thread, one worker
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     lines = direction_table(out / "explain", args.heldout, args.classes.split(","), target, workers=1)
     return tag, lines, time.perf_counter() - start
 
@@ -78,6 +76,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # direction_table's `phenolens measure` runs in this environment
     args.work.mkdir(parents=True, exist_ok=True)
     out = args.out or args.work / "sweep.md"
     done: dict[str, list[str]] = {}

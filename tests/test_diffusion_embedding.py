@@ -92,7 +92,6 @@ def test_translate_ef_ddpm_writes_edits_and_class_means(model, sim, tmp_path):
 
 def test_omega_zero_is_the_reconstruction(model, sim, tmp_path):
     from phenolens.methods.diffusion_embedding import DIFFusion
-    from phenolens.run.class_means import prepare_class_means  # noqa: F401 (the run module imports cleanly)
 
     m = DIFFusion.from_pretrained(model)
     raws = {c: [(p, read_image(p, channels=[0, 1, 3])[0]) for p in sorted((sim / c).glob("*.tif"))[:2]]

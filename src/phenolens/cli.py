@@ -738,9 +738,6 @@ def _train_semantic(args: argparse.Namespace, prediction_type: str, command: str
     from phenolens.data.io import parse_channels
     from phenolens.methods.diffex import DEFAULT_LAMBDA_CLS, DiffExTrainSettings, train_diffex
 
-    if args.classifier is None and args.method == "diffex":
-        raise PhenolensError("--method diffex needs --classifier, the classifier to explain (make one with "
-                             "`phenolens classifier train DATA OUT`)")
     if args.method == "diffusion" and args.lambda_cls is not None and args.lambda_cls != 0:
         raise PhenolensError("--lambda-cls is DiffEx's KL term; DIFFusion's model has none (--method diffusion)")
     if args.zero_terminal_snr or args.timestep_spacing != "leading":

@@ -162,6 +162,11 @@ class OracleEnsemble:
         """Majority vote of the members per image, ties broken by the mean probability."""
         return self._vote(self.member_proba(images))
 
+    def judge(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(predict_proba, predict) from one pass of the members."""
+        member_proba = self.member_proba(images)
+        return np.mean(list(member_proba.values()), axis=0), self._vote(member_proba)
+
     def accuracy(self, images, labels) -> dict[str, float]:
         """Accuracy of each member and of the ensemble vote (key "ensemble") on labelled images."""
         y = np.asarray(labels)

@@ -280,8 +280,10 @@ class CounterfactualModel:
             return self._translate(images, sources, dict(zip(keys, resolved)), inversion, guidance_scale,
                                    generator, progress)
 
-    def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
-                   guidance_scale: float, generator: Generators, progress: bool) -> Translation:
+    def _invert_and_reconstruct(self, images, sources: list[str], inversion: InversionSettings,
+                                generator: Generators, progress: bool, trajectory: dict | None = None):
+        """Normalise, invert under the sources' own condition and render the reconstruction: what every
+        translation starts from. Returns (x0, frame, src, z0, cond, code, z_recon, recon)."""
         x0, frame = self.to_model_space(images)
         x0 = x0.to(self.device)
         # the sources at their own size: the yardstick of every error (equal to crop_back(x0) unless resized)
@@ -289,10 +291,16 @@ class CounterfactualModel:
         z0 = self.encode(x0)
         cond = self.condition(x0, sources)
         code = self.invert(z0, cond, inversion, generator=generator, progress=progress)
-        z_recon = self.render(code, cond, progress=progress)
+        z_recon = self.render(code, cond, progress=progress, trajectory=trajectory)
+        recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), frame)
+        return x0, frame, src, z0, cond, code, z_recon, recon
+
+    def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
+                   guidance_scale: float, generator: Generators, progress: bool) -> Translation:
+        x0, frame, src, z0, cond, code, z_recon, recon = self._invert_and_reconstruct(
+            images, sources, inversion, generator, progress)
         steps_rendered = inversion.steps - inversion.skip
         render_forwards = np.full(len(images), steps_rendered, dtype=np.int64)
-        recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), frame)
         result = Translation(reconstructions=self._to_raw(recon), translations={},
                              recon_mse=mse_per_image(recon, src),
                              inversion_forwards=code.forwards.cpu().numpy().astype(np.int64))
@@ -335,14 +343,9 @@ class CounterfactualModel:
         inversion.check()
         edit = self.as_edit(edit)
         with self.inference():
-            x0, frame = self.to_model_space(images)
-            x0 = x0.to(self.device)
-            src = self.normalized(images).to(self.device) if frame.resized else self.crop_back(x0, frame)
-            cond = self.condition(x0, sources)
-            code = self.invert(self.encode(x0), cond, inversion, generator=generator, progress=progress)
             path: dict[int, torch.Tensor] = {}
-            recon = self.crop_back(self.decode(self.render(code, cond, progress=progress, trajectory=path))
-                                   .clamp(-1, 1), frame)
+            x0, frame, src, _, cond, code, _, recon = self._invert_and_reconstruct(
+                images, sources, inversion, generator, progress, trajectory=path)
             sweep = SkipSweep(skips=skips, reconstructions=self._to_raw(recon), recon_mse=mse_per_image(recon, src))
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
             idx = torch.tensor(changed, dtype=torch.long, device=x0.device)

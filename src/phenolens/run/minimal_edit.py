@@ -77,8 +77,8 @@ def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversi
         judged = {}
         for k in sweep.skips:  # highest T_skip (weakest edit) first
             x = as_judged(sweep.outputs[k])
-            proba = oracles.predict_proba(x)[:, ti]
-            flipped = oracles.predict(x) == ti
+            proba, predicted = oracles.judge(x)
+            proba, flipped = proba[:, ti], predicted == ti
             similarity = np.atleast_1d(ssim(x.numpy(), src.numpy()))
             judged[k] = (proba, flipped, similarity, x)
             for i, rec in enumerate(recs):
@@ -92,10 +92,12 @@ def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversi
         chosen = [k if k is not None else sweep.skips[-1] for k in chosen]  # none flipped: the strongest
         result.translations[label] = [sweep.outputs[k][i] for i, k in enumerate(chosen)]
         result.change_mse[label] = np.array([sweep.change_mse[k][i] for i, k in enumerate(chosen)])
+        kept = torch.stack([judged[k][3][i] for i, k in enumerate(chosen)])
+        distances = np.linalg.norm(oracles.features(kept) - src_features, axis=1)
         rows = []
         for i, k in enumerate(chosen):
-            proba, flipped, similarity, x = judged[k]
-            distance = float(np.linalg.norm(oracles.features(x[i:i + 1])[0] - src_features[i]))
+            proba, flipped, similarity, _ = judged[k]
+            distance = float(distances[i])
             rows.append(dict(t_skip=k, flipped=int(flipped[i]), flip_probability=f"{proba[i]:.4g}",
                              ssim=f"{float(similarity[i]):.4f}", oracle_feature_distance=f"{distance:.4g}"))
         columns[label] = rows

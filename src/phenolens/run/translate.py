@@ -489,7 +489,7 @@ def prepare_minimal_edit(model, settings: TranslateSettings, records: list[Image
     from phenolens.run.class_means import mean_data_of
     from phenolens.run.judges import train_judges
 
-    shapes = {read_image(r.path, channels=model.info.channels)[0].shape[1:] for r in records[:1]}
+    size = read_image(records[0].path, channels=model.info.channels)[0].shape[1:]
     data = mean_data_of(model, settings.judge_data, settings.input)
     by_condition: dict[str, list] = defaultdict(list)
     for rec in discover(data):
@@ -499,7 +499,7 @@ def prepare_minimal_edit(model, settings: TranslateSettings, records: list[Image
         raise PhenolensError(f"--judge-data {data}: no images of {', '.join(missing)}; the judges need real images of "
                              "every condition of the model")
     logger.info(f"training the judges (oracle ensemble, {settings.judge_steps} steps each) on {data}")
-    judges = train_judges(by_condition, model.conditions, next(iter(shapes)), channels=model.info.channels,
+    judges = train_judges(by_condition, model.conditions, size, channels=model.info.channels,
                           normalization=model.info.normalization, max_reference=settings.max_reference,
                           steps=settings.judge_steps, progress=progress)
     return MinimalEdit(judges, skips)
