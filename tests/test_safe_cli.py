@@ -136,6 +136,8 @@ ROUND_TRIP = {
     "classifier import": ["mine.pt", "out", "--size", "68", "--classes", "a,b", "--channels", "2,0", "--offset", "1,2",
                           "--scale", "300", "--overwrite"],
     "classifier evaluate": ["clf", "data", "--out", "p.csv"],
+    "teach": ["run", "out", "--all", "--max-pairs", "3", "--frames", "4", "--quiz-data", "q", "--quiz-items", "5",
+              "--seed", "2", "--overwrite"],
     "directions": ["model", "data", "out", "-k", "4", "--alpha", "2.5", "--tau", "0.3", "--lambda-reg", "0.5",
                    "--steps", "7", "--batch-size", "9", "--lr", "0.01", "--seed", "2", "--device", "cpu", "--overwrite"],
     "explain": ["model", "dirs", "data", "out", "--target", "b", "--alpha", "1.5", "--threshold", "0.2", "--n-samples", "5",

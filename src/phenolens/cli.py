@@ -1,5 +1,5 @@
-"""The `phenolens` command: simulate, train, finetune, translate, measure, report, memorization, classifier,
-directions, explain, demo.
+"""The `phenolens` command: simulate, train, finetune, translate, measure, report, teach, memorization,
+classifier, directions, explain, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
 `--save-config FILE`), so a run can be saved and replayed; options given on the command line win
@@ -98,8 +98,8 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str
                    help="probability of replacing the condition by the null one while training, so that "
                         "`translate --guidance-scale` can strengthen an edit (classifier-free guidance; PhenDiff's "
                         "0.1; README \"Edit strength\"); 0 = never, and guidance is then refused. A run started "
-                        "before this default (0) resumes with --cond-dropout 0 (default 0.1; 0 with --method diffex, "
-                        "which has no unconditional mode)")
+                        "before this default (0) resumes with --cond-dropout 0 (default 0.1, --method diffusion included: its "
+                        "null code is all zeros; 0 with --method diffex, which has no unconditional mode)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto = bf16 on a GPU that supports it, else no (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
@@ -206,10 +206,19 @@ def _add_finetune(sub) -> None:
                                    "several under `accelerate launch -m phenolens finetune ...`.")
     p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
     p.add_argument("model_dir", type=Path, help="where the fine-tuned model, its checkpoints and train_log.csv go")
+    p.add_argument("--method", choices=("phenldiff", "kandinsky"), default="phenldiff",
+                   help="phenldiff: a Stable Diffusion 2 pipeline conditioned on a prompt per condition (Phen-LDiff); "
+                        "kandinsky: DIFFusion's domain tuning of the Kandinsky 2.2 decoder conditioned on each image's "
+                        "CLIP embedding (LoRA on its attention and added key/value projections; needs --prior; "
+                        "translate it with --omega / --edit to=B,omega=W) (default phenldiff)")
     p.add_argument("--base", required=True,
                    help="the pretrained pipeline: a local diffusers directory (vae/, unet/, text_encoder/, tokenizer/, "
                         "scheduler/) or a hub id such as stabilityai/stable-diffusion-2-1-base (needs the hub or "
-                        "the local Hugging Face cache)")
+                        "the local Hugging Face cache); with --method kandinsky the decoder (unet/, movq/, scheduler/, "
+                        "e.g. kandinsky-community/kandinsky-2-2-decoder)")
+    p.add_argument("--prior", default=None,
+                   help="--method kandinsky: the prior whose CLIP image encoder makes the embeddings (image_encoder/, "
+                        "image_processor/; a directory or a hub id such as kandinsky-community/kandinsky-2-2-prior)")
     p.add_argument("--mode", choices=FINETUNE_MODES, default="lora",
                    help="what trains: lora (low-rank adapters on the attention and projection layers, paper eq. 4), "
                         "svdiff (shifts of the singular values of every weight matrix), attention (the attention "
@@ -427,6 +436,46 @@ def _add_report(sub) -> None:
                         "strongest target (default: the model's condition order)")
     _add_config_options(p)
     p.set_defaults(func=cmd_report)
+
+
+def _add_teach(sub) -> None:
+    p = sub.add_parser("teach", help="DIFFusion's teaching pages: study counterfactuals, then a quiz on real images",
+                       description="Turn a `phenolens translate` run into two self-contained HTML pages (images "
+                                   "embedded, nothing fetched from the network), as DIFFusion's user study taught "
+                                   "(paper 004, section 4.3): OUT/study.html shows, per source -> target condition, each "
+                                   "image and its counterfactual as a flicker pair, a transition animation (blend there "
+                                   "and back; also saved in OUT/animations/ as GIF, and as MP4 when imageio_ffmpeg is "
+                                   "installed) and the difference overlay (counterfactual minus original, red = more "
+                                   "signal, blue = less, on the grey original; Fig. 4b). With --quiz-data, "
+                                   "OUT/quiz.html is a self-test on held-out real images: pick a condition per image, "
+                                   "Score shows k / n correct, and the answers download as CSV "
+                                   "(item,image,answer,truth,correct); OUT/quiz_key.csv holds the truth.")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the OUT folder of `phenolens translate` (holds index.csv)")
+    p.add_argument("out", type=Path, metavar="OUT",
+                   help="a new or empty folder for the pages (may lie inside RUN, e.g. RUN/teach)")
+    p.add_argument("--all", dest="keep_all", action="store_true",
+                   help="a --minimal-edit run: show every edit, not only those the judges flipped to the target "
+                        "(default: per source -> target, only the flipped ones when any flipped)")
+    p.add_argument("--max-pairs", type=int, default=12, metavar="N",
+                   help="at most N image pairs per source -> target condition on the study page, spread evenly "
+                        "over the run (default 12)")
+    p.add_argument("--frames", type=int, default=8, metavar="N",
+                   help="blend steps from the original to the counterfactual in the transition animation, both "
+                        "ends included; it plays there and back (default 8)")
+    p.add_argument("--quiz-data", type=Path, default=None, metavar="DIR",
+                   help="held-out real images for quiz.html, one sub-folder per condition (or a manifest CSV); "
+                        "the conditions found are the answers offered, at least 2; the run's own source images "
+                        "are left out (default: no quiz)")
+    p.add_argument("--quiz-items", type=int, default=20, metavar="N",
+                   help="images in the quiz, taken in turn from each condition of --quiz-data (default 20)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the quiz's choice and order of images: the same seed gives the same quiz "
+                        "(default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the pages of an earlier `phenolens teach` in OUT: removes only the files phenolens "
+                        "wrote there (listed in OUT/.phenolens.json); other files are never touched")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_teach)
 
 
 def _add_memorization(sub) -> None:
@@ -665,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_memorization,
+    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_teach, _add_memorization,
                 _add_classifier, _add_directions, _add_explain, _add_demo):
         add(sub)
     return parser
@@ -747,7 +796,8 @@ def _train_semantic(args: argparse.Namespace, prediction_type: str, command: str
                                    lambda_cls=DEFAULT_LAMBDA_CLS if args.lambda_cls is None else args.lambda_cls,
                                    classifier_views=args.classifier_views,
                                    prediction_type=prediction_type, skip_bad=args.skip_bad)
-    config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.0)
+    # DIFFusion's embedded model learns a null code for classifier-free guidance; DiffEx has none
+    config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.1 if args.method == "diffusion" else 0.0)
     train_diffex(args.data, args.model_dir, settings, config, channels=parse_channels(args.channels),
                  resume=args.resume, overwrite=args.overwrite, command=command, method=args.method)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -758,6 +808,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from phenolens.data.io import parse_channels
     from phenolens.methods.phenldiff import FinetuneSettings, finetune
 
+    if args.method == "kandinsky":
+        _finetune_kandinsky(args)
+        return
+    if args.prior is not None:
+        raise PhenolensError("--prior is for --method kandinsky")
     prompts = {}
     for item in args.prompt:
         cond, sep, text = item.partition("=")
@@ -775,6 +830,30 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     finetune(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
              command=command)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model saved in {args.model_dir}")
+
+
+def _finetune_kandinsky(args: argparse.Namespace) -> None:
+    """--method kandinsky: DIFFusion's domain tuning of the Kandinsky 2.2 decoder (`methods.kandinsky`)."""
+    from phenolens.data.io import parse_channels
+    from phenolens.methods.kandinsky import KandinskyFinetuneSettings, finetune_kandinsky
+
+    if not args.prior:
+        raise PhenolensError("--method kandinsky needs --prior (e.g. kandinsky-community/kandinsky-2-2-prior or a "
+                             "directory with image_encoder/ and image_processor/)")
+    if args.prompt or args.prompt_template != PROMPT_TEMPLATE or args.conditioning != "prompt":
+        raise PhenolensError("--prompt, --prompt-template and --conditioning are for --method phenldiff; a Kandinsky "
+                             "model is conditioned on each image's own embedding")
+    if args.rank < 1:
+        raise PhenolensError("--rank must be at least 1")
+    settings = KandinskyFinetuneSettings(base=args.base, prior=args.prior, mode=args.mode, rank=args.rank,
+                                         lora_alpha=args.lora_alpha, size=args.size,
+                                         channels=parse_channels(args.channels), conditions=args.conditions,
+                                         skip_bad=args.skip_bad)
+    command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
+    finetune_kandinsky(args.data, args.model_dir, settings, _train_config(args), resume=args.resume,
+                       overwrite=args.overwrite, command=command)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model saved in {args.model_dir}")
 
@@ -955,6 +1034,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     path = write_report(args.run_dir, args.out, max_images=args.max_images, top_features=args.top_features,
                         order=args.order)
     print(f"wrote {path}")
+
+
+def cmd_teach(args: argparse.Namespace) -> None:
+    from phenolens.teach import TeachSettings, write_teaching
+
+    settings = TeachSettings(keep_all=args.keep_all, max_pairs=args.max_pairs, frames=args.frames,
+                             quiz_data=args.quiz_data, quiz_items=args.quiz_items, seed=args.seed)
+    result = write_teaching(args.run_dir, args.out, settings, overwrite=args.overwrite)
+    for note in result.notes:
+        print(note)
+    print(f"wrote {result.study} ({result.pairs} pair(s)) and {len(result.animations)} animation(s) in "
+          f"{Path(args.out) / 'animations'}")
+    if result.quiz is not None:
+        print(f"wrote {result.quiz} ({result.quiz_items} item(s)) and {result.key}")
 
 
 def cmd_memorization(args: argparse.Namespace) -> None:

@@ -73,3 +73,31 @@ def to_device(condition: Condition, device) -> dict:
         else:
             out[key] = value
     return out
+
+
+# ------------------------------------------------------------------ guidance inside the condition
+GUIDED = "guided"
+"""The key of a condition that carries its own classifier-free guidance (`guided_condition`)."""
+
+
+def guided_condition(condition: Condition, null: Condition, scale: float) -> dict:
+    """CONDITION with classifier-free guidance of SCALE against NULL folded in, so that inversion and
+    rendering alike call the guided network (`guidance_aware`). Why: DIFFusion (paper 004, App. B.3)
+    inverts and generates under the same guidance; with edit-friendly inversion the reconstruction then
+    stays exact and an edit that leaves the embedding as it is leaves the image as it is, while the edit
+    is amplified by the scale. Rows are taken and concatenated like any condition (nested dicts)."""
+    return {GUIDED: {"cond": dict(condition), "null": dict(null), "scale": float(scale)}}
+
+
+def guidance_aware(model: ModelFn) -> ModelFn:
+    """MODEL, also accepting a `guided_condition`: o = o_u + s·(o_c − o_u) in one batched call."""
+
+    def fn(x: Tensor, t: Tensor, condition: Condition) -> Tensor:
+        if GUIDED not in condition:
+            return model(x, t, condition)
+        g = condition[GUIDED]
+        both = model(torch.cat([x, x]), torch.cat([t, t]), cat([g["cond"], g["null"]]))
+        cond, uncond = both.chunk(2)
+        return uncond + g["scale"] * (cond - uncond)
+
+    return fn

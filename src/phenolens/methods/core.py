@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from phenolens.data.dataset import upscaled_shape
 from phenolens.data.normalize import Normalizer
 from phenolens.diffusion.code import Code
-from phenolens.diffusion.conditions import Condition, ModelFn, take
+from phenolens.diffusion.conditions import Condition, ModelFn, guidance_aware, guided_condition, take
 from phenolens.diffusion.ddim import render
 from phenolens.diffusion.ef_ddpm import Generators
 from phenolens.diffusion.inversion import InversionSettings, invert_image
@@ -130,6 +130,9 @@ class CounterfactualModel:
     scheduler: object
     device: str
     latent: bool = False  # True when encode/decode leave pixel space
+    # True: classifier-free guidance applies to inversion and to every rendering, the reconstruction
+    # included (DIFFusion, paper 004 App. B.3), instead of to the edits only; see `guided`
+    guide_inversion: bool = False
 
     def __init__(self, info: ModelInfo, scheduler, device: str | None = None):
         self.info = info
@@ -192,17 +195,27 @@ class CounterfactualModel:
 
     def invert(self, z0: torch.Tensor, condition: Condition, settings: InversionSettings,
                generator: Generators = None, progress: bool = False) -> Code:
-        """The code of diffusion-space images z0 under their own CONDITION (unguided, so exact)."""
-        return invert_image(self.network(), z0.to(self.device), condition, self.scheduler, settings,
-                            generator=generator, progress=progress)
+        """The code of diffusion-space images z0 under their own CONDITION (the reconstruction is exact
+        when rendered under the same condition, guided or not: `guided`)."""
+        return invert_image(guidance_aware(self.network()), z0.to(self.device), condition, self.scheduler,
+                            settings, generator=generator, progress=progress)
 
     def render(self, code: Code, condition: Condition, guidance_scale: float = 1.0,
                progress: bool = False, trajectory: dict | None = None) -> torch.Tensor:
         """The diffusion-space images a code becomes under CONDITION, from the code's own step (TRAJECTORY:
         see `diffusion.ddim.render`)."""
         null = self.null_condition(len(code)) if guidance_scale != 1.0 else None
-        return render(self.network(), code, condition, self.scheduler, guidance_scale=guidance_scale,
-                      null_condition=null, progress=progress, trajectory=trajectory)
+        return render(guidance_aware(self.network()), code, condition, self.scheduler,
+                      guidance_scale=guidance_scale, null_condition=null, progress=progress, trajectory=trajectory)
+
+    def guided(self, condition: Condition, guidance_scale: float) -> tuple[Condition, float]:
+        """(condition, scale) to invert or render with. For a `guide_inversion` method the guidance goes
+        into the condition itself (`diffusion.conditions.guided_condition`), so inversion, reconstruction
+        and edits all run the same guided network and the returned scale is 1; otherwise unchanged."""
+        if not self.guide_inversion or guidance_scale == 1.0:
+            return condition, guidance_scale
+        n = len(next(iter(_tensors(condition))))
+        return guided_condition(condition, self.null_condition(n), guidance_scale), 1.0
 
     def model_scale(self, h: int, w: int) -> tuple[int, int]:
         """The (h, w) an image of (h, w) pixels is processed at: its own, unless the model was trained on
@@ -262,7 +275,8 @@ class CounterfactualModel:
         `--to` takes them) or Edit values, by default every condition of the model. An edit that leaves
         an image as it is (a target equal to its source) gives its reconstruction and is not rendered.
         Inversion (`InversionSettings`, default: exact fixed-point DDIM) is unguided; `guidance_scale`
-        != 1 applies classifier-free guidance to the edits only (the reconstruction stays exact).
+        != 1 applies classifier-free guidance to the edits only (the reconstruction stays exact), except
+        for a `guide_inversion` method, whose inversion, reconstruction and edits are all guided.
         `generator` draws EF-DDPM's noise (one per image makes results independent of batching).
         """
         sources = [source] * len(images) if isinstance(source, str) else list(source)
@@ -281,7 +295,8 @@ class CounterfactualModel:
                                    generator, progress)
 
     def _invert_and_reconstruct(self, images, sources: list[str], inversion: InversionSettings,
-                                generator: Generators, progress: bool, trajectory: dict | None = None):
+                                generator: Generators, progress: bool, trajectory: dict | None = None,
+                                guidance_scale: float = 1.0):
         """Normalise, invert under the sources' own condition and render the reconstruction: what every
         translation starts from. Returns (x0, frame, src, z0, cond, code, z_recon, recon)."""
         x0, frame = self.to_model_space(images)
@@ -289,7 +304,7 @@ class CounterfactualModel:
         # the sources at their own size: the yardstick of every error (equal to crop_back(x0) unless resized)
         src = self.normalized(images).to(self.device) if frame.resized else self.crop_back(x0, frame)
         z0 = self.encode(x0)
-        cond = self.condition(x0, sources)
+        cond, _ = self.guided(self.condition(x0, sources), guidance_scale)
         code = self.invert(z0, cond, inversion, generator=generator, progress=progress)
         z_recon = self.render(code, cond, progress=progress, trajectory=trajectory)
         recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), frame)
@@ -298,7 +313,7 @@ class CounterfactualModel:
     def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
                    guidance_scale: float, generator: Generators, progress: bool) -> Translation:
         x0, frame, src, z0, cond, code, z_recon, recon = self._invert_and_reconstruct(
-            images, sources, inversion, generator, progress)
+            images, sources, inversion, generator, progress, guidance_scale=guidance_scale)
         steps_rendered = inversion.steps - inversion.skip
         render_forwards = np.full(len(images), steps_rendered, dtype=np.int64)
         result = Translation(reconstructions=self._to_raw(recon), translations={},
@@ -308,13 +323,16 @@ class CounterfactualModel:
             result.latent_recon_mse = mse_per_image(z_recon, z0)
             result.autoencoder_mse = mse_per_image(self.crop_back(self.decode(z0).clamp(-1, 1), frame), src)
         per_call = 2 if guidance_scale != 1.0 else 1
+        if self.guide_inversion and guidance_scale != 1.0:
+            render_forwards *= 2
         for key, edit in edits.items():
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
             z_out, out = z_recon.clone(), recon.clone()
             if changed:
                 idx = torch.tensor(changed, device=z0.device)
-                cond_e = self.edited(take(cond, changed), edit, [sources[i] for i in changed], x0[idx])
-                z_new = self.render(code.take(changed), cond_e, guidance_scale=guidance_scale, progress=progress)
+                cond_e, scale = self.guided(self.edited(take(self.condition(x0, sources), changed), edit,
+                                                        [sources[i] for i in changed], x0[idx]), guidance_scale)
+                z_new = self.render(code.take(changed), cond_e, guidance_scale=scale, progress=progress)
                 z_out[idx] = z_new
                 out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), frame)
                 render_forwards[changed] += steps_rendered * per_call
@@ -345,15 +363,17 @@ class CounterfactualModel:
         with self.inference():
             path: dict[int, torch.Tensor] = {}
             x0, frame, src, _, cond, code, _, recon = self._invert_and_reconstruct(
-                images, sources, inversion, generator, progress, trajectory=path)
+                images, sources, inversion, generator, progress, trajectory=path, guidance_scale=guidance_scale)
             sweep = SkipSweep(skips=skips, reconstructions=self._to_raw(recon), recon_mse=mse_per_image(recon, src))
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
             idx = torch.tensor(changed, dtype=torch.long, device=x0.device)
-            cond_e = self.edited(take(cond, changed), edit, [sources[i] for i in changed], x0[idx]) if changed else None
+            cond_e, scale = self.guided(self.edited(take(self.condition(x0, sources), changed), edit,
+                                                    [sources[i] for i in changed], x0[idx]), guidance_scale) \
+                if changed else (None, guidance_scale)
             for k in skips:
                 out = recon.clone()
                 if changed:
-                    z = self.render(code.restart(k, path[k]).take(changed), cond_e, guidance_scale=guidance_scale,
+                    z = self.render(code.restart(k, path[k]).take(changed), cond_e, guidance_scale=scale,
                                     progress=progress)
                     out[idx] = self.crop_back(self.decode(z).clamp(-1, 1), frame)
                 sweep.outputs[k] = self._to_raw(out)
@@ -372,6 +392,15 @@ class CounterfactualModel:
     def _to_raw(self, x: torch.Tensor) -> list[np.ndarray]:
         raw = self.normalizer.from_model(x.float().cpu().numpy())
         return [np.asarray(r, dtype=np.float32) for r in raw]
+
+
+def _tensors(condition: Condition):
+    """The per-image tensors of a condition (nested dicts included), to count its rows."""
+    for value in condition.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            yield value
+        elif isinstance(value, dict):
+            yield from _tensors(value)
 
 
 def _inversion_from(inversion: InversionSettings | None, legacy: dict) -> InversionSettings:

@@ -135,14 +135,15 @@ def n_scores(classifier: ConditionClassifier | None, views: str) -> int:
 
 def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, generator: torch.Generator, *,
                   classifier: ConditionClassifier | None, model_norm: Normalizer, lambda_cls: float,
-                  views: str = "whole") -> torch.Tensor:
+                  views: str = "whole", drop: torch.Tensor | None = None) -> torch.Tensor:
     """L_sem = L_diffusion + λ₁ L_cls (eqs. 1-3).
 
     L_diffusion (eq. 1): ||ε_θ(x_t, t, z_sem) - ε||² (or the v / x₀ target the scheduler names).
     L_cls (eq. 2): D_KL[C(x') || C(x)]. The paper's x' is the reconstruction; a full sampling pass per
     training step is unaffordable, so x' here is the model's own estimate x̂₀ at the sampled step t
     (from its prediction, clipped to [-1, 1]), which is the reconstruction's one-step approximation.
-    Without a classifier (DIFFusion's embedded model) there is no L_cls.
+    Without a classifier (DIFFusion's embedded model) there is no L_cls. DROP (B,) marks the images
+    whose code is replaced by the null code (classifier-free condition dropout, DIFFusion only).
     """
     b = x0.shape[0]
     num_t = int(noise_scheduler.config.num_train_timesteps)
@@ -150,6 +151,8 @@ def semantic_loss(net: SemanticDiffusion, noise_scheduler, x0: torch.Tensor, gen
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     x_t = noise_scheduler.add_noise(x0, noise, t)
     z_sem = semantic_code(net.encoder, classifier, model_norm, x0, views)
+    if drop is not None:  # condition dropout (DIFFusion's embedded model): the null code, zeros
+        z_sem = torch.where(drop.to(z_sem.device).view(-1, 1), torch.zeros_like(z_sem), z_sem)
     pred = network_fn(net.unet)(x_t, t, {"class_labels": net.encoder.embed(z_sem)})
     abar = noise_scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
     kind = noise_scheduler.config.prediction_type
@@ -376,7 +379,7 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
 
     model_dir = Path(model_dir)
     check_config(config)
-    if config.cond_dropout:
+    if config.cond_dropout and not embedded:
         raise PhenolensError("--cond-dropout: a DiffEx model is conditioned on each image's own code and has no "
                              "unconditional mode; use 0")
     if settings.lambda_cls < 0:
@@ -421,7 +424,7 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
-        version=__version__, input_stats=dict(images.input_stats), cond_dropout=0.0,
+        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
         size_rule="resize-up" if images.resized_up else "own",
         semantic=dict(code_dim=settings.code_dim, classes=classifier.classes if classifier else list(conditions),
                       lambda_cls=settings.lambda_cls, classifier_views=settings.classifier_views,
@@ -434,9 +437,10 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         if not device_classifier and classifier is not None:  # the trainer picks the device: follow the networks
             classifier.model.to(x0.device)
             device_classifier["done"] = True
+        # the trainer replaced the labels of the dropped images by the null label (p = --cond-dropout)
         return semantic_loss(net, noise_scheduler, x0, generator, classifier=classifier,
                              model_norm=images.normalizer, lambda_cls=settings.lambda_cls,
-                             views=settings.classifier_views)
+                             views=settings.classifier_views, drop=labels >= len(conditions))
 
     def on_save(trained: SemanticDiffusion, step: int) -> None:
         info.training["steps_done"] = step

@@ -6,7 +6,9 @@ Method, as in the paper's §3:
    (CLIP image embeddings); the embedded default here is phenolens' own pixel UNet conditioned on the
    L2-normalised code of a semantic encoder trained with it (`phenolens train --method diffusion`: the
    networks of DiffEx's semantic model, `phenolens.models.semantic`, with the code scaled to length 1 and
-   without DiffEx's KL term; with `--classifier` its scores join the code, as in DiffEx).
+   without DiffEx's KL term; with `--classifier` its scores join the code, as in DiffEx). The paper's own
+   decoder is `phenolens finetune --method kandinsky` (`phenolens.methods.kandinsky`); both share the
+   arithmetic below (`EmbeddingArithmetic`).
 2. **Inversion** into per-step noise maps (edit-friendly DDPM, the core's `--inversion ef-ddpm`), so that
    the image is recovered exactly under its own embedding.
 3. **Conditioning arithmetic** (eqs. 6-7): ĉ = c + ω·Δc with Δc = E[E(x_target)] − E[E(x_source)], the
@@ -100,25 +102,26 @@ class TowardCondition:
         return source == self.target or self.omega == 0
 
 
-class DIFFusion(SemanticConditionModel):
-    """A pixel UNet conditioned on an image embedding (the embedded default of DIFFusion)."""
+class EmbeddingArithmetic:
+    """DIFFusion's edit on any decoder conditioned on an image embedding (§3.2, eqs. 6-7), shared by the
+    embedded model (`DIFFusion`) and the Kandinsky 2.2 back-end (`methods.kandinsky.Kandinsky`).
 
-    def __init__(self, unet, encoder, classifier, scheduler, info: ModelInfo, device: str | None = None,
-                 model_dir: Path | None = None):
-        super().__init__(unet, encoder, classifier, scheduler, info, device, model_dir)
-        self.omega = DEFAULT_OMEGA
-        self.class_means: ClassMeans | None = None
+    A class provides `embedding(x0)`, the L2-normalised embedding c = E(x) of images in [-1, 1] (eq. 7
+    averages those), and `embedding_condition(c, reference)`, the network's condition for embeddings c
+    (REFERENCE: the same images' own condition, for a decoder that needs more than the direction, e.g.
+    the length of the image's own embedding). This mixin does the rest: the class means, ω, the edit
+    `to=B,omega=W` and ĉ = c + ω·Δc. It comes before the CounterfactualModel base in the class's bases."""
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> "DIFFusion":
-        unet, encoder, classifier, scheduler, info = load_semantic_model(
-            model_dir, "diffusion", "a DIFFusion model (`phenolens train --method diffusion`)", need_classifier=False)
-        return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=Path(model_dir))
+    omega: float = DEFAULT_OMEGA
+    class_means: ClassMeans | None = None
 
-    # ------------------------------------------------------------------------------ the method
     def embedding(self, x0: torch.Tensor) -> torch.Tensor:
-        """c = E(x) of images in [-1, 1]: the semantic code, length 1 (§3, "normalize ... with L2 norm")."""
-        return F.normalize(self.semantic_code(x0), dim=-1)
+        """c = E(x) of images in [-1, 1], L2-normalised (§3.2: "normalize ... with L2 norm")."""
+        raise NotImplementedError
+
+    def embedding_condition(self, c: torch.Tensor, reference: Mapping | None = None) -> dict:
+        """The network's condition for (edited) embeddings C of the images whose own condition is REFERENCE."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def mean_embeddings(self, images: Mapping[str, Sequence], batch_size: int = 32) -> ClassMeans:
@@ -132,7 +135,7 @@ class DIFFusion(SemanticConditionModel):
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 x0, _ = self.to_model_space([raw for _, raw in chunk])
-                c = self.embedding(x0).float().sum(0)
+                c = self.embedding(x0.to(self.device)).float().sum(0)
                 total = c if total is None else total + c
             means[condition] = (total / len(items)).cpu()
             names[condition] = tuple(str(path) for path, _ in items)
@@ -144,16 +147,6 @@ class DIFFusion(SemanticConditionModel):
             check_omega(omega)
             self.omega = float(omega)
         self.class_means = means
-
-    def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> dict:
-        """An image's own condition is its embedding; there is none without an image."""
-        if x0 is None:
-            raise PhenolensError("a DIFFusion model renders embeddings of real images; it does not generate from "
-                                 "noise alone (give images to translate)")
-        return {"class_labels": self.encoder.embed(self.embedding(x0))}
-
-    def null_condition(self, n: int) -> dict:
-        raise PhenolensError("this DIFFusion model has no unconditional mode: use --guidance-scale 1")
 
     def parse_edit(self, text: str) -> Edit:
         """`to=B,omega=w`, or a bare condition name B (ω: the model's, `use_class_means`)."""
@@ -173,7 +166,7 @@ class DIFFusion(SemanticConditionModel):
         return TowardCondition(fields["to"], omega, self.class_means)
 
     def edited(self, condition, edit, source, x0):
-        """ĉ = c + ω·(mean(target) − mean(source)) per image (eqs. 6-7), as the UNet's condition."""
+        """ĉ = c + ω·(mean(target) − mean(source)) per image (eqs. 6-7), as the network's condition."""
         if not isinstance(edit, TowardCondition):
             raise PhenolensError(f"edit {edit.label!r}: a DIFFusion model edits towards a condition (to=B,omega=W)")
         means = edit.means or self.class_means
@@ -181,7 +174,53 @@ class DIFFusion(SemanticConditionModel):
             raise PhenolensError(f"edit {edit.label!r}: no class means to move along")
         c = self.embedding(x0)
         delta = torch.stack([means.delta(s, edit.target) for s in source]).to(c.device, c.dtype)
-        return {"class_labels": self.encoder.embed(c + edit.omega * delta)}
+        return self.embedding_condition(c + edit.omega * delta, condition)
+
+
+class DIFFusion(EmbeddingArithmetic, SemanticConditionModel):
+    """A pixel UNet conditioned on an image embedding (the embedded default of DIFFusion).
+
+    Trained with condition dropout (`--cond-dropout`, default 0.1) the embedding is sometimes replaced by
+    the null code (all zeros: no image embedding has length 0), so classifier-free guidance can amplify an
+    edit; as in the paper (App. B.3) the guidance applies to inversion and generation alike."""
+
+    guide_inversion = True
+
+    def __init__(self, unet, encoder, classifier, scheduler, info: ModelInfo, device: str | None = None,
+                 model_dir: Path | None = None):
+        super().__init__(unet, encoder, classifier, scheduler, info, device, model_dir)
+        self.omega = DEFAULT_OMEGA
+        self.class_means: ClassMeans | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> "DIFFusion":
+        unet, encoder, classifier, scheduler, info = load_semantic_model(
+            model_dir, "diffusion", "a DIFFusion model (`phenolens train --method diffusion`)", need_classifier=False)
+        return cls(unet, encoder, classifier, scheduler, info, device=device, model_dir=Path(model_dir))
+
+    # ------------------------------------------------------------------------------ the method
+    def embedding(self, x0: torch.Tensor) -> torch.Tensor:
+        """c = E(x) of images in [-1, 1]: the semantic code, length 1 (§3, "normalize ... with L2 norm")."""
+        return F.normalize(self.semantic_code(x0), dim=-1)
+
+    def embedding_condition(self, c: torch.Tensor, reference: Mapping | None = None) -> dict:
+        """The UNet's condition: ĉ as it is (not normalised again), through the encoder's embedding layer."""
+        return {"class_labels": self.encoder.embed(c)}
+
+    def condition(self, x0: torch.Tensor | None, source: Sequence[str]) -> dict:
+        """An image's own condition is its embedding; there is none without an image."""
+        if x0 is None:
+            raise PhenolensError("a DIFFusion model renders embeddings of real images; it does not generate from "
+                                 "noise alone (give images to translate)")
+        return self.embedding_condition(self.embedding(x0))
+
+    def null_condition(self, n: int) -> dict:
+        """The unconditional condition: the null code (zeros), which training put in with p = cond_dropout."""
+        if not self.info.cond_dropout:
+            raise PhenolensError("this DIFFusion model was trained without condition dropout, so it has no "
+                                 "unconditional mode: use --guidance-scale 1 (or train with --cond-dropout 0.1)")
+        z = torch.zeros(n, self.encoder.sem_dim, device=self.device, dtype=next(self.encoder.parameters()).dtype)
+        return {"class_labels": self.encoder.embed(z)}
 
 
 def check_omega(omega: float) -> None:
@@ -189,4 +228,4 @@ def check_omega(omega: float) -> None:
         raise PhenolensError(f"--omega {omega}: must be a finite number (the paper uses 1 to 2)")
 
 
-__all__ = ["ClassMeans", "DIFFusion", "TowardCondition", "DEFAULT_OMEGA", "DEFAULT_MEAN_IMAGES"]
+__all__ = ["ClassMeans", "DIFFusion", "EmbeddingArithmetic", "TowardCondition", "DEFAULT_OMEGA", "DEFAULT_MEAN_IMAGES"]

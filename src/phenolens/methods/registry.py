@@ -25,6 +25,7 @@ METHODS: dict[str, Union[str, Loader]] = {
     "phenldiff": "phenolens.methods.phenldiff:PhenLDiff",
     "diffex": "phenolens.methods.diffex:DiffEx",
     "diffusion": "phenolens.methods.diffusion_embedding:DIFFusion",
+    "kandinsky": "phenolens.methods.kandinsky:Kandinsky",
 }
 
 

@@ -42,7 +42,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -177,12 +177,14 @@ def _check_rank(rank: Any) -> int:
 
 # ----------------------------------------------------------------------------------- prepare
 def prepare_unet(unet: nn.Module, mode: str, *, rank: int = 4, alpha: float | None = None,
-                 svd_device: torch.device | str | None = None) -> dict[str, Any]:
+                 svd_device: torch.device | str | None = None,
+                 targets: Sequence[str] = LORA_TARGETS) -> dict[str, Any]:
     """Freeze UNET's base parameters and make trainable only what MODE trains (in place).
 
     rank / alpha: LoRA rank r and scale numerator α (default α = r, scale α/r = 1); ignored by
     the other modes. svd_device: where svdiff computes its SVDs (default: each weight's device);
-    `load_trained` uses it to recompute them where training did.
+    `load_trained` uses it to recompute them where training did. targets: the layer names LoRA
+    adapts (default `LORA_TARGETS`; Kandinsky's decoder adds its added key/value projections).
 
     Returns a JSON-able description for phenolens.json (and `load_trained`): mode, rank, alpha,
     target_modules, layers (how many modules adapted), trainable, total (parameter counts after
@@ -204,17 +206,17 @@ def prepare_unet(unet: nn.Module, mode: str, *, rank: int = 4, alpha: float | No
 
         alpha = float(rank if alpha is None else alpha)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True,
-                            target_modules=list(LORA_TARGETS))
+                            target_modules=list(targets))
         try:
             unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         except ValueError as exc:  # peft: no target module found
-            raise PhenolensError(f"--mode lora: the UNet has none of the layers {', '.join(LORA_TARGETS)} ({exc})")
+            raise PhenolensError(f"--mode lora: the UNet has none of the layers {', '.join(targets)} ({exc})")
         layers = 0
         for name, p in unet.named_parameters():
             is_lora = ".lora_A." in name or ".lora_B." in name
             p.requires_grad_(is_lora)
             layers += is_lora and ".lora_A." in name
-        description.update(rank=rank, alpha=alpha, target_modules=list(LORA_TARGETS), layers=layers)
+        description.update(rank=rank, alpha=alpha, target_modules=list(targets), layers=layers)
 
     elif mode == "svdiff":
         targets = [(name, m) for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -301,7 +303,10 @@ def load_trained(unet: nn.Module, description: Mapping[str, Any], state: Mapping
             else:
                 warnings.warn(f"svdiff: the spectral decompositions were computed on {recorded!r}, which is not "
                               "available; recomputing them here gives the fine-tuned weights only up to rounding")
-    prepare_unet(unet, mode, rank=rank, alpha=description.get("alpha"), svd_device=svd_device)
+    # the layers LoRA adapted, as recorded (descriptions from before `targets` hold LORA_TARGETS)
+    targets = description.get("target_modules") if mode == "lora" else None
+    prepare_unet(unet, mode, rank=rank, alpha=description.get("alpha"), svd_device=svd_device,
+                 targets=tuple(targets) if targets else LORA_TARGETS)
 
     expected = _raw_trained_state(unet, mode)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)

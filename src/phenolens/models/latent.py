@@ -32,7 +32,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -239,16 +239,16 @@ def _hub_offline_env() -> bool:
     return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def _download_hint(repo: str) -> str:
+def _download_hint(repo: str, option: str = "--base") -> str:
     import huggingface_hub
 
     cli = "hf" if int(huggingface_hub.__version__.split(".")[0]) >= 1 else "huggingface-cli"
-    return f"download the model first ({cli} download {repo} --local-dir DIR) and pass --base DIR"
+    return f"download the model first ({cli} download {repo} --local-dir DIR) and pass {option} DIR"
 
 
-def _unreachable(repo: str, why: str) -> PhenolensError:
-    return PhenolensError(f"--base {repo}: not a local directory, and the Hugging Face hub cannot be reached "
-                          f"({why}); {_download_hint(repo)}")
+def _unreachable(repo: str, why: str, option: str = "--base") -> PhenolensError:
+    return PhenolensError(f"{option} {repo}: not a local directory, and the Hugging Face hub cannot be reached "
+                          f"({why}); {_download_hint(repo, option)}")
 
 
 def _load_hub(repo: str, components: Sequence[str], dtype: torch.dtype) -> dict[str, Any]:
@@ -270,20 +270,20 @@ def _load_hub(repo: str, components: Sequence[str], dtype: torch.dtype) -> dict[
     return {comp: _load_hub_component(repo, comp, dtype, local_only=False) for comp in components}
 
 
-def _probe_hub(repo: str) -> None:
+def _probe_hub(repo: str, option: str = "--base") -> None:
     from huggingface_hub import model_info
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
         model_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
     except RepositoryNotFoundError:
-        raise PhenolensError(f"--base {repo}: not a local directory, and no such model on the Hugging Face hub "
+        raise PhenolensError(f"{option} {repo}: not a local directory, and no such model on the Hugging Face hub "
                              "(a private one needs `hf auth login`); check the id or pass a local pipeline "
                              "directory") from None
     except HfHubHTTPError as exc:
-        raise _unreachable(repo, f"it answered: {_first_line(exc)}") from None
+        raise _unreachable(repo, f"it answered: {_first_line(exc)}", option) from None
     except Exception:  # noqa: BLE001 - DNS, connection, TLS, proxy or timeout errors of the HTTP client
-        raise _unreachable(repo, "offline?") from None
+        raise _unreachable(repo, "offline?", option) from None
 
 
 def _load_hub_component(repo: str, comp: str, dtype: torch.dtype, local_only: bool):
@@ -331,6 +331,66 @@ def _check_compatible(lb: LatentBase, text: str) -> None:
         if lb.text_encoder is not None and isinstance(cross, int) and cross != lb.text_encoder.config.hidden_size:
             raise PhenolensError(f"--base {text}: unet/ attends to {cross}-dimensional text embeddings but "
                                  f"text_encoder/ makes {lb.text_encoder.config.hidden_size}-dimensional ones")
+
+
+# ------------------------------------------------------------------- other pretrained repositories
+PartLoader = Callable[[str, bool], Any]
+"""(source, local_only) -> one component of a repository: `from_pretrained(source, subfolder=...)`.
+With local_only it must raise OSError or ValueError when the component is not in the local cache."""
+
+
+def load_parts(source: str | Path, option: str, parts: Mapping[str, PartLoader], *, what: str) -> dict[str, Any]:
+    """Load PARTS (subfolder name -> loader) of SOURCE, a local directory or a hub id, by `load_base`'s
+    rules: a local directory must hold every subfolder; a hub id is read from the local cache first, fails
+    at once under HF_HUB_OFFLINE, and otherwise one probe of the hub tells "unreachable" from "no such
+    model" before downloading. Every failure is one PhenolensError line naming OPTION and SOURCE; WHAT
+    says what the directory should be (e.g. "a Kandinsky 2.2 decoder (unet/, movq/, scheduler/)").
+    Why here: Kandinsky's decoder and prior repositories are not Stable Diffusion pipelines, but a user
+    meets the same mistakes (a typo, no network, a model of another kind) and should read the same errors."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(source)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if (local / "phenolens.json").is_file():
+            raise PhenolensError(f"{option} {text}: is a phenolens model, not a pretrained model; pass {what}")
+        for name in parts:  # every folder before anything big is loaded
+            if not (local / name).is_dir():
+                raise PhenolensError(f"{option} {text}: has no {name}/ folder; pass {what}")
+        return {name: _load_part(load, str(local), name, option, text, local_only=False)
+                for name, load in parts.items()}
+    if local.exists():
+        raise PhenolensError(f"{option} {text}: is a file, not a directory; pass {what}")
+    if isinstance(source, Path) or _looks_like_path(text):
+        raise PhenolensError(f"{option} {text}: no such directory; pass {what}, as a directory or a hub id")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise PhenolensError(f"{option} {text}: no such directory, and not a Hugging Face hub id (owner/name); "
+                             f"pass {what}") from None
+    try:  # 1. the local cache: no network at all
+        return {name: load(text, True) for name, load in parts.items()}
+    except (OSError, ValueError):
+        pass  # not (completely) in the cache
+    if _hub_offline_env():
+        raise _unreachable(text, "HF_HUB_OFFLINE is set and the model is not in the local cache", option) from None
+    _probe_hub(text, option)  # 2. one quick request: is the hub there, and does it know the model?
+    return {name: _load_part(load, text, name, option, text, local_only=False) for name, load in parts.items()}
+
+
+def _load_part(load: PartLoader, source: str, name: str, option: str, text: str, local_only: bool) -> Any:
+    try:
+        return load(source, local_only)
+    except PhenolensError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise PhenolensError(f"{option} {text}: cannot load {name}/: {_first_line(exc)}") from exc
+
+
+def ddim_scheduler(source: str, local_only: bool = False):
+    """The DDIMScheduler phenolens samples and inverts with, from SOURCE's scheduler/ config (any class)."""
+    return _instantiate(source, "scheduler", torch.float32, local_only)
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -529,5 +589,5 @@ def sd2_vae_config(variant: str = "base") -> dict[str, Any]:
     )
 
 
-__all__ = ["LatentBase", "load_base", "encode_prompts", "build_tiny_base", "sd2_unet_config", "sd2_vae_config",
+__all__ = ["LatentBase", "load_base", "load_parts", "ddim_scheduler", "encode_prompts", "build_tiny_base", "sd2_unet_config", "sd2_vae_config",
            "COMPONENTS", "SD2_VARIANTS"]

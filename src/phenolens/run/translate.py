@@ -291,7 +291,9 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                         "recipe; --guidance-scale 1 for none)")
     check_guidance(settings, model.info)
     records = _unique_records(records)
-    embedded = model.info.method == "diffusion"
+    from phenolens.methods.diffusion_embedding import EmbeddingArithmetic
+
+    embedded = isinstance(model, EmbeddingArithmetic)  # DIFFusion's edit: embedded or Kandinsky decoder
     if embedded:
         from phenolens.run.class_means import DEFAULT_MEAN_IMAGES, check_embedding_edit, mean_data_of
 
@@ -301,7 +303,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         check_embedding_edit(settings.omega, settings.mean_images)
     elif settings.omega is not None or settings.mean_images is not None or settings.mean_data is not None:
         raise PhenolensError("--omega, --mean-images and --mean-data are for a DIFFusion model (`phenolens train "
-                             f"--method diffusion`); {settings.model_dir} is a {model.info.method} model")
+                             "--method diffusion` or `phenolens finetune --method kandinsky`); "
+                             f"{settings.model_dir} is a {model.info.method} model")
     skips = check_minimal_edit(settings, workers) if settings.minimal_edit else []
     check_apart(out, inputs=[Path(settings.input), *(r.path for r in records)], models=[Path(settings.model_dir)])
 
@@ -390,7 +393,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                           recon_mae_raw=f"{mae_raw:.6g}", recon_mse_raw=f"{mse_raw:.6g}", source_dtype=layout.dtype,
                           model_hash=model_hash, source_size=item.stamp[0], source_mtime_ns=item.stamp[1],
                           inversion_forwards=int(result.inversion_forwards[i]), **meta(rec))
-            if model.latent:
+            if model.latent and result.latent_recon_mse is not None:  # a --minimal-edit sweep measures none
                 common.update(latent_recon_mse=f"{float(result.latent_recon_mse[i]):.6g}",
                               autoencoder_mse=f"{float(result.autoencoder_mse[i]):.6g}")
             new_rows = []
@@ -402,7 +405,7 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                     write_image(out / rel, result.translations[label][i], layout)
                 row = dict(common, target_condition=target, output_path=rel.as_posix(), kind=kind,
                            edit=label, change_mse=f"{float(result.change_mse[label][i]):.6g}")
-                if model.latent:
+                if model.latent and label in result.latent_change_mse:
                     row["latent_change_mse"] = f"{float(result.latent_change_mse[label][i]):.6g}"
                 if extra is not None and kind == "translation":
                     row.update(extra.columns[label][i])
