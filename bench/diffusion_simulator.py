@@ -84,7 +84,7 @@ def minimal_run(w: Path, held: Path, train: Path, method: str, target: str, guid
     """One --minimal-edit translate run of METHOD (DIFFusion at GUIDANCE and OMEGA; PhenDiff unguided), measured."""
     tag = f"-g{guidance:g}-w{omega:g}" if method == "diffusion" else ""
     run = w / f"min-{method}-{target}{tag}-s{args.render_steps}-n{args.strengths}"
-    extra = ["--omega", omega, "--mean-images", args.mean_images, "--guidance-scale", guidance] \
+    extra = ["--omega", omega, "--mean-images", args.mean_images, "--mean-data", train, "--guidance-scale", guidance] \
         if method == "diffusion" else ["--guidance-scale", 1]
     if not (run / "index.csv").is_file() or not (run / "sweep.csv").is_file():
         phenolens("translate", w / method, held / "control", run, "--from", "control", "--to", target,
@@ -101,7 +101,7 @@ def omega_run(w: Path, held: Path, guidance: float, omega: float, args) -> tuple
     if not (run / "index.csv").is_file():
         phenolens("translate", w / "diffusion", held / "control", run, "--from", "control", "--to", "high",
                   "--inversion", "ef-ddpm", "--steps", args.render_steps, "--skip", args.omega_skip, "--omega",
-                  omega, "--mean-images", args.mean_images, "--guidance-scale", guidance)
+                  omega, "--mean-images", args.mean_images, "--mean-data", w / "train", "--guidance-scale", guidance)
     measure(run, held, args.jobs)
     key = f"to=high,omega={omega:g}"
     metrics = json.loads((run / "measure" / "metrics.json").read_text())

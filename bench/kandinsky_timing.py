@@ -133,7 +133,13 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16", help="which to time, in order (default fp32,bf16)")
     ap.add_argument("--device", default=None, help="default: cuda when available (never with --tiny), else cpu")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--strict-fp32", action="store_true",
+                    help="turn TF32 off (cuDNN convolutions and matmuls): fp32 then reconstructs exactly on a GPU, "
+                         "at a cost this run measures (bench/kandinsky_timing.md)")
     args = ap.parse_args()
+    if args.strict_fp32:
+        torch.backends.cudnn.allow_tf32 = False  # PyTorch's default lets cuDNN convolutions use TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -159,10 +165,11 @@ def main() -> None:
             ratios["bf16/fp32 peak memory"] = by["bf16"]["peak_gpu_gib"] / by["fp32"]["peak_gpu_gib"]
     machine = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"\nKandinsky 2.2 DIFFusion ({'tiny' if args.tiny else 'full-size'}, random weights) on {device} "
-          f"({machine}, torch {torch.__version__})\n")
+          f"({machine}, torch {torch.__version__}{', TF32 off' if args.strict_fp32 else ''})\n")
     print(markdown(rows, ratios))
     if args.json:
         args.json.write_text(json.dumps(dict(tiny=args.tiny, device=device, machine=machine, rows=rows,
+                                             strict_fp32=args.strict_fp32,
                                              ratios=ratios), indent=1) + "\n")
 
 

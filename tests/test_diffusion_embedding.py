@@ -237,3 +237,12 @@ def test_without_condition_dropout_guidance_is_refused(sim, tmp_path):
                            "--to", "high", "--inversion", "ef-ddpm", "--steps", "4", "--guidance-scale", "3",
                            "--mean-images", "2", "--mean-data", str(sim))
     assert code == 2 and "without condition dropout" in err and err.count("\n") <= 2, err
+
+
+def test_mean_data_without_the_target_is_refused_before_translating(model, sim, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli("translate", str(model), str(sim / "control"), str(out), "--from", "control", "--to", "high",
+                           "--inversion", "ef-ddpm", "--steps", "4", "--mean-images", "2", "--mean-data",
+                           str(sim / "control"))
+    assert code == 2 and "no images of high" in err and "--mean-data" in err, err
+    assert not list(out.glob("*/*.tif"))  # nothing translated

@@ -197,13 +197,16 @@ def _add_train(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a pretrained latent diffusion model (Phen-LDiff) on your images",
+    p = sub.add_parser("finetune", help="fine-tune a pretrained latent diffusion model (Phen-LDiff, or DIFFusion's "
+                                        "Kandinsky 2.2) on your images",
                        description="Fine-tune a Stable Diffusion 2 family pipeline (VAE, text-conditioned UNet, CLIP "
                                    "text encoder) on all conditions of DATA with LoRA, SVDiff, attention-only or full "
-                                   "fine-tuning. MODEL_DIR holds only what was trained (adapter/, the condition "
-                                   "embeddings) and a phenolens.json naming BASE; `phenolens translate`, `measure`, "
-                                   "`report` and `memorization` use it like a PhenDiff model. Runs on CPU, one GPU or "
-                                   "several under `accelerate launch -m phenolens finetune ...`.")
+                                   "fine-tuning (Phen-LDiff, the default); or, with --method kandinsky, LoRA on the "
+                                   "Kandinsky 2.2 decoder conditioned on each image's CLIP embedding (DIFFusion's "
+                                   "domain tuning; --prior names the CLIP image encoder). MODEL_DIR holds only what "
+                                   "was trained (adapter/, the condition embeddings) and a phenolens.json naming BASE; "
+                                   "`phenolens translate`, `measure` and `report` use it like a PhenDiff model. Runs on "
+                                   "CPU, one GPU or several under `accelerate launch -m phenolens finetune ...`.")
     p.add_argument("data", type=Path, help="dataset root with a folder per condition, or a manifest CSV (path,condition,...)")
     p.add_argument("model_dir", type=Path, help="where the fine-tuned model, its checkpoints and train_log.csv go")
     p.add_argument("--method", choices=("phenldiff", "kandinsky"), default="phenldiff",
@@ -251,7 +254,9 @@ def _add_edit_strength_options(p: argparse.ArgumentParser) -> None:
     _add_inversion_options(p)
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance of the translations (needs a model trained with --cond-dropout); the "
-                        "inversion and the reconstruction stay unguided and exact; 1 = none (default: 2 for a PhenDiff "
+                        "inversion and the reconstruction stay unguided and exact, except for DIFFusion models, which "
+                        "guide inversion and generation alike (paper App. B.3; still exact with --inversion ef-ddpm); "
+                        "1 = none (default: 2 for a PhenDiff "
                         "model trained with `train`'s default recipe and a fixed-point or ddim inversion, where it was "
                         "measured to help; else 1, e.g. with EF-DDPM; README \"Edit strength\")")
 
@@ -292,7 +297,8 @@ def _add_translate(sub) -> None:
                    help="source condition: names the condition of a single folder, or keeps only that condition of a dataset")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of inversion and rendering (default 50)")
     p.add_argument("--omega", type=float, default=None, metavar="W",
-                   help="DIFFusion models (`train --method diffusion`): the edit moves each image's embedding by W "
+                   help="DIFFusion models (`train --method diffusion`, `finetune --method kandinsky`): the edit moves "
+                        "each image's embedding by W "
                         "times the difference of the target's and the source's mean embeddings, ĉ = c + W·Δc "
                         "(eq. 6; index.csv's edit writes to=COND,omega=W) (default 2, the paper's)")
     p.add_argument("--mean-images", type=int, default=None, metavar="N",

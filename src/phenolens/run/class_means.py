@@ -30,6 +30,9 @@ def mean_data_of(model, given: str | None, translated: str) -> str:
     trained_on = (model.info.training or {}).get("data", "")
     if trained_on and Path(trained_on).exists():
         return trained_on
+    if trained_on:
+        logger.warning(f"the model's training data {trained_on} is not there: the class means come from the images "
+                       f"being translated ({translated}); pass --mean-data DIR for images of every condition")
     return translated
 
 
@@ -75,4 +78,15 @@ def prepare_class_means(model, data: str, n: int, omega: float | None, out: Path
     return means
 
 
-__all__ = ["DEFAULT_MEAN_IMAGES", "check_embedding_edit", "mean_data_of", "prepare_class_means"]
+def check_means_cover(means: ClassMeans, sources: set[str], edits, data: str) -> None:
+    """Every edit's target and every source it moves from need a class mean (eq. 7): said before any image
+    is translated (or any judge trained), naming the conditions --mean-data lacks."""
+    needed = {c for e in edits for s in sources if not e.is_identity(s) for c in (s, e.target_condition)}
+    missing = sorted(c for c in needed if c not in means.means)
+    if missing:
+        raise PhenolensError(f"--mean-data {data}: no images of {', '.join(missing)}, whose class means the edits "
+                             f"({', '.join(e.label for e in edits)}) need; give a folder with images of every "
+                             "condition")
+
+
+__all__ = ["DEFAULT_MEAN_IMAGES", "check_embedding_edit", "check_means_cover", "mean_data_of", "prepare_class_means"]

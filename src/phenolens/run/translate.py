@@ -315,6 +315,10 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         prepare_class_means(model, settings.mean_data, settings.mean_images, settings.omega, out, folder,
                             reuse=not overwrite)
     edits = {t: model.as_edit(t) for t in targets}  # values: a worker process needs nothing else
+    if embedded:
+        from phenolens.run.class_means import check_means_cover
+
+        check_means_cover(model.class_means, {r.condition for r in records}, list(edits.values()), settings.mean_data)
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
     cache = read_cache(provenance_path)
