@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffex_simulator import CHANNEL_NAMES, phenolens  # noqa: E402
 
 
-def train_stage(data: Path, model: Path, method: str, steps: int) -> None:
+def train_stage(data: Path, model: Path, method: str, steps: int, *extra) -> None:
     """Train unless finished (its train_log.csv reached STEPS, or it came without checkpoints); resume from
-    checkpoints."""
+    checkpoints. EXTRA: more `phenolens train` options."""
     if (model / "phenolens.json").is_file():
         log = rows_of(model / "train_log.csv") if (model / "train_log.csv").is_file() else []
         if not (model / "checkpoints").is_dir() or (log and int(log[-1]["step"]) >= steps):
             return
-    phenolens("train", data, model, "--method", method, "--steps", steps, "--checkpoint-every", 250,
+    phenolens("train", data, model, "--method", method, "--steps", steps, "--checkpoint-every", 250, *extra,
               *(["--resume"] if (model / "checkpoints").is_dir() else []))
 
 
@@ -83,11 +83,12 @@ def minimal_run(w: Path, held: Path, train: Path, method: str, target: str, guid
                 args) -> tuple[tuple, dict]:
     """One --minimal-edit translate run of METHOD (DIFFusion at GUIDANCE and OMEGA; PhenDiff unguided), measured."""
     tag = f"-g{guidance:g}-w{omega:g}" if method == "diffusion" else ""
-    run = w / f"min-{method}-{target}{tag}-s{args.render_steps}-n{args.strengths}"
+    model = w / (dfn_name(args) if method == "diffusion" else method)
+    run = w / f"min-{model.name}-{target}{tag}-s{args.render_steps}-n{args.strengths}"
     extra = ["--omega", omega, "--mean-images", args.mean_images, "--mean-data", train, "--guidance-scale", guidance] \
         if method == "diffusion" else ["--guidance-scale", 1]
     if not (run / "index.csv").is_file() or not (run / "sweep.csv").is_file():
-        phenolens("translate", w / method, held / "control", run, "--from", "control", "--to", target,
+        phenolens("translate", model, held / "control", run, "--from", "control", "--to", target,
                   "--inversion", "ef-ddpm", "--steps", args.render_steps, "--minimal-edit", "--strengths",
                   args.strengths, "--judge-data", train, "--judge-steps", args.judge_steps, *extra)
     return (target, method, guidance, omega), summary(run, target, held, args.jobs)
@@ -97,9 +98,10 @@ def omega_run(w: Path, held: Path, guidance: float, omega: float, args) -> tuple
     """Control → high at one ω and guidance, from --omega-skip: its planted effects and the nuclei kept."""
     from phenolens.measure.planted import planted_by_target
 
-    run = w / f"omega-{omega:g}-g{guidance:g}-s{args.render_steps}-k{args.omega_skip}"
+    tag = "-clf" if args.diffusion_classifier else ""
+    run = w / f"omega{tag}-{omega:g}-g{guidance:g}-s{args.render_steps}-k{args.omega_skip}"
     if not (run / "index.csv").is_file():
-        phenolens("translate", w / "diffusion", held / "control", run, "--from", "control", "--to", "high",
+        phenolens("translate", w / dfn_name(args), held / "control", run, "--from", "control", "--to", "high",
                   "--inversion", "ef-ddpm", "--steps", args.render_steps, "--skip", args.omega_skip, "--omega",
                   omega, "--mean-images", args.mean_images, "--mean-data", w / "train", "--guidance-scale", guidance)
     measure(run, held, args.jobs)
@@ -124,6 +126,11 @@ def omega_tables(table: dict, args) -> list[str]:
         real = next(iter(rows.values()))[0]
         lines += ["| real | " + " | ".join(f"{real[p]['real_d']:+.2f}" for p in phenotypes) + " | |", ""]
     return lines
+
+
+def dfn_name(args) -> str:
+    """The DIFFusion model's folder: diffusion, or diffusion-clf when trained with --diffusion-classifier."""
+    return "diffusion-clf" if args.diffusion_classifier else "diffusion"
 
 
 def floats(text: str) -> list[float]:
@@ -159,6 +166,10 @@ def main() -> None:
                     help="the ω sweep: control → high at each ω (EF-DDPM from --omega-skip), planted effects per ω; "
                          "ω 0 is the reconstruction, the floor (the normalisation clips the brightest pixels)")
     ap.add_argument("--omega-skip", type=int, default=0, help="T_skip of the ω sweep's translations")
+    ap.add_argument("--diffusion-classifier", type=Path, default=None,
+                    help="train DIFFusion's model with this classifier's scores in its embedding (train --classifier; "
+                         "into WORK/diffusion-clf, runs tagged diffusion-clf / omega-clf)")
+    ap.add_argument("--dfn-steps", type=int, default=None, help="DIFFusion's training steps (default --steps)")
     ap.add_argument("--jobs", type=int, default=1, help="translate/measure runs side by side (a GPU machine: 8)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -170,8 +181,9 @@ def main() -> None:
         if not (folder / "manifest.csv").is_file():
             phenolens("simulate", folder, "--conditions", ",".join(conditions), "--per-condition", n, "--size",
                       args.size, "--seed", seed)
-    in_parallel([(train_stage, (train, w / method, method, args.steps)) for method in ("diffusion", "phendiff")],
-                args.jobs)
+    clf = ["--classifier", args.diffusion_classifier] if args.diffusion_classifier else []
+    in_parallel([(train_stage, (train, w / dfn_name(args), "diffusion", args.dfn_steps or args.steps, *clf)),
+                 (train_stage, (train, w / "phendiff", "phendiff", args.steps))], args.jobs)
     targets = [t for t in args.targets.split(",") if t]
     tasks = [(minimal_run, (w, held, train, "phendiff", t, 1.0, 0.0, args)) for t in targets]
     tasks += [(minimal_run, (w, held, train, "diffusion", t, g, o, args))
@@ -189,7 +201,8 @@ def main() -> None:
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|" + "---:|" * len(phenotypes) + "---:|"]
         for (_, method, g, o), s in sorted(runs.items(), key=lambda kv: (kv[0][1] != "phendiff", kv[0][2:])):
             setting = f"{g:g} | {o:g}" if method == "diffusion" else "1 | "
-            lines.append(f"| {method} | {setting} | {s['n']} | {s['success']:.2f} | {s['skips'] or 'none'} | "
+            name = dfn_name(args) if method == "diffusion" else method
+            lines.append(f"| {name} | {setting} | {s['n']} | {s['success']:.2f} | {s['skips'] or 'none'} | "
                          f"{s['ssim']:.3f} | {s['mse']:.4f} | {s['feature']:.3f} | "
                          + " | ".join(f"{s['planted'][p]['translated_d']:+.2f}" for p in phenotypes)
                          + f" | {100 * s['identity']:.0f} % |")

@@ -252,22 +252,31 @@ def _unreachable(repo: str, why: str, option: str = "--base") -> PhenolensError:
 
 
 def _load_hub(repo: str, components: Sequence[str], dtype: torch.dtype) -> dict[str, Any]:
+    return _from_hub(repo, "--base", f"(owner/name such as {HUB_EXAMPLE})",
+                     lambda local_only: {comp: _load_hub_component(repo, comp, dtype, local_only=local_only)
+                                         for comp in components})
+
+
+def _from_hub(repo: str, option: str, not_an_id: str, load: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """LOAD(local_only) the parts of hub model REPO: from the local cache first (no network; LOAD raises
+    OSError / ValueError when something is not cached), at once an error under HF_HUB_OFFLINE, else after
+    one quick probe that tells an unreachable hub from a missing model. NOT_AN_ID ends the error of an id
+    the hub would reject."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(repo)
     except HFValidationError:
-        raise PhenolensError(f"--base {repo}: no such directory, and not a Hugging Face hub id (owner/name such as "
-                             f"{HUB_EXAMPLE})") from None
+        raise PhenolensError(f"{option} {repo}: no such directory, and not a Hugging Face hub id {not_an_id}") from None
     try:  # 1. the local cache: no network at all
-        return {comp: _load_hub_component(repo, comp, dtype, local_only=True) for comp in components}
+        return load(True)
     except (OSError, ValueError):
         pass  # not (completely) in the cache
     if _hub_offline_env():
-        raise _unreachable(repo, "HF_HUB_OFFLINE is set and the model is not in the local cache") from None
-    _probe_hub(repo)  # 2. one quick request: is the hub there, and does it know the model?
-    return {comp: _load_hub_component(repo, comp, dtype, local_only=False) for comp in components}
+        raise _unreachable(repo, "HF_HUB_OFFLINE is set and the model is not in the local cache", option) from None
+    _probe_hub(repo, option)  # 2. one quick request: is the hub there, and does it know the model?
+    return load(False)
 
 
 def _probe_hub(repo: str, option: str = "--base") -> None:
@@ -347,9 +356,6 @@ def load_parts(source: str | Path, option: str, parts: Mapping[str, PartLoader],
     says what the directory should be (e.g. "a Kandinsky 2.2 decoder (unet/, movq/, scheduler/)").
     Why here: Kandinsky's decoder and prior repositories are not Stable Diffusion pipelines, but a user
     meets the same mistakes (a typo, no network, a model of another kind) and should read the same errors."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     text = str(source)
     local = Path(text).expanduser()
     if local.is_dir():
@@ -364,19 +370,13 @@ def load_parts(source: str | Path, option: str, parts: Mapping[str, PartLoader],
         raise PhenolensError(f"{option} {text}: is a file, not a directory; pass {what}")
     if isinstance(source, Path) or _looks_like_path(text):
         raise PhenolensError(f"{option} {text}: no such directory; pass {what}, as a directory or a hub id")
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        raise PhenolensError(f"{option} {text}: no such directory, and not a Hugging Face hub id (owner/name); "
-                             f"pass {what}") from None
-    try:  # 1. the local cache: no network at all
-        return {name: load(text, True) for name, load in parts.items()}
-    except (OSError, ValueError):
-        pass  # not (completely) in the cache
-    if _hub_offline_env():
-        raise _unreachable(text, "HF_HUB_OFFLINE is set and the model is not in the local cache", option) from None
-    _probe_hub(text, option)  # 2. one quick request: is the hub there, and does it know the model?
-    return {name: _load_part(load, text, name, option, text, local_only=False) for name, load in parts.items()}
+
+    def from_hub(local_only: bool) -> dict[str, Any]:
+        if local_only:  # a part not in the cache raises OSError / ValueError, as _from_hub expects
+            return {name: load(text, True) for name, load in parts.items()}
+        return {name: _load_part(load, text, name, option, text, local_only=False) for name, load in parts.items()}
+
+    return _from_hub(text, option, f"(owner/name); pass {what}", from_hub)
 
 
 def _load_part(load: PartLoader, source: str, name: str, option: str, text: str, local_only: bool) -> Any:
