@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -44,7 +44,7 @@ from phenolens.data.skipped import SKIPPED_FILE, write_skipped
 from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel
 from phenolens.methods.diffusion_embedding import DEFAULT_OMEGA, ClassMeans, EmbeddingArithmetic
-from phenolens.methods.phenldiff import from_rgb, to_rgb
+from phenolens.methods.phenldiff import adapted_model_info, from_rgb, to_rgb
 from phenolens.models.kandinsky import (LORA_TARGETS, ClipInput, KandinskyParts, clip_embeds, load_kandinsky,
                                         movq_decode, movq_encode, movq_factor, noise_prediction, zero_embed)
 from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
@@ -261,7 +261,6 @@ def finetune_kandinsky(data: str | Path, model_dir: str | Path, settings: Kandin
 
     Returns the model with its final raw weights; MODEL_DIR holds their EMA (the raw ones with --no-ema).
     """
-    from phenolens import __version__
     from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
@@ -310,17 +309,10 @@ def finetune_kandinsky(data: str | Path, model_dir: str | Path, settings: Kandin
     trainable, total = count_parameters(model)
     logger.info(f"lora: training {trainable:,} of {total:,} decoder parameters ({100 * trainable / total:.3g} %)")
 
-    info = ModelInfo(
-        conditions=list(conditions), n_channels=images.n_channels, image_size=size,
-        normalization=images.normalizer.to_dict(), method=METHOD, channels=settings.channels, preset="lora",
-        prediction_type=str(parts.scheduler.config.prediction_type), base=str(settings.base),
-        adaptation=dict(description, prior=str(settings.prior)),
-        training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
-                      config=asdict(config), trainable_parameters=trainable, total_parameters=total,
-                      num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
-        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
-        size_rule="resize-up" if images.resized_up else "own",
-    )
+    info = adapted_model_info(
+        images, conditions, size, settings, config, data=data, command=command, method=METHOD, preset="lora",
+        prediction_type=str(parts.scheduler.config.prediction_type), trainable=trainable, total=total,
+        adaptation=dict(description, prior=str(settings.prior)))
 
     def on_save(trained: TrainedDecoder, step: int) -> None:
         info.training["steps_done"] = step

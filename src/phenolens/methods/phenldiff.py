@@ -275,13 +275,30 @@ class FinetuneSettings:
         return prompt_for(condition, self.prompt_template, self.prompts)
 
 
+def adapted_model_info(images, conditions, size: int, settings, config, *, data, command, method: str, preset: str,
+                       prediction_type: str, adaptation: dict, trainable: int, total: int) -> ModelInfo:
+    """phenolens.json of a model adapted from a pretrained base (Phen-LDiff, DIFFusion's Kandinsky): the
+    data, normalisation, what trained (ADAPTATION) and how; SETTINGS names the base (`settings.base`)."""
+    from phenolens import __version__
+
+    return ModelInfo(
+        conditions=list(conditions), n_channels=images.n_channels, image_size=size,
+        normalization=images.normalizer.to_dict(), method=method, channels=settings.channels, preset=preset,
+        prediction_type=prediction_type, base=str(settings.base), adaptation=adaptation,
+        training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
+                      config=asdict(config), trainable_parameters=trainable, total_parameters=total,
+                      num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
+        size_rule="resize-up" if images.resized_up else "own",
+    )
+
+
 def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings, config, *,
              resume: bool = False, overwrite: bool = False, command: str = "", progress: bool = True) -> "PhenLDiff":
     """Fine-tune BASE on DATA (folder per condition or manifest) into MODEL_DIR (Phen-LDiff §3.3).
 
     Returns the model with its final raw weights; MODEL_DIR holds their EMA (the raw ones with --no-ema).
     """
-    from phenolens import __version__
     from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
@@ -342,17 +359,10 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     trainable, total = count_parameters(model)
     logger.info(f"{settings.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3g} %)")
 
-    info = ModelInfo(
-        conditions=list(conditions), n_channels=images.n_channels, image_size=size,
-        normalization=images.normalizer.to_dict(), method="phenldiff", channels=settings.channels,
-        preset=settings.mode, prediction_type=lb.prediction_type, base=str(settings.base),
-        adaptation=dict(description, conditioning=settings.conditioning, prompts=dict(zip(conditions, prompts))),
-        training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
-                      config=asdict(config), trainable_parameters=trainable, total_parameters=total,
-                      num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
-        version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
-        size_rule="resize-up" if images.resized_up else "own",
-    )
+    info = adapted_model_info(
+        images, conditions, size, settings, config, data=data, command=command, method="phenldiff",
+        preset=settings.mode, prediction_type=lb.prediction_type, trainable=trainable, total=total,
+        adaptation=dict(description, conditioning=settings.conditioning, prompts=dict(zip(conditions, prompts))))
 
     def on_save(trained: ConditionedUNet, step: int) -> None:
         info.training["steps_done"] = step
