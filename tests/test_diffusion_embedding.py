@@ -246,3 +246,35 @@ def test_mean_data_without_the_target_is_refused_before_translating(model, sim, 
                            str(sim / "control"))
     assert code == 2 and "no images of high" in err and "--mean-data" in err, err
     assert not list(out.glob("*/*.tif"))  # nothing translated
+
+
+def test_minimal_edit_sweeps_omega_weakest_first(model, sim, tmp_path):
+    """--omega-sweep (issue 13 item 4, "and ω if asked"): the edits are ordered by ω, then by T_skip from the
+    highest down; the first the judges flip is kept, its ω in index.csv's omega column."""
+    out = tmp_path / "minw"
+    assert main(["translate", str(model), str(sim / "control"), str(out), "--from", "control", "--to", "high",
+                 "--inversion", "ef-ddpm", "--steps", "6", "--minimal-edit", "--strengths", "2", "--judge-steps", "20",
+                 "--judge-data", str(sim), "--mean-data", str(sim), "--mean-images", "3",
+                 "--omega-sweep", "8,0.5"]) == 0
+    rows = [r for r in csv.DictReader(open(out / "index.csv")) if r["kind"] == "translation"]
+    sweep = list(csv.DictReader(open(out / "sweep.csv")))
+    assert {r["edit"] for r in rows} == {"to=high,omega=8"}  # the strongest tried
+    assert {s["edit"] for s in sweep} == {"to=high,omega=0.5", "to=high,omega=8"} and len(sweep) == 6 * 2 * 2
+    for r in rows:
+        order = [s for w in ("0.5", "8") for s in sorted((s for s in sweep if s["source_path"] == r["source_path"]
+                                                          and s["edit"] == f"to=high,omega={w}"),
+                                                         key=lambda s: -int(s["t_skip"]))]
+        flips = [s for s in order if s["flipped"] == "1"]
+        want = flips[0] if flips else order[-1]
+        assert (r["omega"], r["t_skip"]) == (want["edit"].split("omega=")[1], want["t_skip"])
+        assert r["change_mse"] == want["change_mse"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--omega-sweep", "1,2", "--omega", "2", "--minimal-edit"], "--omega-sweep and --omega"),
+    (["--omega-sweep", "1,2"], "--omega-sweep is for --minimal-edit"),
+])
+def test_bad_omega_sweep(model, sim, tmp_path, extra, message):
+    code, _, err = run_cli("translate", str(model), str(sim / "control"), str(tmp_path / "r"), "--from", "control",
+                           "--to", "high", "--inversion", "ef-ddpm", "--steps", "4", *extra)
+    assert code == 2 and message in err, err

@@ -116,6 +116,17 @@ def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them in MODEL_DIR/skipped_files.csv")
 
 
+def _float_list(text: str) -> list[float]:
+    """W1,W2,... as numbers (argparse names the option in its error)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
 def _train_config(args: argparse.Namespace, lr: float | None = None, default_dropout: float = 0.1):
     """TrainConfig from the shared loop options, after checking them (LR: the rate when --lr is not given,
     DEFAULT_DROPOUT the condition dropout when --cond-dropout is not)."""
@@ -324,6 +335,10 @@ def _add_translate(sub) -> None:
                    help="--minimal-edit: training steps of each judge (default 300)")
     p.add_argument("--max-reference", type=int, default=200,
                    help="--minimal-edit: at most this many real images per condition train the judges (default 200)")
+    p.add_argument("--omega-sweep", type=_float_list, default=None, metavar="W1,W2,...",
+                   help="--minimal-edit on a DIFFusion model: also try each ω, weakest first; per image the first "
+                        "edit the judges flip, by ω and then by T_skip from the highest down, is kept (index.csv's "
+                        "omega column; the edit column names the strongest ω; instead of --omega)")
     _add_edit_strength_options(p)
     p.add_argument("--inversion-iters", type=int, default=DEFAULT_ITERS,
                    help="fixed-point: at most this many network calls per step after the first guess, at least 1 "
@@ -908,7 +923,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
         mean_data=str(Path(args.mean_data).resolve()) if args.mean_data else None,
         minimal_edit=args.minimal_edit, strengths=args.strengths,
         judge_data=str(Path(args.judge_data).resolve()) if args.judge_data else None, judge_steps=args.judge_steps,
-        max_reference=args.max_reference,
+        max_reference=args.max_reference, omega_sweep=args.omega_sweep,
     )
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
                           workers=args.workers)

@@ -22,7 +22,7 @@ from phenolens.errors import PhenolensError
 from phenolens.methods.core import Translation
 
 DEFAULT_STRENGTHS = 10  # the paper's 10 edits per image
-MINIMAL_COLUMNS = ["t_skip", "flipped", "flip_probability", "ssim", "oracle_feature_distance"]
+MINIMAL_COLUMNS = ["t_skip", "omega", "flipped", "flip_probability", "ssim", "oracle_feature_distance"]
 SWEEP_COLUMNS = ["source_path", "source_condition", "target_condition", "edit", "t_skip", "flipped",
                  "flip_probability", "change_mse", "ssim"]
 SWEEP_FILE = "sweep.csv"
@@ -49,8 +49,15 @@ class MinimalBatch:
 
 
 def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversion: InversionSettings,
-                       guidance_scale: float, generators, judges, skips: list[int]) -> MinimalBatch:
-    """One batch of sources (one shape): for each edit, the sweep over SKIPS and the first flip."""
+                       guidance_scale: float, generators, judges, skips: list[int],
+                       omegas: list[float] | None = None) -> MinimalBatch:
+    """One batch of sources (one shape): for each edit, the sweep over SKIPS and the first flip.
+
+    OMEGAS (DIFFusion's edits only): the edit is also tried at each ω, weakest first; the edits are then
+    ordered by ω, then by T_skip from the highest down, and the first the judges flip is kept (its ω in the
+    `omega` column; the edit column names the strongest tried)."""
+    from dataclasses import replace
+
     from phenolens.measure.image_metrics import ssim
 
     oracles, norm = judges.oracles, judges.normalizer
@@ -67,39 +74,46 @@ def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversi
     sweep_rows: list[dict] = []
     for edit in edits:
         label = edit if isinstance(edit, str) else edit.label
-        target = model.as_edit(edit).target_condition
+        value = model.as_edit(edit)
+        target = value.target_condition
         ti = judges.conditions.index(target)
-        sweep = model.sweep_skip(raws, sources, edit, skips, inversion=inversion, guidance_scale=guidance_scale,
-                                 generator=generators)
-        if result is None:
-            result = Translation(reconstructions=sweep.reconstructions, translations={}, recon_mse=sweep.recon_mse)
-        chosen = [None] * len(raws)
-        judged = {}
-        for k in sweep.skips:  # highest T_skip (weakest edit) first
-            x = as_judged(sweep.outputs[k])
-            proba, predicted = oracles.judge(x)
-            proba, flipped = proba[:, ti], predicted == ti
-            similarity = np.atleast_1d(ssim(x.numpy(), src.numpy()))
-            judged[k] = (proba, flipped, similarity, x)
-            for i, rec in enumerate(recs):
-                sweep_rows.append(dict(source_path=str(rec.path), source_condition=rec.condition,
-                                       target_condition=target, edit=label, t_skip=k, flipped=int(flipped[i]),
-                                       flip_probability=f"{proba[i]:.4g}",
-                                       change_mse=f"{float(sweep.change_mse[k][i]):.6g}",
-                                       ssim=f"{float(similarity[i]):.4f}"))
-                if chosen[i] is None and flipped[i]:
-                    chosen[i] = k
-        chosen = [k if k is not None else sweep.skips[-1] for k in chosen]  # none flipped: the strongest
-        result.translations[label] = [sweep.outputs[k][i] for i, k in enumerate(chosen)]
-        result.change_mse[label] = np.array([sweep.change_mse[k][i] for i, k in enumerate(chosen)])
-        kept = torch.stack([judged[k][3][i] for i, k in enumerate(chosen)])
+        variants = [replace(value, omega=w) for w in sorted(omegas)] if omegas else [value]
+        chosen: list[tuple | None] = [None] * len(raws)
+        judged, outputs, change = {}, {}, {}
+        for variant in variants:  # weakest ω first
+            sweep = model.sweep_skip(raws, sources, variant, skips, inversion=inversion,
+                                     guidance_scale=guidance_scale, generator=generators)
+            if result is None:
+                result = Translation(reconstructions=sweep.reconstructions, translations={}, recon_mse=sweep.recon_mse)
+            omega = getattr(variant, "omega", None)
+            for k in sweep.skips:  # highest T_skip (weakest edit) first
+                key = (omega, k)
+                x = as_judged(sweep.outputs[k])
+                proba, predicted = oracles.judge(x)
+                proba, flipped = proba[:, ti], predicted == ti
+                similarity = np.atleast_1d(ssim(x.numpy(), src.numpy()))
+                judged[key], outputs[key], change[key] = (proba, flipped, similarity, x), sweep.outputs[k], \
+                    sweep.change_mse[k]
+                for i, rec in enumerate(recs):
+                    sweep_rows.append(dict(source_path=str(rec.path), source_condition=rec.condition,
+                                           target_condition=target, edit=variant.label, t_skip=k,
+                                           flipped=int(flipped[i]), flip_probability=f"{proba[i]:.4g}",
+                                           change_mse=f"{float(sweep.change_mse[k][i]):.6g}",
+                                           ssim=f"{float(similarity[i]):.4f}"))
+                    if chosen[i] is None and flipped[i]:
+                        chosen[i] = key
+        strongest = list(judged)[-1]
+        chosen = [key if key is not None else strongest for key in chosen]  # none flipped: the strongest
+        result.translations[label] = [outputs[key][i] for i, key in enumerate(chosen)]
+        result.change_mse[label] = np.array([change[key][i] for i, key in enumerate(chosen)])
+        kept = torch.stack([judged[key][3][i] for i, key in enumerate(chosen)])
         distances = np.linalg.norm(oracles.features(kept) - src_features, axis=1)
         rows = []
-        for i, k in enumerate(chosen):
-            proba, flipped, similarity, _ = judged[k]
-            distance = float(distances[i])
-            rows.append(dict(t_skip=k, flipped=int(flipped[i]), flip_probability=f"{proba[i]:.4g}",
-                             ssim=f"{float(similarity[i]):.4f}", oracle_feature_distance=f"{distance:.4g}"))
+        for i, key in enumerate(chosen):
+            proba, flipped, similarity, _ = judged[key]
+            rows.append(dict(t_skip=key[1], omega="" if key[0] is None else f"{key[0]:g}", flipped=int(flipped[i]),
+                             flip_probability=f"{proba[i]:.4g}", ssim=f"{float(similarity[i]):.4f}",
+                             oracle_feature_distance=f"{float(distances[i]):.4g}"))
         columns[label] = rows
     assert result is not None, "a minimal-edit batch needs at least one edit"
     result.inversion_forwards = np.full(len(raws), inversion.steps - min(skips), dtype=np.int64)

@@ -132,6 +132,7 @@ class TranslateSettings:
     judge_data: str | None = None  # None = the model's training data, else INPUT
     judge_steps: int = 300
     max_reference: int = 200
+    omega_sweep: list[float] | None = None  # DIFFusion + --minimal-edit: also try each ω, weakest first
 
     def inversion_settings(self) -> InversionSettings:
         return InversionSettings(method=self.inversion, steps=self.steps, skip=self.skip, iters=self.inversion_iters,
@@ -306,6 +307,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
                              "--method diffusion` or `phenolens finetune --method kandinsky`); "
                              f"{settings.model_dir} is a {model.info.method} model")
     skips = check_minimal_edit(settings, workers) if settings.minimal_edit else []
+    if settings.omega_sweep:
+        settings = replace(settings, omega=check_omega_sweep(settings, embedded))
     check_apart(out, inputs=[Path(settings.input), *(r.path for r in records)], models=[Path(settings.model_dir)])
 
     folder = open_run_folder(out, settings, overwrite)
@@ -452,7 +455,8 @@ def minimal_translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecor
                             inversion: InversionSettings, guidance_scale: float, seed: int, minimal):
     """One batch of sources at their minimal edits (`phenolens.run.minimal_edit`)."""
     gens = [noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)] if inversion.method == "ef-ddpm" else None
-    return minimal_edit_batch(model, raws, recs, edits, inversion, guidance_scale, gens, minimal.judges, minimal.skips)
+    return minimal_edit_batch(model, raws, recs, edits, inversion, guidance_scale, gens, minimal.judges, minimal.skips,
+                              minimal.omegas)
 
 
 @dataclass
@@ -461,6 +465,7 @@ class MinimalEdit:
 
     judges: object
     skips: list[int]
+    omegas: list[float] | None = None
 
     @staticmethod
     def previous_sweep(out: Path, done_keys: set) -> list[dict]:
@@ -490,6 +495,21 @@ def check_minimal_edit(settings: TranslateSettings, workers: int) -> list[int]:
         raise PhenolensError(str(err)) from None
 
 
+def check_omega_sweep(settings: TranslateSettings, embedded: bool) -> float:
+    """--omega-sweep: DIFFusion's minimal edit over several ω; returns the strongest (the ω a bare --to takes,
+    so that the edit column names the strongest edit tried)."""
+    import math
+
+    if not settings.minimal_edit or not embedded:
+        raise PhenolensError("--omega-sweep is for --minimal-edit on a DIFFusion model (`train --method diffusion` "
+                             "or `finetune --method kandinsky`)")
+    if settings.omega is not None:
+        raise PhenolensError("--omega-sweep and --omega: give one (the sweep tries each of its ω)")
+    if not all(math.isfinite(w) for w in settings.omega_sweep):
+        raise PhenolensError(f"--omega-sweep {','.join(map(str, settings.omega_sweep))}: every ω must be a finite number")
+    return max(settings.omega_sweep)
+
+
 def prepare_minimal_edit(model, settings: TranslateSettings, records: list[ImageRecord], skips: list[int],
                          progress: bool) -> MinimalEdit:
     """Train the judges of --minimal-edit on real images of every condition, at the first source's size."""
@@ -509,7 +529,7 @@ def prepare_minimal_edit(model, settings: TranslateSettings, records: list[Image
     judges = train_judges(by_condition, model.conditions, size, channels=model.info.channels,
                           normalization=model.info.normalization, max_reference=settings.max_reference,
                           steps=settings.judge_steps, progress=progress)
-    return MinimalEdit(judges, skips)
+    return MinimalEdit(judges, skips, sorted(settings.omega_sweep) if settings.omega_sweep else None)
 
 
 def noise_generator(seed: int, rec: ImageRecord, raw: np.ndarray) -> torch.Generator:
