@@ -82,10 +82,12 @@ def measure(run: Path, held: Path, jobs: int) -> None:
 def minimal_run(w: Path, held: Path, train: Path, method: str, target: str, guidance: float, omega: float,
                 args) -> tuple[tuple, dict]:
     """One --minimal-edit translate run of METHOD (DIFFusion at GUIDANCE and OMEGA; PhenDiff unguided), measured."""
-    tag = f"-g{guidance:g}-w{omega:g}" if method == "diffusion" else ""
+    tag = (f"-g{guidance:g}-w{omega:g}" if not args.omega_sweep else f"-g{guidance:g}-wsweep{args.omega_sweep}") \
+        if method == "diffusion" else ""
     model = w / (dfn_name(args) if method == "diffusion" else method)
     run = w / f"min-{model.name}-{target}{tag}-s{args.render_steps}-n{args.strengths}"
-    extra = ["--omega", omega, "--mean-images", args.mean_images, "--mean-data", train, "--guidance-scale", guidance] \
+    strength = ["--omega-sweep", args.omega_sweep] if args.omega_sweep else ["--omega", omega]
+    extra = [*strength, "--mean-images", args.mean_images, "--mean-data", train, "--guidance-scale", guidance] \
         if method == "diffusion" else ["--guidance-scale", 1]
     if not (run / "index.csv").is_file() or not (run / "sweep.csv").is_file():
         phenolens("translate", model, held / "control", run, "--from", "control", "--to", target,
@@ -160,6 +162,9 @@ def main() -> None:
     ap.add_argument("--guidances", default="1",
                     help="DIFFusion's guidance scales (comma list; one minimal-edit run per ω and guidance, and one "
                          "ω sweep per guidance); PhenDiff runs unguided")
+    ap.add_argument("--omega-sweep", default="", metavar="W1,W2,...",
+                    help="DIFFusion's minimal edit over these ω as well as T_skip (translate --omega-sweep; "
+                         "instead of --omega)")
     ap.add_argument("--mean-images", type=int, default=50)
     ap.add_argument("--targets", default="high,mid")
     ap.add_argument("--omegas", default="0,0.5,1,2,3",
@@ -200,7 +205,7 @@ def main() -> None:
                   "| SSIM | MSE | oracle-feature distance | " + " | ".join(phenotypes) + " | nuclei kept |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|" + "---:|" * len(phenotypes) + "---:|"]
         for (_, method, g, o), s in sorted(runs.items(), key=lambda kv: (kv[0][1] != "phendiff", kv[0][2:])):
-            setting = f"{g:g} | {o:g}" if method == "diffusion" else "1 | "
+            setting = (f"{g:g} | {args.omega_sweep or format(o, 'g')}") if method == "diffusion" else "1 | "
             name = dfn_name(args) if method == "diffusion" else method
             lines.append(f"| {name} | {setting} | {s['n']} | {s['success']:.2f} | {s['skips'] or 'none'} | "
                          f"{s['ssim']:.3f} | {s['mse']:.4f} | {s['feature']:.3f} | "
