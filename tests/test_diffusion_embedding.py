@@ -225,7 +225,7 @@ def test_guidance_in_inversion_and_generation_keeps_the_reconstruction_exact(mod
         assert t.recon_mse.max() < 1e-8, scale
         change[scale] = float(t.change_mse["high"].mean())
         if scale != 1:  # inversion, reconstruction and the edit: two network calls per step each
-            assert (t.render_forwards == 4 * 8).all()
+            assert (t.render_forwards == 4 * 8).all() and (t.inversion_forwards == 2 * 8).all()
     assert change[4.0] > change[1.0] > 0
 
 

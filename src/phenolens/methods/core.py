@@ -298,15 +298,17 @@ class CounterfactualModel:
                                 generator: Generators, progress: bool, trajectory: dict | None = None,
                                 guidance_scale: float = 1.0):
         """Normalise, invert under the sources' own condition and render the reconstruction: what every
-        translation starts from. Returns (x0, frame, src, z0, cond, code, z_recon, recon)."""
+        translation starts from. Returns (x0, frame, src, z0, cond, code, z_recon, recon); COND is the
+        images' own condition, unguided (what an edit changes)."""
         x0, frame = self.to_model_space(images)
         x0 = x0.to(self.device)
         # the sources at their own size: the yardstick of every error (equal to crop_back(x0) unless resized)
         src = self.normalized(images).to(self.device) if frame.resized else self.crop_back(x0, frame)
         z0 = self.encode(x0)
-        cond, _ = self.guided(self.condition(x0, sources), guidance_scale)
-        code = self.invert(z0, cond, inversion, generator=generator, progress=progress)
-        z_recon = self.render(code, cond, progress=progress, trajectory=trajectory)
+        cond = self.condition(x0, sources)
+        own, _ = self.guided(cond, guidance_scale)  # a guide_inversion method: guided here too
+        code = self.invert(z0, own, inversion, generator=generator, progress=progress)
+        z_recon = self.render(code, own, progress=progress, trajectory=trajectory)
         recon = self.crop_back(self.decode(z_recon).clamp(-1, 1), frame)
         return x0, frame, src, z0, cond, code, z_recon, recon
 
@@ -315,23 +317,22 @@ class CounterfactualModel:
         x0, frame, src, z0, cond, code, z_recon, recon = self._invert_and_reconstruct(
             images, sources, inversion, generator, progress, guidance_scale=guidance_scale)
         steps_rendered = inversion.steps - inversion.skip
-        render_forwards = np.full(len(images), steps_rendered, dtype=np.int64)
+        guided_calls = 2 if self.guide_inversion and guidance_scale != 1.0 else 1  # a guided step: 2 network calls
+        render_forwards = np.full(len(images), steps_rendered * guided_calls, dtype=np.int64)
         result = Translation(reconstructions=self._to_raw(recon), translations={},
                              recon_mse=mse_per_image(recon, src),
-                             inversion_forwards=code.forwards.cpu().numpy().astype(np.int64))
+                             inversion_forwards=code.forwards.cpu().numpy().astype(np.int64) * guided_calls)
         if self.latent:
             result.latent_recon_mse = mse_per_image(z_recon, z0)
             result.autoencoder_mse = mse_per_image(self.crop_back(self.decode(z0).clamp(-1, 1), frame), src)
         per_call = 2 if guidance_scale != 1.0 else 1
-        if self.guide_inversion and guidance_scale != 1.0:
-            render_forwards *= 2
         for key, edit in edits.items():
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
             z_out, out = z_recon.clone(), recon.clone()
             if changed:
                 idx = torch.tensor(changed, device=z0.device)
-                cond_e, scale = self.guided(self.edited(take(self.condition(x0, sources), changed), edit,
-                                                        [sources[i] for i in changed], x0[idx]), guidance_scale)
+                cond_e, scale = self.guided(self.edited(take(cond, changed), edit, [sources[i] for i in changed],
+                                                        x0[idx]), guidance_scale)
                 z_new = self.render(code.take(changed), cond_e, guidance_scale=scale, progress=progress)
                 z_out[idx] = z_new
                 out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), frame)
@@ -367,9 +368,8 @@ class CounterfactualModel:
             sweep = SkipSweep(skips=skips, reconstructions=self._to_raw(recon), recon_mse=mse_per_image(recon, src))
             changed = [i for i, s in enumerate(sources) if not edit.is_identity(s)]
             idx = torch.tensor(changed, dtype=torch.long, device=x0.device)
-            cond_e, scale = self.guided(self.edited(take(self.condition(x0, sources), changed), edit,
-                                                    [sources[i] for i in changed], x0[idx]), guidance_scale) \
-                if changed else (None, guidance_scale)
+            cond_e, scale = self.guided(self.edited(take(cond, changed), edit, [sources[i] for i in changed],
+                                                    x0[idx]), guidance_scale) if changed else (None, guidance_scale)
             for k in skips:
                 out = recon.clone()
                 if changed:
