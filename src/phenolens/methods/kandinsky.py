@@ -40,15 +40,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from phenolens.data.skipped import SKIPPED_FILE, write_skipped
 from phenolens.errors import PhenolensError
 from phenolens.methods.core import CounterfactualModel
 from phenolens.methods.diffusion_embedding import DEFAULT_OMEGA, ClassMeans, EmbeddingArithmetic
-from phenolens.methods.phenldiff import adapted_model_info, from_rgb, to_rgb
+from phenolens.methods.phenldiff import adapted_model_info, adapted_training_images, from_rgb, to_rgb
 from phenolens.models.kandinsky import (LORA_TARGETS, ClipInput, KandinskyParts, clip_embeds, load_kandinsky,
                                         movq_decode, movq_encode, movq_factor, noise_prediction, zero_embed)
 from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
-from phenolens.train.inputs import condition_order_line, size_line, training_inputs
+from phenolens.train.inputs import condition_order_line, training_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +260,6 @@ def finetune_kandinsky(data: str | Path, model_dir: str | Path, settings: Kandin
 
     Returns the model with its final raw weights; MODEL_DIR holds their EMA (the raw ones with --no-ema).
     """
-    from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
     from phenolens.models.adapters import count_parameters, prepare_unet
@@ -285,19 +283,9 @@ def finetune_kandinsky(data: str | Path, model_dir: str | Path, settings: Kandin
     parts = load_kandinsky(settings.base, settings.prior)
     factor = parts.spatial_factor()
     size = settings.size or parts.native_size
-    if size % factor:
-        raise PhenolensError(f"--size {size} must be a multiple of {factor} (MoVQ's and the UNet's downsampling)")
-    images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
-                      augment=config.augment, progress=progress)
-    check_channels(images.n_channels, f"the images of {data}")
-    if main and images.resized_up:
-        logger.warning(size_line(images, size))
-    if overwrite:
-        folder.clear()
-    if images.bad and main:
-        folder.record(SKIPPED_FILE)
-        write_skipped(model_dir / SKIPPED_FILE, images.bad)
-        logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
+    images = adapted_training_images(records, conditions, data, settings, config, size, factor,
+                                     "MoVQ's and the UNet's downsampling", check_channels, folder, model_dir,
+                                     main=main, overwrite=overwrite, progress=progress)
 
     parts.movq.requires_grad_(False)
     parts.image_encoder.requires_grad_(False)

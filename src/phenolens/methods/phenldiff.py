@@ -275,6 +275,30 @@ class FinetuneSettings:
         return prompt_for(condition, self.prompt_template, self.prompts)
 
 
+def adapted_training_images(records, conditions, data, settings, config, size: int, factor: int, downsampling: str,
+                            check, folder, model_dir: Path, *, main: bool, overwrite: bool, progress: bool):
+    """The training images of a model adapted from a pretrained base (Phen-LDiff, DIFFusion's Kandinsky), at
+    SIZE px, a multiple of FACTOR (DOWNSAMPLING says why); CHECK(n_channels, where) refuses channels the base
+    cannot take. Only once the data are read and fine does --overwrite clear the old model (only what
+    phenolens wrote); unreadable files skipped under --skip-bad are listed in MODEL_DIR."""
+    from phenolens.data.dataset import ImageSet
+
+    if size % factor:
+        raise PhenolensError(f"--size {size} must be a multiple of {factor} ({downsampling})")
+    images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
+                      augment=config.augment, progress=progress)
+    check(images.n_channels, f"the images of {data}")
+    if main and images.resized_up:
+        logger.warning(size_line(images, size))
+    if overwrite:
+        folder.clear()
+    if images.bad and main:
+        folder.record(SKIPPED_FILE)
+        write_skipped(model_dir / SKIPPED_FILE, images.bad)
+        logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
+    return images
+
+
 def adapted_model_info(images, conditions, size: int, settings, config, *, data, command, method: str, preset: str,
                        prediction_type: str, adaptation: dict, trainable: int, total: int) -> ModelInfo:
     """phenolens.json of a model adapted from a pretrained base (Phen-LDiff, DIFFusion's Kandinsky): the
@@ -299,7 +323,6 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
 
     Returns the model with its final raw weights; MODEL_DIR holds their EMA (the raw ones with --no-ema).
     """
-    from phenolens.data.dataset import ImageSet
     from phenolens.data.io import read_image
     from phenolens.data.records import training_records
     from phenolens.models.adapters import MODES, count_parameters, prepare_unet
@@ -333,19 +356,9 @@ def finetune(data: str | Path, model_dir: str | Path, settings: FinetuneSettings
     lb = load_base(settings.base)
     factor = image_factor(lb.vae, lb.unet)
     size = settings.size or int(lb.unet.config.sample_size) * lb.vae_scale_factor
-    if size % factor:
-        raise PhenolensError(f"--size {size} must be a multiple of {factor} (the VAE's and the UNet's downsampling)")
-    images = ImageSet(records, size, conditions, channels=settings.channels, skip_bad=settings.skip_bad,
-                      augment=config.augment, progress=progress)
-    check_channels(images.n_channels, f"the images of {data}")
-    if main and images.resized_up:
-        logger.warning(size_line(images, size))
-    if overwrite:
-        folder.clear()  # the data are read and fine: now the old run may go (only what phenolens wrote)
-    if images.bad and main:
-        folder.record(SKIPPED_FILE)
-        write_skipped(model_dir / SKIPPED_FILE, images.bad)
-        logger.warning(f"skipped {len(images.bad)} unreadable file(s); list in {model_dir / SKIPPED_FILE}")
+    images = adapted_training_images(records, conditions, data, settings, config, size, factor,
+                                     "the VAE's and the UNet's downsampling", check_channels, folder, model_dir,
+                                     main=main, overwrite=overwrite, progress=progress)
 
     prompts = [settings.prompt_for(c) for c in conditions]
     embeddings = encode_prompts(lb.text_encoder, lb.tokenizer, prompts + [""])
