@@ -110,6 +110,11 @@ def test_item7_required_option_may_come_from_the_config(recorded, tmp_path):
 ROUND_TRIP = {
     "simulate": ["out", "--conditions", "a,b,c", "--per-condition", "3", "--size", "40", "--seed", "2", "--overwrite",
                  "--puncta"],
+    "crop": ["screen.csv", "out", "--pattern", "{well}_w{channel}.tif", "--channel-names", "1=DNA,2=Actin",
+             "--condition-from", "Metadata_Well", "--nuclei-channel", "DNA", "--scene", "all", "--timepoint", "1",
+             "--z", "max", "--size", "64", "--scale", "0.5", "--nucleus-diameter", "12", "--labels", "labs",
+             "--border", "pad", "--max-overlap", "0.5", "--illumination", "--normalize", "plate", "--workers", "2",
+             "--overwrite"],
     "train": ["data", "model", "--preset", "small", "--size", "32", "--channels", "0,2", "--conditions", "x,y",
               "--steps", "9", "--lr", "0.001", "--no-ema", "--cond-dropout", "0.1", "--resume", "--lr-schedule", "cosine",
               "--prediction-type", "epsilon", "--timestep-spacing", "trailing", "--skip-bad"],

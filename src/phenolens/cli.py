@@ -1,4 +1,4 @@
-"""The `phenolens` command: simulate, train, finetune, translate, measure, report, teach, memorization,
+"""The `phenolens` command: simulate, crop, train, finetune, translate, measure, report, teach, memorization,
 classifier, directions, explain, demo.
 
 Every subcommand takes `--config FILE` (a JSON file of option values, as written by
@@ -42,18 +42,30 @@ def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="simulate fluorescence images of cells with planted phenotypes",
                        description="Write OUT/<condition>/*.tif (16-bit, 4 channels: DNA, tubulin, actin, Golgi), "
                                    "a manifest and the ground truth (planted parameters, label masks) under OUT/_groundtruth/. "
-                                   "Condition i plants every phenotype at strength i/(n-1) (--mode separate: one phenotype per condition).")
-    p.add_argument("out", type=Path, help="output folder (a dataset that `phenolens train OUT` reads as it is)")
+                                   "Condition i plants every phenotype at strength i/(n-1) (--mode separate: one phenotype per condition). "
+                                   "With --layout screen: a simulated high-content screen of whole fields instead "
+                                   "(OUT/images/<plate>_<well>_s<site>_w<n>.tif, one file per channel, a CellProfiler "
+                                   "OUT/load_data.csv, per-field and per-cell truth and masks under OUT/_groundtruth/), "
+                                   "for testing screen -> crop -> train -> translate -> measure against known truth.")
+    p.add_argument("out", type=Path, help="output folder (a dataset that `phenolens train OUT` reads as it is; "
+                                          "with --layout screen, a screen that `phenolens crop` reads through OUT/load_data.csv)")
+    p.add_argument("--layout", choices=["images", "screen"], default="images",
+                   help="images: one small 4-channel image per field in one folder per condition (a training "
+                        "dataset); screen: whole fields of a multi-plate screen, one TIFF per channel, with a "
+                        "LoadData CSV, a per-plate gain and a vignette (default images)")
     p.add_argument("--conditions", type=csv_list, default=None,
                    help="comma-separated condition names, weakest first; the first is the untreated control "
-                        "(default: control,low,mid,high; not with --mode separate, which names its own)")
-    p.add_argument("--per-condition", type=int, default=100, help="images per condition (default 100)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, at least 32)")
+                        "(default: control,low,mid,high; with --layout screen control,mid,high; not with --mode "
+                        "separate, which names its own)")
+    p.add_argument("--per-condition", type=int, default=None,
+                   help="images per condition (default 100; --layout images only)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default 64, at least 32; --layout images only, see --field-size)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
     p.add_argument("--puncta", action="store_true",
                    help="add a fifth channel, LC3, with a punctate phenotype: 1-2 px spots gathering in the cytoplasm "
                         "(3 per cell in the control, 16 at strength 1, holding 10 %% -> 50 %% of the cell's LC3); the "
-                        "other four channels are the same files as without it (default: 4 channels)")
+                        "other four channels are the same files as without it (default: 4 channels; --layout images only)")
     p.add_argument("--phenotypes", type=csv_list, default=None, metavar="A,B",
                    help="plant only these phenotypes (the others keep the control's value in every condition): "
                         "golgi-fragmentation, nuclear-enlargement, cell-loss, actin-translocation, tubulin-shift, "
@@ -62,12 +74,93 @@ def _add_simulate(sub) -> None:
                    help="together: every condition plants all the phenotypes at its strength (a dose series); "
                         "separate: the conditions are 'control' and one per phenotype, named after it, each "
                         "planting that phenotype alone at strength 1 and leaving the cell count alone (cell-loss "
-                        "only if named in --phenotypes); for disentanglement and identity tests (default together)")
+                        "only if named in --phenotypes); for disentanglement and identity tests (default together; "
+                        "separate: --layout images only)")
+    screen = p.add_argument_group("screen options (--layout screen only)")
+    screen.add_argument("--plates", type=int, default=None,
+                        help="number of plates, P1, P2, ...; every plate holds every condition, so a plate effect "
+                             "never looks like a phenotype (default 2)")
+    screen.add_argument("--wells-per-condition", type=int, default=None,
+                        help="wells of each condition on every plate, spread over the plate's inner wells (B02, "
+                             "B03, ...) (default 2)")
+    screen.add_argument("--sites", type=int, default=None, help="fields of view (sites) per well (default 2)")
+    screen.add_argument("--field-size", type=int, default=None,
+                        help="side of a field in pixels, at least 64; a field holds about 4.5 * (size/64)^2 cells in "
+                             "the control (default 256)")
+    screen.add_argument("--vignette", type=float, default=None,
+                        help="uneven illumination: the share of light lost in the corners of every field, from 0 "
+                             "(flat) to 0.9, falling off smoothly from the centre (default 0.2)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
                         "OUT/.phenolens.json); files phenolens did not write are never touched")
     _add_config_options(p)
     p.set_defaults(func=cmd_simulate)
+
+
+def _add_crop(sub) -> None:
+    p = sub.add_parser("crop", help="cut single-cell crops out of a screen's whole fields (a dataset for train)",
+                       description="Read a screen (a CellProfiler LoadData CSV, a folder of per-channel files with "
+                                   "--pattern, or OME-TIFF / OME-Zarr / ND2 / CZI / LIF files), find the nuclei on the "
+                                   "DNA channel, and write a 16-bit (C, Y, X) crop around each into OUT/<condition>/, "
+                                   "with OUT/manifest.csv (condition, every metadata column, source files, the crop's "
+                                   "window in its field) and OUT/fields.csv (nuclei found and kept per field). "
+                                   "Resumable: run it again to finish an interrupted run.")
+    p.add_argument("screen", type=Path, help="LoadData .csv, folder of per-channel files (with --pattern), or a "
+                                             "vendor file / folder of vendor files")
+    p.add_argument("out", type=Path, help="output folder for the crops (a dataset `phenolens train OUT` reads)")
+    g = p.add_argument_group("reading the screen")
+    g.add_argument("--pattern", default=None,
+                   help="file-name pattern of a folder of per-channel files: {name} fields, one of them {channel}, "
+                        "e.g. \"{plate}_{well}_s{site}_w{channel}.tif\" ({name:REGEX} gives a field its own regular "
+                        "expression); the fields become Metadata_<Name> columns")
+    g.add_argument("--channel-names", default=None, metavar="TOKEN=NAME,...",
+                   help="pick, order and name the channels: TOKEN is a LoadData channel (FileName_<TOKEN>), a pattern's "
+                        "{channel} value or a vendor file's channel name, e.g. w1=DNA,w2=Actin or D=DNA,F=FITC "
+                        "(default: every channel, named as found, LoadData's in column order, a pattern's in natural "
+                        "order)")
+    g.add_argument("--condition-from", default=None, metavar="COL[,COL]",
+                   help="metadata columns (or pattern fields) whose values, joined by _, name the condition, e.g. "
+                        "Metadata_Compound,Metadata_Concentration (default: a Metadata_Condition or condition column)")
+    g.add_argument("--condition", default=None, metavar="NAME", help="one condition for every field of the screen")
+    g.add_argument("--nuclei-channel", default=None, metavar="NAME",
+                   help="the channel with the nuclear stain (default: the first named like DNA, DAPI or Hoechst)")
+    g.add_argument("--scene", default=None,
+                   help="vendor files: the scene to read, by index or name, or 'all' for one field per scene "
+                        "(default: the first)")
+    g.add_argument("--timepoint", type=int, default=0, help="vendor files: the timepoint to read (default 0)")
+    g.add_argument("--z", default="0", help="vendor files: the z plane to read, or 'max' for a maximum projection "
+                                            "(default 0)")
+    g = p.add_argument_group("cutting crops")
+    g.add_argument("--size", type=int, default=128,
+                   help="crop side in px after --scale (default 128, the papers' BBBC021 crops at full resolution)")
+    g.add_argument("--scale", type=float, default=1.0,
+                   help="resolution of the crops relative to the fields: 0.5 cuts a 2*size window and bins it 2x2 "
+                        "(default 1)")
+    g.add_argument("--nucleus-diameter", type=float, default=15.0,
+                   help="typical nucleus diameter in field px: sets the segmentation's smallest nucleus and how "
+                        "close two nuclei may be (default 15)")
+    g.add_argument("--labels", type=Path, default=None,
+                   help="folder of your own nucleus label images instead of phenolens's segmentation: "
+                        "<field>_nuclei.tif or <file stem>_nuclei.tif per field")
+    g.add_argument("--border", choices=("skip", "pad"), default="skip",
+                   help="a crop whose window leaves the field: skip it, or pad it with the field's median "
+                        "(nuclei that touch the field's edge are always skipped) (default skip)")
+    g.add_argument("--max-overlap", type=float, default=0.25,
+                   help="skip a nucleus when more than this share of its outline touches another nucleus (a clump "
+                        "the segmentation had to split); 1 keeps all (default 0.25)")
+    g.add_argument("--illumination", action="store_true",
+                   help="correct each plate's uneven illumination first: divide by a smooth flat-field, the mean of "
+                        "the plate's fields heavily smoothed (CellProfiler's CorrectIlluminationCalculate); saved in "
+                        "OUT/_plates/ (needs about 10 or more fields per plate)")
+    g.add_argument("--normalize", choices=("none", "plate"), default="none",
+                   help="plate: rescale each channel so that the plate's 0.1th and 99.9th percentiles map to 0 and "
+                        "50000, removing brightness drifts between plates; none: keep the files' units (default none)")
+    p.add_argument("--workers", type=int, default=1, help="processes cropping fields side by side (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the files phenolens wrote into OUT in an earlier run (listed in "
+                        "OUT/.phenolens.json); files phenolens did not write are never touched")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_crop)
 
 
 def _add_loop_options(p: argparse.ArgumentParser, *, steps: int, lr: float | str, batch_size: int = 16,
@@ -735,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"phenolens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_simulate, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_teach, _add_memorization,
+    for add in (_add_simulate, _add_crop, _add_train, _add_finetune, _add_translate, _add_measure, _add_validate, _add_report, _add_teach, _add_memorization,
                 _add_classifier, _add_directions, _add_explain, _add_demo):
         add(sub)
     return parser
@@ -768,12 +861,71 @@ def check_device(device: str | None, option: str = "--device") -> None:
 
 # ------------------------------------------------------------------------------- commands
 def cmd_simulate(args: argparse.Namespace) -> None:
+    screen_only = {"--plates": args.plates, "--wells-per-condition": args.wells_per_condition,
+                   "--sites": args.sites, "--field-size": args.field_size, "--vignette": args.vignette}
+    if args.layout == "screen":
+        sized = "a screen is sized by --plates, --wells-per-condition, --sites and --field-size"
+        images_only = [("--per-condition", args.per_condition is not None, sized),
+                       ("--size", args.size is not None, sized),
+                       ("--puncta", args.puncta, "a screen has the four channels DNA, tubulin, actin, Golgi"),
+                       ("--mode separate", args.mode == "separate",
+                        "a screen plants every chosen phenotype in every condition, at the condition's strength")]
+        given = [(k, why) for k, on, why in images_only if on]
+        if given:
+            raise PhenolensError(f"{given[0][0]} applies only to --layout images ({given[0][1]})")
+        from phenolens.data.simulate_screen import simulate_screen
+
+        chosen = {k: v for k, v in (("plates", args.plates), ("wells_per_condition", args.wells_per_condition),
+                                    ("sites", args.sites), ("field_size", args.field_size),
+                                    ("vignette", args.vignette)) if v is not None}
+        out = simulate_screen(args.out, conditions=args.conditions, seed=args.seed, overwrite=args.overwrite,
+                              phenotypes=args.phenotypes, **chosen)
+        print(f"simulated screen in {out} (image table: {out / 'load_data.csv'})")
+        return
+    given = [k for k, v in screen_only.items() if v is not None]
+    if given:
+        raise PhenolensError(f"{given[0]} applies only to --layout screen (see --size and --per-condition for "
+                             "--layout images)")
     from phenolens.data.simulate import simulate
 
-    out = simulate(args.out, conditions=args.conditions, per_condition=args.per_condition,
-                   size=args.size, seed=args.seed, overwrite=args.overwrite, puncta=args.puncta,
-                   phenotypes=args.phenotypes, mode=args.mode)
+    out = simulate(args.out, conditions=args.conditions,
+                   per_condition=100 if args.per_condition is None else args.per_condition,
+                   size=64 if args.size is None else args.size, seed=args.seed, overwrite=args.overwrite,
+                   puncta=args.puncta, phenotypes=args.phenotypes, mode=args.mode)
     print(f"simulated dataset in {out}")
+
+
+def cmd_crop(args: argparse.Namespace) -> None:
+    from phenolens.run.crop import CropRun, crop_screen
+    from phenolens.screen.cells import CropSettings
+    from phenolens.screen.conditions import parse_condition_rule
+    from phenolens.screen.fields import VendorSelection, parse_channel_map
+    from phenolens.screen.sources import ScreenSpec, open_screen
+
+    z = args.z if str(args.z).lower() == "max" else _int_option("--z", args.z)
+    scene = args.scene
+    if scene is not None and scene != "all" and scene.lstrip("-").isdigit():
+        scene = int(scene)
+    spec = ScreenSpec(args.screen, parse_condition_rule(args.condition, args.condition_from), args.pattern,
+                      parse_channel_map(args.channel_names), VendorSelection(scene, args.timepoint, z))
+    screen = open_screen(spec)
+    print(f"screen: {screen.source}; {len(screen.fields)} field(s), channels {', '.join(screen.channels)}, "
+          f"conditions {', '.join(dict.fromkeys(f.condition for f in screen.fields))}")
+    run = CropRun(CropSettings(size=args.size, scale=args.scale, nucleus_diameter=args.nucleus_diameter,
+                               border=args.border, max_overlap=args.max_overlap),
+                  illumination=args.illumination, normalize=args.normalize,
+                  labels=str(args.labels) if args.labels else None, workers=args.workers)
+    s = crop_screen(screen, args.out, run, nuclei_channel=args.nuclei_channel, overwrite=args.overwrite)
+    print(f"{s['crops']} crops of {s['nuclei']} nuclei from {s['fields']} field(s) "
+          f"({s['skipped_border']} at the border, {s['skipped_overlap']} pressed against a neighbour, "
+          f"{s['empty_fields']} field(s) without nuclei) in {args.out}; manifest: {args.out / 'manifest.csv'}")
+
+
+def _int_option(option: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise PhenolensError(f"{option} {value!r}: expected a whole number") from None
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -98,7 +98,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import tifffile
@@ -112,6 +112,8 @@ __all__ = [
     "DEFAULT_CONDITIONS",
     "PhenotypeParams",
     "phenotype_params",
+    "channel_names",
+    "map_in_order",
     "render_image",
     "simulate",
 ]
@@ -125,6 +127,8 @@ PUNCTA_CHANNEL = "LC3"      # the fifth channel of `simulate(..., puncta=True)`
 PHENOTYPES = ("golgi-fragmentation", "nuclear-enlargement", "cell-loss", "actin-translocation", "tubulin-shift",
               "lc3-puncta")
 MIN_SIZE = 32
+T = TypeVar("T")
+R = TypeVar("R")
 GROUNDTRUTH = "_groundtruth"
 
 # --- phenotype parameters (see the module docstring) -------------------------------------------
@@ -761,19 +765,27 @@ def _write_dataset(out: Path, conds: list[str], strs: list[float], per_condition
 
 def _map(jobs: list[_Job], workers: int, progress: bool) -> Iterable[tuple[dict, list[dict]]]:
     """Run jobs in order, in a process pool when it pays off; order (and output) never changes."""
+    return map_in_order(_run_job, jobs, workers, progress)
+
+
+def map_in_order(func: Callable[[T], R], jobs: Sequence[T], workers: int, progress: bool, *,
+                 desc: str = "simulate", unit: str = "img", min_jobs: int = 16) -> Iterator[R]:
+    """FUNC over JOBS, results in the order of JOBS, in a process pool of WORKERS when there are at least
+    MIN_JOBS jobs (fewer: in this process). FUNC must be a module-level function and each job draw its
+    randomness from its own seed, so the results never depend on WORKERS. Shared by the simulators."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs), desc="simulate", unit="img", disable=None if progress else True)
+    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=None if progress else True)
     try:
-        if workers <= 1 or len(jobs) < 16:
+        if workers <= 1 or len(jobs) < min_jobs:
             for j in jobs:
-                yield _run_job(j)
+                yield func(j)
                 bar.update()
         else:
             method = "fork" if "fork" in get_all_start_methods() else "spawn"  # fork: no re-import, no main guard needed
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method)) as ex:
                 chunk = max(1, min(32, len(jobs) // (workers * 8)))
-                for r in ex.map(_run_job, jobs, chunksize=chunk):
+                for r in ex.map(func, jobs, chunksize=chunk):
                     yield r
                     bar.update()
     finally:
