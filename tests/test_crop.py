@@ -350,3 +350,28 @@ def test_output_inside_the_screen_or_over_user_files_is_refused(tmp_path):
     code, _, err = run_cli("crop", screen, mine, *args)
     assert code == 2 and "not written by phenolens" in err
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_channel_names_travel_from_the_screen_to_the_model_and_the_features(tmp_path):
+    screen = write_screen(tmp_path / "screen", {"P1_A01": GRID, "P1_A02": GRID, "P1_B01": GRID, "P1_B02": GRID})
+    crops = tmp_path / "crops"
+    assert run_cli("crop", screen, crops, "--pattern", PATTERN, "--channel-names", "2=Actin,1=Hoechst",
+                   "--condition-from", "well", "--size", "32", "--nucleus-diameter", "10", "--border", "pad")[0] == 0
+    from phenolens.data.io import stored_channel_names
+
+    first = crops / _rows(crops / "manifest.csv")[0]["path"]
+    assert stored_channel_names(first) == ["Actin", "Hoechst"]  # --channel-names orders them: Actin first
+    assert stored_channel_names(first, [1]) == ["Hoechst"]
+    crop = tifffile.imread(first)
+    assert crop[1].max() > 1500 > crop[0].max()  # channel 1 is the DNA file (w1), as named
+    model = tmp_path / "model"
+    code, _, err = run_cli("train", crops / "manifest.csv", model, "--preset", "tiny", "--size", "32", "--steps", "2",
+                           "--batch-size", "4")
+    assert code == 0, err
+    info = json.loads((model / "phenolens.json").read_text())
+    assert info["input_stats"]["channel_names"] == ["Actin", "Hoechst"]
+    from phenolens.run.measure import _named_channels
+
+    assert _named_channels(info, first, None, 2) == ["Actin", "Hoechst"]
+    assert _named_channels({}, first, None, 2) == ["Actin", "Hoechst"]  # from the images themselves
+    assert _named_channels({}, screen / "P1_A01_w1.tif", None, 1) == ["ch0"]  # a file that names none

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from phenolens.data.io import read_image
+from phenolens.data.io import read_image, stored_channel_names
 from phenolens.data.normalize import Normalizer
 from phenolens.data.records import ImageRecord
 from phenolens.errors import PhenolensError
@@ -138,6 +138,9 @@ class ImageSet:
                                  f"{normalizer.n_channels}")
         self.normalizer = normalizer if normalizer is not None else Normalizer.fit(raws)
         self.input_stats = input_stats(raws, dtypes[0])
+        names = stored_channel_names(first, channels)  # named by `phenolens crop`: the names travel with the model
+        if names and len(names) == self.n_channels:
+            self.input_stats["channel_names"] = names
         if size is None:
             self.size = own_size(raws, size_multiple)
         self.resized_up = sum(min(r.shape[-2:]) < self.size for r in raws)

@@ -156,6 +156,35 @@ def _quiet_tifffile() -> Iterator[_LogCapture]:
         logger.propagate = old_propagate
 
 
+def stored_channel_names(path: str | Path, channels: Sequence[int] | None = None) -> list[str] | None:
+    """The channel names a TIFF carries in its metadata (phenolens / tifffile's `Channel.Name`, ImageJ
+    `Labels`, OME-XML), picked by CHANNELS; None when it names none. Why: `phenolens crop` writes the
+    screen's channel names into every crop, and the names then label the model's features and report
+    without the user typing them again."""
+    import json
+    import re
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            names = None
+            desc = tif.pages[0].description if tif.pages else ""
+            if desc.startswith("{"):
+                names = (json.loads(desc).get("Channel") or {}).get("Name")
+            elif tif.is_imagej and tif.imagej_metadata:
+                names = tif.imagej_metadata.get("Labels")
+            elif tif.is_ome and tif.ome_metadata:
+                names = re.findall(r'<Channel [^>]*Name="([^"]*)"', tif.ome_metadata) or None
+    except Exception:  # unreadable metadata: no names, the pixels are checked elsewhere
+        return None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        return None
+    if channels is not None:
+        if any(c >= len(names) for c in channels):
+            return None
+        names = [names[c] for c in channels]
+    return list(names)
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, ImageLayout]:
     with _quiet_tifffile() as log, tifffile.TiffFile(path) as tif:
         series = list(tif.series)

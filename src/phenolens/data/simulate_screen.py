@@ -300,3 +300,38 @@ _FIELD_COLUMNS = (_WHERE + ["condition_index", "strength", "seed", "n_cells", "p
 _CELL_COLUMNS = (_WHERE + ["strength", "cell_id", "nucleus_centroid_y", "nucleus_centroid_x", "centroid_y", "centroid_x"]
                  + [c for c in _CELL_FIELDS if c not in ("path", "condition", "cell_id", "centroid_y", "centroid_x",
                                                           "nucleus_centroid_y", "nucleus_centroid_x")])
+
+
+def crops_truth(screen: Path | str, manifest: Sequence[dict]) -> list[dict]:
+    """For each crop of a `phenolens crop` manifest of this screen: the simulated cell it is centred on.
+
+    The crop's field (from its Metadata_Plate, _Well, _Site) and centre are looked up in the true
+    nucleus masks; a centre that falls just off
+    its nucleus (a segmentation that split or trimmed it) takes the nearest true nucleus centroid
+    within 3 px. Returns one row per crop: its path, the matched cell's truth row (None if no cell
+    is there), so a test can check every crop's metadata and ground truth."""
+    import csv
+
+    import tifffile
+
+    screen = Path(screen)
+    with open(screen / GROUNDTRUTH / "cells.csv", newline="") as fh:
+        cells = {(r["field"], int(r["cell_id"])): r for r in csv.DictReader(fh)}
+    by_field: dict[str, list[dict]] = {}
+    for c in cells.values():
+        by_field.setdefault(c["field"], []).append(c)
+    masks: dict[str, np.ndarray] = {}
+    out = []
+    for row in manifest:
+        field = f"{row['Metadata_Plate']}_{row['Metadata_Well']}_s{row['Metadata_Site']}"  # the screen's field name
+        if field not in masks:
+            masks[field] = tifffile.imread(screen / GROUNDTRUTH / "masks" / f"{field}_nuclei.tif")
+        y, x = float(row["center_y"]), float(row["center_x"])
+        label = int(masks[field][int(round(y)), int(round(x))])
+        if label == 0 and by_field.get(field):
+            near = min(by_field[field], key=lambda c: math.hypot(float(c["nucleus_centroid_y"]) - y,
+                                                                  float(c["nucleus_centroid_x"]) - x))
+            if math.hypot(float(near["nucleus_centroid_y"]) - y, float(near["nucleus_centroid_x"]) - x) <= 3.0:
+                label = int(near["cell_id"])
+        out.append(dict(path=row["path"], truth=cells.get((field, label))))
+    return out

@@ -222,6 +222,18 @@ def open_measure_folder(run_dir: Path, overwrite: bool = False) -> OutputFolder:
     return folder
 
 
+def _named_channels(info: dict, source: Path, channels, n_ch: int) -> list[str]:
+    """Channel names when --channel-names is not given: those the model learnt from its training images
+    (written into crops by `phenolens crop`), else those the source images carry, else ch0, ch1, ..."""
+    from phenolens.data.io import stored_channel_names
+
+    stats = info.get("input_stats") if isinstance(info.get("input_stats"), dict) else {}
+    for names in (stats.get("channel_names"), stored_channel_names(source, channels)):
+        if isinstance(names, list) and len(names) == n_ch:
+            return [str(n) for n in names]
+    return [f"ch{i}" for i in range(n_ch)]
+
+
 def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings(), *, overwrite: bool = False,
                 progress: bool = True) -> Path:
     """Measure a translate run; returns RUN_DIR/measure.
@@ -267,7 +279,7 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
         from phenolens.data.io import read_image
 
         n_ch = read_image(next(iter(sources.values())), channels=channels)[0].shape[0]
-    names = settings.channel_names or [f"ch{i}" for i in range(n_ch)]
+    names = settings.channel_names or _named_channels(run.info, next(iter(sources.values())), channels, n_ch)
     if len(names) != n_ch:
         raise PhenolensError(f"--channel-names: {len(names)} name(s) for {n_ch} channel(s)")
     check_channels(settings, n_ch)
