@@ -375,3 +375,49 @@ def test_channel_names_travel_from_the_screen_to_the_model_and_the_features(tmp_
     assert _named_channels(info, first, None, 2) == ["Actin", "Hoechst"]
     assert _named_channels({}, first, None, 2) == ["Actin", "Hoechst"]  # from the images themselves
     assert _named_channels({}, screen / "P1_A01_w1.tif", None, 1) == ["ch0"]  # a file that names none
+
+
+def test_users_label_images_replace_the_segmentation(tmp_path):
+    screen = write_screen(tmp_path / "screen", {"P1_A01": GRID})
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    lab = np.zeros((96, 96), np.uint16)
+    lab[40:56, 40:56] = 7  # one square "nucleus" at the centre; the discs elsewhere are not labelled
+    tifffile.imwrite(labels / "P1_A01_nuclei.tif", lab)
+    out = tmp_path / "crops"
+    code, _, err = run_cli("crop", screen, out, "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin",
+                           "--condition", "c", "--size", "32", "--labels", labels)
+    assert code == 0, err
+    rows = _rows(out / "manifest.csv")
+    assert [(r["nucleus"], r["center_y"], r["center_x"], r["nucleus_area"]) for r in rows] == [("7", "47.5", "47.5", "256")]
+    (labels / "P1_A01_nuclei.tif").unlink()
+    code, _, err = run_cli("crop", screen, tmp_path / "o2", "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin",
+                           "--condition", "c", "--size", "32", "--labels", labels)
+    assert code == 2 and "no label image for field P1_A01" in err
+
+
+def test_ome_tiff_fields_are_cropped_with_their_channel_names(tmp_path):
+    """Vendor files: one OME-TIFF per field (ZCYX, cropped at the maximum over z), names from the OME-XML."""
+    screen = tmp_path / "plate"
+    screen.mkdir()
+    for i in range(2):
+        write_field_files(tmp_path, f"f{i}", GRID, seed=i)
+        planes = np.stack([tifffile.imread(tmp_path / f"f{i}_w{c}.tif") for c in (1, 2)])
+        stack = np.stack([planes // 2, planes])  # z = 1 is the brighter, in-focus plane
+        tifffile.imwrite(screen / f"well{i}.ome.tif", stack, metadata={"axes": "ZCYX", "Channel": {"Name": ["DAPI", "GFP"]}})
+    out = tmp_path / "crops"
+    code, _, err = run_cli("crop", screen, out, "--condition", "DMSO", "--z", "max", "--size", "32",
+                           "--nucleus-diameter", "10", "--border", "pad")
+    assert code == 0, err
+    rows = _rows(out / "manifest.csv")
+    assert len(rows) == 10
+    assert {r["Metadata_File"] for r in rows} == {"well0.ome.tif", "well1.ome.tif"}, rows[0]
+    from phenolens.data.io import stored_channel_names
+
+    first = out / rows[0]["path"]
+    assert stored_channel_names(first) == ["DAPI", "GFP"]
+    centre = next(r for r in rows if r["Metadata_File"] == "well0.ome.tif" and int(r["y0"]) == 32 and int(r["x0"]) == 32)
+    crop = tifffile.imread(out / centre["path"])
+    for c in (1, 2):  # the maximum over z is the in-focus plane, the field's own pixels
+        field = tifffile.imread(tmp_path / f"f0_w{c}.tif")
+        assert np.array_equal(crop[c - 1], field[32:64, 32:64])

@@ -115,12 +115,12 @@ def outline_contact(labels: np.ndarray) -> np.ndarray:
 
 def plan_crops(labels: np.ndarray, settings: CropSettings) -> list[Nucleus]:
     """Every nucleus with its window and status, in label order."""
-    n = int(labels.max())
-    if n == 0:
+    ids = np.unique(labels)
+    ids = ids[ids > 0]  # a user's label image need not number its nuclei 1..n
+    if ids.size == 0:
         return []
-    ids = np.arange(1, n + 1)
     centers = ndi.center_of_mass(np.ones(labels.shape), labels, ids)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    areas = np.bincount(labels.ravel())
     contact = outline_contact(labels)
     h, w = labels.shape
     win = settings.window
@@ -128,7 +128,7 @@ def plan_crops(labels: np.ndarray, settings: CropSettings) -> list[Nucleus]:
     out = []
     for i, (cy, cx) in zip(ids, centers):
         y0, x0 = int(round(cy)) - win // 2, int(round(cx)) - win // 2
-        nuc = Nucleus(int(i), float(cy), float(cx), int(areas[i - 1]), float(contact[i]), y0, x0)
+        nuc = Nucleus(int(i), float(cy), float(cx), int(areas[i]), float(contact[i]), y0, x0)
         outside = y0 < 0 or x0 < 0 or y0 + win > h or x0 + win > w
         if int(i) in touches_edge or (outside and settings.border == "skip"):
             nuc.status = "border"
