@@ -113,6 +113,7 @@ __all__ = [
     "PhenotypeParams",
     "phenotype_params",
     "channel_names",
+    "claim_planned",
     "map_in_order",
     "render_image",
     "simulate",
@@ -681,16 +682,23 @@ def _prepare_out(out: Path, conditions: Sequence[str], per_condition: int, overw
     if older and not overwrite:
         raise exists
     folder = OutputFolder.open(out, "dataset", older=_older_dataset_files)
+    return claim_planned(folder, _planned_files(conditions, per_condition), overwrite, exists)
+
+
+def claim_planned(folder: OutputFolder, planned: Sequence[str], overwrite: bool, exists: PhenolensError) -> OutputFolder:
+    """Make FOLDER ready for the simulator's PLANNED files: an earlier simulation is cleared only with
+    OVERWRITE (else EXISTS is raised), a planned path that a user's file holds is refused, and the plan
+    is recorded before anything is written, so a run killed half-way can still be cleared exactly."""
+    out = folder.path
     if any((out / f).exists() for f in folder.files):
         if not overwrite:
             raise exists
         folder.clear()
-    planned = _planned_files(conditions, per_condition)
     foreign = [f for f in planned if (out / f).exists() and not folder.owns(f)]
     if foreign:
         raise PhenolensError(f"{out / foreign[0]}: exists and was not written by the simulator; phenolens does "
                              "not overwrite it: move it or choose another folder")
-    folder.record(*planned)  # before writing: a run killed half-way can still be cleared exactly
+    folder.record(*planned)
     return folder
 
 

@@ -67,11 +67,11 @@ import tifffile
 
 from phenolens.atomic import write_csv_atomic
 from phenolens.data.simulate import (_CELL_FIELDS, _PLANTED_FIELDS, GROUNDTRUTH, _check_phenotypes, _validate,
-                                     channel_names, map_in_order, render_image)
+                                     channel_names, claim_planned, map_in_order, render_image)
 from phenolens.errors import PhenolensError
 from phenolens.folders import MARKER, OutputFolder
 
-__all__ = ["SCREEN_CONDITIONS", "SCREEN_KIND", "simulate_screen", "flat_field", "plate_wells"]
+__all__ = ["SCREEN_CONDITIONS", "SCREEN_KIND", "crops_truth", "flat_field", "plate_wells", "simulate_screen"]
 
 SCREEN_CONDITIONS = ["control", "mid", "high"]
 SCREEN_KIND = "simulated screen"   # the OutputFolder kind in OUT/.phenolens.json
@@ -203,18 +203,9 @@ def _prepare_out(out: Path, planned: list[str], overwrite: bool) -> OutputFolder
     if not (out / MARKER).is_file() and out.is_dir() and any(out.iterdir()):
         raise PhenolensError(f"{out}: folder already holds files and is not a simulated screen; phenolens never "
                              "writes into or clears such a folder: choose a new or empty one")
-    folder = OutputFolder.open(out, SCREEN_KIND)
-    if any((out / f).exists() for f in folder.files):
-        if not overwrite:
-            raise PhenolensError(f"{out}: a simulated screen exists already; pass --overwrite to replace it "
-                                 "(only the files the simulator wrote are removed) or choose another folder")
-        folder.clear()
-    foreign = [f for f in planned if (out / f).exists() and not folder.owns(f)]
-    if foreign:
-        raise PhenolensError(f"{out / foreign[0]}: exists and was not written by the simulator; phenolens does "
-                             "not overwrite it: move it or choose another folder")
-    folder.record(*planned)  # before writing: a run killed half-way can still be cleared exactly
-    return folder
+    exists = PhenolensError(f"{out}: a simulated screen exists already; pass --overwrite to replace it "
+                            "(only the files the simulator wrote are removed) or choose another folder")
+    return claim_planned(OutputFolder.open(out, SCREEN_KIND), planned, overwrite, exists)
 
 
 def simulate_screen(out: Path | str, conditions: Sequence[str] | str | None = None, *, plates: int = 2,
