@@ -1014,6 +1014,76 @@ def _(c: Ctx):
     return ["directions", c.dir / "dx", c.sim(), c.dir / "dirs", "--alpha", "0"]
 
 
+
+# ---- a screen's whole fields (issue 14): `phenolens crop`
+def _screen_fields(c: Ctx, names: dict[str, int], dtype=np.uint16, folder: str = "screen") -> Path:
+    """Per-channel files `{field}_w1.tif` / `_w2.tif` of 64 px fields with N bright discs each."""
+    root = c.dir / folder
+    root.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:64, :64]
+    for name, n in names.items():
+        img = np.full((64, 64), 100.0)
+        for k in range(n):
+            img += 2000.0 * (((yy - 16 - 32 * (k % 2)) ** 2 + (xx - 16 - 32 * (k // 2 % 2)) ** 2) <= 16)
+        img += np.random.default_rng(len(name)).normal(0, 5, img.shape)
+        for ch in ("1", "2"):
+            data = img / 10 if dtype == np.uint8 else img
+            write_tif(root / f"{name}_w{ch}.tif", np.clip(data, 0, np.iinfo(dtype).max).astype(dtype))
+    return root
+
+
+CROP = ["--pattern", "{well}_w{channel}.tif", "--channel-names", "1=DNA,2=Actin", "--condition", "c",
+        "--size", "16", "--nucleus-diameter", "8"]
+
+
+@case("crop-loaddata-channel-columns-disagree", "crop", "error", "channel columns disagree",
+      check=nothing_written("crops"))
+def _(c: Ctx):
+    screen = _screen_fields(c, {"A01": 2})
+    table = c.file("load_data.csv", f"FileName_DNA,PathName_DNA,FileName_Actin,PathName_Tubulin,Metadata_Condition\n"
+                                   f"A01_w1.tif,{screen},A01_w2.tif,{screen},c\n")
+    return ["crop", table, c.dir / "crops"]
+
+
+@case("crop-pattern-matches-nothing", "crop", "error", "matches none", check=nothing_written("crops"))
+def _(c: Ctx):
+    return ["crop", _screen_fields(c, {"A01": 2}), c.dir / "crops", "--pattern", "{plate}_s{site}_{channel}.TIF",
+            "--condition", "c"]
+
+
+@case("crop-a-field-without-nuclei", "crop", "warn", "no nuclei",
+      check=lambda c, r: None if len(read_csv(c.dir / "crops/manifest.csv")) == 4 else "the other field was not cropped")
+def _(c: Ctx):
+    return ["crop", _screen_fields(c, {"A01": 4, "A02": 0}), c.dir / "crops", *CROP, "--border", "pad"]
+
+
+@case("crop-mixed-bit-depths", "crop", "error", "mixed bit depths", check=nothing_written("crops"))
+def _(c: Ctx):
+    _screen_fields(c, {"A01": 2})
+    _screen_fields(c, {"A02": 2}, dtype=np.uint8)
+    return ["crop", c.dir / "screen", c.dir / "crops", *CROP]
+
+
+@case("crop-out-inside-the-screen", "crop", "error", "inside the input")
+def _(c: Ctx):
+    screen = _screen_fields(c, {"A01": 2})
+    return ["crop", screen, screen / "crops", *CROP]
+
+
+@case("crop-into-a-user-folder", "crop", "error", "mine")
+def _(c: Ctx):
+    screen = _screen_fields(c, {"A01": 2})
+    c.file("mine/plate_map.xlsx")
+    return ["crop", screen, c.dir / "mine", *CROP, "--overwrite"]
+
+
+@case("crop-resumed-with-other-settings", "crop", "error", "other settings", replaceable=("crops/*",))
+def _(c: Ctx):
+    screen = _screen_fields(c, {"A01": 2})
+    c.step("crop", screen, c.dir / "crops", *CROP)
+    return ["crop", screen, c.dir / "crops", *CROP[:-4], "--size", "24", "--nucleus-diameter", "8"]
+
+
 # ------------------------------------------------------------------------------ verdicts
 def message_line(res: Result) -> str:
     """The line a user reads: the first `error:` line, else the first warning, else the first line."""

@@ -113,12 +113,15 @@ def _check_resume(folder: OutputFolder, recorded: dict) -> None:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    keys = ("channels", "crop", "illumination", "normalize", "labels")
-    changed = [k for k in keys if before.get(k) != recorded.get(k)]
+    flat = lambda d: {**{k: d.get(k) for k in ("channels", "illumination", "normalize", "labels")},  # noqa: E731
+                      **(d.get("crop") or {})}
+    then, now = flat(before), flat(recorded)
+    changed = [k for k in now if then.get(k) != now[k]]
     if changed:
-        raise PhenolensError(f"OUT {folder.path}: was cropped with other settings ({', '.join(changed)} differ: "
-                             f"{before.get(changed[0])} then, {recorded.get(changed[0])} now); resume with the same "
-                             "options, or start again with --overwrite")
+        k = changed[0]
+        option = "--channel-names" if k == "channels" else "--" + k.replace("_", "-")
+        raise PhenolensError(f"OUT {folder.path}: was cropped with other settings ({option} {then.get(k)} then, "
+                             f"{now[k]} now); resume with the same options, or start again with --overwrite")
 
 
 # ------------------------------------------------------------------------------------- plates
