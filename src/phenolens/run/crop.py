@@ -19,8 +19,10 @@ redoes at most the fields in flight. Safe: OUT follows the output-folder rules (
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -269,20 +271,33 @@ def _counted(results: Iterable[tuple[str, dict]], bar) -> Iterator[tuple[str, di
 
 # ------------------------------------------------------------------------------------- tables
 def _write_tables(screen: Screen, out: Path, depth: str) -> dict:
-    """manifest.csv and fields.csv from the per-field records, in the screen's field order."""
-    rows, summaries = [], []
-    for f in screen.fields:
-        record = json.loads((out / RECORDS / f"{f.key}.json").read_text())
-        rows.extend(record["rows"])
-        summaries.append(record["summary"])
-    write_csv_atomic(out / FIELDS_TABLE, summaries, FIELD_COLUMNS)
-    if not rows:
-        raise PhenolensError(f"no crops from any of the {len(summaries)} field(s) of {screen.source}: no nuclei were "
-                             "found or every nucleus was skipped (see fields.csv); check --nuclei-channel, "
-                             "--nucleus-diameter, --size and --border")
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    write_csv_atomic(out / MANIFEST, rows, columns)
-    return dict(fields=len(summaries), nuclei=sum(s["nuclei"] for s in summaries), crops=len(rows),
+    """manifest.csv and fields.csv from the per-field records, in the screen's field order. The
+    manifest is written row by row (a screen's crops may number millions), to a temporary file
+    renamed into place at the end, so a reader never sees half of it."""
+    summaries = []
+    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
+    crops = 0
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = None
+            for f in screen.fields:
+                record = json.loads((out / RECORDS / f"{f.key}.json").read_text())
+                summaries.append(record["summary"])
+                for row in record["rows"]:
+                    if writer is None:  # every field of a screen has the same metadata columns
+                        writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
+                        writer.writeheader()
+                    writer.writerow(row)
+                    crops += 1
+        write_csv_atomic(out / FIELDS_TABLE, summaries, FIELD_COLUMNS)
+        if not crops:
+            raise PhenolensError(f"no crops from any of the {len(summaries)} field(s) of {screen.source}: no nuclei "
+                                 "were found or every nucleus was skipped (see fields.csv); check --nuclei-channel, "
+                                 "--nucleus-diameter, --size and --border")
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dict(fields=len(summaries), nuclei=sum(s["nuclei"] for s in summaries), crops=crops,
                 skipped_border=sum(s["skipped_border"] for s in summaries),
                 skipped_overlap=sum(s["skipped_overlap"] for s in summaries),
                 empty_fields=sum(s["nuclei"] == 0 for s in summaries), bit_depth=depth)
