@@ -149,9 +149,9 @@ def _add_crop(sub) -> None:
                    help="skip a nucleus when more than this share of its outline touches another nucleus (a clump "
                         "the segmentation had to split); 1 keeps all (default 0.25)")
     g.add_argument("--illumination", action="store_true",
-                   help="correct each plate's uneven illumination first: divide by a smooth flat-field, the mean of "
-                        "the plate's fields heavily smoothed (CellProfiler's CorrectIlluminationCalculate); saved in "
-                        "OUT/_plates/ (needs about 10 or more fields per plate)")
+                   help="correct each plate's uneven illumination first: divide by a smooth flat-field, a quadratic "
+                        "surface fitted to the mean of the plate's fields (CellProfiler's CorrectIlluminationCalculate "
+                        "with polynomial smoothing); saved in OUT/_plates/ (needs about 10 or more fields per plate)")
     g.add_argument("--normalize", choices=("none", "plate"), default="none",
                    help="plate: rescale each channel so that the plate's 0.1th and 99.9th percentiles map to 0 and "
                         "50000, removing brightness drifts between plates; none: keep the files' units (default none)")
