@@ -421,3 +421,23 @@ def test_ome_tiff_fields_are_cropped_with_their_channel_names(tmp_path):
     for c in (1, 2):  # the maximum over z is the in-focus plane, the field's own pixels
         field = tifffile.imread(tmp_path / f"f0_w{c}.tif")
         assert np.array_equal(crop[c - 1], field[32:64, 32:64])
+
+
+def test_a_plate_map_names_the_conditions_and_travels_into_the_manifest(tmp_path):
+    screen = write_screen(tmp_path / "screen", {"P1_B04": GRID, "P1_B05": GRID, "P2_B04": GRID})
+    platemap = tmp_path / "platemap.txt"  # as the Cell Painting Gallery writes them: tab-separated, wells unpadded
+    platemap.write_text("plate_map_name\twell_position\tcompound\tconcentration\n"
+                        "map1\tB4\tDMSO\t0\nmap1\tB5\ttaxol\t0.3\n")
+    out = tmp_path / "crops"
+    code, _, err = run_cli("crop", screen, out, "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin",
+                           "--platemap", platemap, "--condition-from", "Metadata_compound,Metadata_concentration",
+                           "--size", "32", "--nucleus-diameter", "10", "--border", "pad")
+    assert code == 0, err
+    rows = _rows(out / "manifest.csv")
+    assert {(r["field"], r["condition"], r["Metadata_compound"]) for r in rows} == \
+        {("P1_B04", "DMSO_0", "DMSO"), ("P1_B05", "taxol_0.3", "taxol"), ("P2_B04", "DMSO_0", "DMSO")}
+    # a well the map does not list: one line naming it
+    platemap.write_text("well_position\tcompound\nB4\tDMSO\n")
+    code, _, err = run_cli("crop", screen, tmp_path / "o2", "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin",
+                           "--platemap", platemap, "--condition-from", "Metadata_compound")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no row for well B05" in err

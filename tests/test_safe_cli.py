@@ -111,7 +111,7 @@ ROUND_TRIP = {
     "simulate": ["out", "--conditions", "a,b,c", "--per-condition", "3", "--size", "40", "--seed", "2", "--overwrite",
                  "--puncta"],
     "crop": ["screen.csv", "out", "--pattern", "{well}_w{channel}.tif", "--channel-names", "1=DNA,2=Actin",
-             "--condition-from", "Metadata_Well", "--nuclei-channel", "DNA", "--scene", "all", "--timepoint", "1",
+             "--condition-from", "Metadata_Well", "--platemap", "map.txt", "--nuclei-channel", "DNA", "--scene", "all", "--timepoint", "1",
              "--z", "max", "--size", "64", "--scale", "0.5", "--nucleus-diameter", "12", "--labels", "labs",
              "--border", "pad", "--max-overlap", "0.5", "--illumination", "--normalize", "plate", "--workers", "2",
              "--overwrite"],

@@ -122,6 +122,11 @@ def _add_crop(sub) -> None:
                    help="metadata columns (or pattern fields) whose values, joined by _, name the condition, e.g. "
                         "Metadata_Compound,Metadata_Concentration (default: a Metadata_Condition or condition column)")
     g.add_argument("--condition", default=None, metavar="NAME", help="one condition for every field of the screen")
+    g.add_argument("--platemap", type=Path, default=None, metavar="FILE",
+                   help="a plate map (CSV or tab-separated, e.g. the Cell Painting Gallery's platemap.txt): a well "
+                        "column (Metadata_Well, well_position, Well or well), optionally a plate column, and what is "
+                        "in each well; joined on the well, its columns become Metadata_<column> for --condition-from "
+                        "and the manifest")
     g.add_argument("--nuclei-channel", default=None, metavar="NAME",
                    help="the channel with the nuclear stain (default: the first named like DNA, DAPI or Hoechst)")
     g.add_argument("--scene", default=None,
@@ -907,7 +912,7 @@ def cmd_crop(args: argparse.Namespace) -> None:
     if scene is not None and scene != "all" and scene.lstrip("-").isdigit():
         scene = int(scene)
     spec = ScreenSpec(args.screen, parse_condition_rule(args.condition, args.condition_from), args.pattern,
-                      parse_channel_map(args.channel_names), VendorSelection(scene, args.timepoint, z))
+                      parse_channel_map(args.channel_names), VendorSelection(scene, args.timepoint, z), args.platemap)
     screen = open_screen(spec)
     print(f"screen: {screen.source}; {len(screen.fields)} field(s), channels {', '.join(screen.channels)}, "
           f"conditions {', '.join(dict.fromkeys(f.condition for f in screen.fields))}")

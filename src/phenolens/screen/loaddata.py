@@ -16,6 +16,7 @@ from typing import Sequence
 from phenolens.errors import PhenolensError
 from phenolens.screen.conditions import ConditionRule
 from phenolens.screen.fields import ChannelSource, Field, check_unique_keys, safe_key
+from phenolens.screen.platemap import PlateMap
 
 _FILE, _PATH, _FRAME = "FileName_", "PathName_", "Frame_"
 # Metadata that identifies a field, in the order a field key is built from.
@@ -53,8 +54,10 @@ def select_channels(found: Sequence[str], wanted: Sequence[str] | None, source: 
     return list(wanted)
 
 
-def read_loaddata(table: Path, rule: ConditionRule, channels: Sequence[str] | None = None) -> list[Field]:
-    """Fields of a LoadData CSV; rows numbered as in a spreadsheet (the header is row 1)."""
+def read_loaddata(table: Path, rule: ConditionRule, channels: Sequence[str] | None = None,
+                  platemap: PlateMap | None = None) -> list[Field]:
+    """Fields of a LoadData CSV, with PLATEMAP's columns joined on the well; rows numbered as in a
+    spreadsheet (the header is row 1)."""
     table = Path(table)
     try:
         with open(table, newline="", encoding="utf-8-sig") as fh:
@@ -62,9 +65,9 @@ def read_loaddata(table: Path, rule: ConditionRule, channels: Sequence[str] | No
             columns = [c.strip() for c in (reader.fieldnames or [])]
             reader.fieldnames = columns
             names = select_channels(loaddata_channels(columns, table), channels, str(table))
-            rule = rule.resolve(columns, str(table))
+            rule = rule.resolve(columns + (platemap.columns if platemap else []), str(table))
             meta_cols = [c for c in columns if c.startswith("Metadata_") or c in rule.columns]
-            fields = [_field(table, reader.line_num, row, names, meta_cols, rule)
+            fields = [_field(table, reader.line_num, row, names, meta_cols, rule, platemap)
                       for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
     except UnicodeDecodeError:
         raise PhenolensError(f"{table}: not a UTF-8 text CSV file") from None
@@ -79,7 +82,7 @@ def read_loaddata(table: Path, rule: ConditionRule, channels: Sequence[str] | No
 
 
 def _field(table: Path, line: int, row: dict, names: Sequence[str], meta_cols: Sequence[str],
-           rule: ConditionRule) -> Field:
+           rule: ConditionRule, platemap: PlateMap | None) -> Field:
     where = f"{table} row {line}"
     channels: dict[str, ChannelSource] = {}
     for ch in names:
@@ -97,6 +100,8 @@ def _field(table: Path, line: int, row: dict, names: Sequence[str], meta_cols: S
             raise PhenolensError(f"{where}: {_FRAME}{ch} {frame!r} is not a plane number (0, 1, ...)")
         channels[ch] = ChannelSource(path, int(frame) if frame else None)
     meta = {c: (row.get(c) or "").strip() for c in meta_cols}
+    if platemap is not None:  # the table's own columns win over the map's
+        meta = {**platemap.lookup(meta, where), **meta}
     ids = [meta[c] for c in KEY_COLUMNS if meta.get(c)]
     key = safe_key(*ids) if ids else safe_key(channels[names[0]].path.stem)
     return Field(key=key, condition=rule.condition(meta, where), channels=channels, meta=meta,

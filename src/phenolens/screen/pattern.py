@@ -18,6 +18,7 @@ from phenolens.data.records import natural_key
 from phenolens.errors import PhenolensError
 from phenolens.screen.conditions import ConditionRule
 from phenolens.screen.fields import ChannelSource, Field, check_unique_keys, safe_key
+from phenolens.screen.platemap import PlateMap
 
 _FIELD = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
 
@@ -49,7 +50,7 @@ def metadata_name(field: str) -> str:
 
 
 def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
-                 channel_names: Sequence[tuple[str, str]] | None = None) -> list[Field]:
+                 channel_names: Sequence[tuple[str, str]] | None = None, platemap: PlateMap | None = None) -> list[Field]:
     """Fields of FOLDER (searched recursively when the pattern holds '/').
 
     CHANNEL_NAMES: (token, name) pairs in channel order (`--channel-names w1=DNA,w2=Actin`); files of
@@ -79,7 +80,8 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
                              f"(e.g. {example}); fields are written {{name}}, e.g. {{well}}_s{{site}}_w{{channel}}.tif")
     tokens = _channel_tokens(groups, channel_names, pattern)
     meta_names = [metadata_name(n) for n in names if n != "channel"]
-    rule = rule.resolve(meta_names + [n for n in names if n != "channel"], f"--pattern {pattern!r}")
+    rule = rule.resolve(meta_names + [n for n in names if n != "channel"] + (platemap.columns if platemap else []),
+                        f"--pattern {pattern!r}")
     fields = []
     for ident, found in groups.items():
         missing = [t for t, _ in tokens if t not in found]
@@ -88,6 +90,8 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
             raise PhenolensError(f"{example.parent}: field {'_'.join(ident)} has no file for channel {missing[0]!r} "
                                  f"(found: {', '.join(sorted(found, key=natural_key))})")
         meta = dict(zip(meta_names, ident))
+        if platemap is not None:
+            meta = {**platemap.lookup(meta, str(example)), **meta}
         lookup = {**meta, **{n: v for n, v in zip([n for n in names if n != 'channel'], ident)}}
         fields.append(Field(key=safe_key(*ident), condition=rule.condition(lookup, str(example)),
                             channels={name: ChannelSource(found[t]) for t, name in tokens}, meta=meta,

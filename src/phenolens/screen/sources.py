@@ -20,6 +20,7 @@ from phenolens.screen.conditions import ConditionRule
 from phenolens.screen.fields import ChannelSource, Field, VendorSelection, check_same_channels
 from phenolens.screen.loaddata import read_loaddata
 from phenolens.screen.pattern import read_pattern
+from phenolens.screen.platemap import read_platemap
 
 _DNA_NAMES = re.compile(r"dna|dapi|hoechst|nucle|draq5|h2b", re.IGNORECASE)
 
@@ -33,6 +34,7 @@ class ScreenSpec:
     pattern: str | None = None
     channel_names: Sequence[tuple[str, str]] | None = None
     vendor: VendorSelection = field(default_factory=VendorSelection)
+    platemap: Path | None = None
 
 
 @dataclass
@@ -69,15 +71,18 @@ def open_screen(spec: ScreenSpec) -> Screen:
         raise PhenolensError(f"{src}: does not exist")
     from phenolens.screen import vendor
 
+    platemap = read_platemap(spec.platemap) if spec.platemap else None
     if src.is_file() and src.suffix.lower() == ".csv":
         if spec.pattern:
             raise PhenolensError(f"--pattern is for a folder of files; {src} is a LoadData table")
-        fields = read_loaddata(src, spec.rule, [t for t, _ in spec.channel_names or []] or None)
+        fields = read_loaddata(src, spec.rule, [t for t, _ in spec.channel_names or []] or None, platemap)
         fields = [_renamed(f, spec.channel_names) for f in fields]
         how = f"LoadData table {src}"
     elif vendor.is_vendor_path(src) or (src.is_dir() and not spec.pattern and _vendor_files(src)):
         files = [src] if vendor.is_vendor_path(src) else _vendor_files(src)
         rule = spec.rule
+        if platemap is not None:
+            raise PhenolensError("--platemap: vendor files name no wells; give each folder's condition with --condition")
         if rule.constant is None:
             raise PhenolensError(f"{src}: vendor files carry no condition; give it with --condition NAME "
                                  "(one screen folder per condition)")
@@ -90,7 +95,7 @@ def open_screen(spec: ScreenSpec) -> Screen:
             raise PhenolensError(f"{src}: a folder of per-channel files needs --pattern naming the parts of a file name, "
                                  f"e.g. --pattern \"{{well}}_s{{site}}_w{{channel}}.tif\""
                                  + (f" (first file: {example})" if example else " (the folder has no files)"))
-        fields = read_pattern(src, spec.pattern, spec.rule, spec.channel_names)
+        fields = read_pattern(src, spec.pattern, spec.rule, spec.channel_names, platemap)
         how = f"{len(fields)} field(s) matching --pattern {spec.pattern!r} in {src}"
     else:
         raise PhenolensError(f"{src}: expected a LoadData .csv, a folder of per-channel files with --pattern, "
