@@ -170,7 +170,7 @@ def _summarise(fields: Sequence[Field], illumination: np.ndarray | None, what: s
         if illumination is not None and illumination.shape != image.shape:
             raise PhenolensError(f"field {f.key}: is {image.shape[2]}x{image.shape[1]} px, other fields of its plate "
                                  f"are {illumination.shape[2]}x{illumination.shape[1]}; crop plates of one field size")
-        summary.add(*field_contribution(image, illumination))
+        summary.add(*field_contribution(image, illumination, len(fields)))
     return summary, shape
 
 

@@ -23,7 +23,8 @@ from skimage.transform import downscale_local_mean, resize
 
 MIN_FIELDS_FOR_ILLUMINATION = 10
 BIN = 4  # fields are averaged binned 4x4: the flat-field is smooth, and this keeps the pass cheap
-SAMPLE_STRIDE = 7  # every 7th pixel of a field goes into the plate's percentile sample
+SAMPLE_STRIDE = 7  # every 7th pixel of a field goes into the plate's percentile sample ...
+SAMPLE_TOTAL = 4_000_000  # ... up to this many values per channel for the whole plate
 LEVEL_PERCENTILES = (0.1, 99.9)
 NORMALISED_HIGH = 50000.0  # a plate's 99.9th percentile maps here in the 16-bit crops (headroom above it)
 
@@ -42,12 +43,18 @@ class PlateSummary:
         self.samples = (self.samples or []) + [sample]
 
 
-def field_contribution(image: np.ndarray, illumination: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(the field binned BIN x BIN, an even pixel sample (C, n) of the field after ILLUMINATION)."""
+def field_contribution(image: np.ndarray, illumination: np.ndarray | None,
+                       n_fields: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(the field binned BIN x BIN, an even pixel sample (C, n) of the field after ILLUMINATION).
+
+    The sample takes every SAMPLE_STRIDE-th pixel, fewer when the plate has many fields (N_FIELDS), so
+    that a plate's whole sample stays under SAMPLE_TOTAL values per channel: memory stays flat however
+    large the plate."""
     c, h, w = image.shape
     binned = downscale_local_mean(image[:, : h - h % BIN, : w - w % BIN], (1, BIN, BIN))
     corrected = image if illumination is None else image / illumination
-    return binned, corrected.reshape(c, -1)[:, ::SAMPLE_STRIDE].astype(np.float32)
+    stride = max(SAMPLE_STRIDE, -(-h * w * max(n_fields, 1) // SAMPLE_TOTAL))
+    return binned, corrected.reshape(c, -1)[:, ::stride].astype(np.float32)
 
 
 def illumination_function(summary: PlateSummary, shape: tuple[int, int]) -> np.ndarray:
