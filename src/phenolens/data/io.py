@@ -13,8 +13,10 @@ whole translation or a training run into NaN), and so are images too large to ho
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +163,6 @@ def stored_channel_names(path: str | Path, channels: Sequence[int] | None = None
     `Labels`, OME-XML), picked by CHANNELS; None when it names none. Why: `phenolens crop` writes the
     screen's channel names into every crop, and the names then label the model's features and report
     without the user typing them again."""
-    import json
-    import re
-
     try:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             names = None
