@@ -91,12 +91,16 @@ def test_cell_loss_shows_in_the_nuclei_found_per_field(screen, tmp_path):
 def test_screen_crop_train_translate_measure_shows_the_planted_phenotypes(tmp_path_factory):
     """Crops of plate P1 train a PhenDiff model; P2's control crops are translated to mid and high and
     measured against P2's real crops. Every planted phenotype a single-cell crop can show moves the
-    way the real crops move (cell loss is read per field, in the test above)."""
+    way the real crops move (cell loss is also read per field, in the test above).
+
+    Measured on the 2-core CPU (one thread, 70 min with another job beside it): at 10000 steps every
+    phenotype moves the real way; at 5000 the subtle tubulin +10 % still moves the wrong way
+    (translated d -0.36 against real +0.18 with 192 sources), the others are right."""
     from phenolens.data.simulate_screen import simulate_screen
     from phenolens.measure.planted import format_planted_table, planted_table
 
     work = tmp_path_factory.mktemp("pipeline")
-    steps = int(os.environ.get("PHENOLENS_SCREEN_STEPS", "4000"))
+    steps = int(os.environ.get("PHENOLENS_SCREEN_STEPS", "10000"))
     screen = simulate_screen(work / "screen", plates=2, wells_per_condition=2, sites=4, field_size=256, seed=0,
                              progress=False)
     crops = work / "crops"
@@ -120,7 +124,8 @@ def test_screen_crop_train_translate_measure_shows_the_planted_phenotypes(tmp_pa
     assert code == 0, err
     table = planted_table(run / "measure", ["control", "mid", "high"])
     print(format_planted_table(table))
-    checked = [r for r in table if r["phenotype"] != "cell loss" and r["doses_checked"]]
-    assert len(checked) >= 3, table
+    checked = [r for r in table if r["doses_checked"]]
+    assert {r["phenotype"] for r in checked} >= {"nuclear enlargement", "Golgi fragmentation", "actin translocation",
+                                                  "tubulin +10 % (subtle)"}, table
     for r in checked:
         assert r["same_direction_all_doses"], r
