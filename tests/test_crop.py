@@ -441,3 +441,21 @@ def test_a_plate_map_names_the_conditions_and_travels_into_the_manifest(tmp_path
     code, _, err = run_cli("crop", screen, tmp_path / "o2", "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin",
                            "--platemap", platemap, "--condition-from", "Metadata_compound")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no row for well B05" in err
+
+
+def test_overwrite_removes_the_crops_and_nothing_a_user_put_beside_them(tmp_path):
+    screen = write_screen(tmp_path / "screen", {"P1_A01": GRID, "P1_A02": GRID})
+    out = tmp_path / "crops"
+    args = ["crop", screen, out, "--pattern", PATTERN, "--channel-names", "1=DNA,2=Actin", "--condition-from", "well",
+            "--size", "32", "--nucleus-diameter", "10", "--border", "pad"]
+    assert run_cli(*args)[0] == 0
+    (out / "A01" / "my_notes.txt").write_text("keep")
+    (out / "A01" / "favourite_n1.png").write_bytes(b"mine")
+    assert len(list((out / "A02").iterdir())) == 5
+    # again with the condition from the plate instead of the well: other condition folders
+    code, _, err = run_cli(*[a if a != "well" else "plate" for a in args], "--overwrite")
+    assert code == 0, err
+    assert (out / "A01" / "my_notes.txt").read_text() == "keep" and (out / "A01" / "favourite_n1.png").is_file()
+    assert sorted(p.name for p in (out / "A01").iterdir()) == ["favourite_n1.png", "my_notes.txt"]
+    assert not (out / "A02").exists()  # the earlier run's folder, emptied of its crops
+    assert len(list((out / "P1").iterdir())) == 10 and len(_rows(out / "manifest.csv")) == 10

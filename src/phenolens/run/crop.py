@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -35,7 +36,7 @@ import tifffile
 
 from phenolens.atomic import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from phenolens.errors import PhenolensError
-from phenolens.folders import OutputFolder, check_apart
+from phenolens.folders import MARKER, OutputFolder, check_apart
 from phenolens.run.notices import Notices, warn
 from phenolens.screen.cells import CropSettings, cut, find_nuclei, plan_crops
 from phenolens.screen.fields import Field
@@ -47,6 +48,7 @@ from phenolens.screen.sources import Screen
 KIND = "crops"
 MANIFEST, FIELDS_TABLE, SETTINGS_FILE = "manifest.csv", "fields.csv", "crop_settings.json"
 RECORDS, PLATES = "_fields", "_plates"
+_CROP_NAME = re.compile(r"^\.?[^/]+_n\d+\.tif(\.tmp-\d+)?$")  # a crop, or its temporary while written
 FIELD_COLUMNS = ["field", "condition", "plate", "nuclei", "crops", "skipped_border", "skipped_overlap", "files"]
 
 
@@ -79,11 +81,13 @@ def crop_screen(screen: Screen, out: Path, run: CropRun, *, nuclei_channel: str 
     out = Path(out)
     check_apart(out, inputs=screen.inputs + ([Path(run.labels)] if run.labels else []))
     depth = check_screen_bit_depth(screen.fields)
+    if overwrite and (out / MARKER).is_file():
+        _remove_crops(OutputFolder.open(out, KIND))
     folder = OutputFolder.open(out, KIND, overwrite=overwrite)
     recorded = _settings_record(screen, run)
     _check_resume(folder, recorded)
     write_json_atomic(out / SETTINGS_FILE, recorded)
-    for rel in (SETTINGS_FILE, RECORDS, PLATES) + tuple(dict.fromkeys(f.condition for f in screen.fields)):
+    for rel in (SETTINGS_FILE, RECORDS, PLATES):
         folder.record(rel, save=False)
     folder.record(MANIFEST, FIELDS_TABLE)
     (out / RECORDS).mkdir(exist_ok=True)
@@ -104,7 +108,29 @@ def crop_screen(screen: Screen, out: Path, run: CropRun, *, nuclei_channel: str 
 
 def _settings_record(screen: Screen, run: CropRun) -> dict:
     return dict(source=screen.source, channels=screen.channels, fields=len(screen.fields),
+                conditions=list(dict.fromkeys(f.condition for f in screen.fields)),
                 crop=asdict(run.crop), illumination=run.illumination, normalize=run.normalize, labels=run.labels)
+
+
+def _remove_crops(folder: OutputFolder) -> None:
+    """--overwrite: remove the crops an earlier run wrote (files named `<field>_n<label>.tif`, and
+    half-written temporaries, in the condition folders its settings list), then the folders it
+    leaves empty. Why not the whole folders: a crop folder may have received a user's files since,
+    and phenolens only ever deletes what it wrote. (The crops are not listed one by one in the
+    marker: a screen has millions.)"""
+    try:
+        conditions = json.loads((folder.path / SETTINGS_FILE).read_text()).get("conditions") or []
+    except (OSError, ValueError):
+        return
+    for cond in conditions:
+        d = folder.path / str(cond)
+        if not d.is_dir() or d.is_symlink() or d.resolve().parent != folder.path.resolve():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and not p.is_symlink() and _CROP_NAME.match(p.name):
+                p.unlink()
+        if not any(d.iterdir()):
+            d.rmdir()
 
 
 def _check_resume(folder: OutputFolder, recorded: dict) -> None:
