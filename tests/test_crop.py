@@ -459,3 +459,16 @@ def test_overwrite_removes_the_crops_and_nothing_a_user_put_beside_them(tmp_path
     assert sorted(p.name for p in (out / "A01").iterdir()) == ["favourite_n1.png", "my_notes.txt"]
     assert not (out / "A02").exists()  # the earlier run's folder, emptied of its crops
     assert len(list((out / "P1").iterdir())) == 10 and len(_rows(out / "manifest.csv")) == 10
+
+
+def test_a_field_of_another_bit_depth_in_the_middle_of_a_plate_is_refused(tmp_path):
+    """The up-front check reads the first and last field of each plate; the others are checked as read."""
+    screen = tmp_path / "screen"
+    screen.mkdir()
+    for name, dtype in (("P1_A01", np.uint16), ("P1_A02", np.uint8), ("P1_A03", np.uint16)):
+        write_field_files(screen, name, GRID, dtype=dtype)
+    code, _, err = run_cli("crop", screen, tmp_path / "out", "--pattern", PATTERN, "--condition", "c",
+                           "--channel-names", "1=DNA,2=Actin", "--size", "32", "--nucleus-diameter", "10")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "mixed bit depths: field P1_A02" in err and "8-bit" in err and "16-bit" in err
+    assert not (tmp_path / "out" / "manifest.csv").exists()

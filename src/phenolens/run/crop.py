@@ -42,7 +42,7 @@ from phenolens.screen.cells import CropSettings, cut, find_nuclei, plan_crops
 from phenolens.screen.fields import Field
 from phenolens.screen.plates import (MIN_FIELDS_FOR_ILLUMINATION, PlateSummary, field_contribution,
                                      illumination_function, normalise, plate_levels)
-from phenolens.screen.read import check_screen_bit_depth, read_field
+from phenolens.screen.read import check_field_depth, check_screen_bit_depth, read_field
 from phenolens.screen.sources import Screen
 
 KIND = "crops"
@@ -93,6 +93,8 @@ def crop_screen(screen: Screen, out: Path, run: CropRun, *, nuclei_channel: str 
     (out / RECORDS).mkdir(exist_ok=True)
 
     corrections = _plate_corrections(screen, out, run, progress)
+    for c in corrections.values():
+        c["dtype"] = depth  # each field is checked against it as it is read
     done = {p.stem for p in (out / RECORDS).glob("*.json")}
     todo = [f for f in screen.fields if f.key not in done]
     notices = Notices()
@@ -209,7 +211,8 @@ def _load_illumination(path: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------- fields
 def crop_field(field: Field, run: CropRun, out: str, channels: Sequence[str], correction: dict) -> tuple[str, dict]:
     """Crop one field: read, correct, find nuclei, cut and write the kept crops; its record."""
-    image, _ = read_field(field)
+    image, dtype = read_field(field)
+    check_field_depth(field, dtype, correction.get("dtype", ""))
     if correction["illumination"]:
         illum = _load_illumination(correction["illumination"])
         if illum.shape != image.shape:

@@ -68,10 +68,17 @@ def stored_dtype(src: ChannelSource) -> str:
 
 
 def check_screen_bit_depth(fields: Sequence[Field]) -> str:
-    """One bit depth for the whole screen (judged from the TIFF headers): intensities of 8- and 16-bit
-    files are on different scales, so mixing them would plant a fake phenotype. Returns it."""
-    first: tuple[str, Path] | None = None
+    """One bit depth for the whole screen, judged from the TIFF headers of the first and last field of
+    every plate (a screen's depth changes with the plate or the channel, if at all; reading every
+    header of 10^5 fields would take minutes): intensities of 8- and 16-bit files are on different
+    scales, so mixing them would plant a fake phenotype. `check_field_depth` checks every other field
+    as it is cropped. Returns the depth ('' if no plain TIFF was seen)."""
+    ends: dict[str, list[Field]] = {}
     for f in fields:
+        ends.setdefault(f.plate, []).append(f)
+    sampled = [f for group in ends.values() for f in (group[:1] + group[-1:] if len(group) > 1 else group)]
+    first: tuple[str, Path] | None = None
+    for f in sampled:
         if f.vendor is not None:
             continue
         for src in f.channels.values():
@@ -88,4 +95,12 @@ def check_screen_bit_depth(fields: Sequence[Field]) -> str:
     return first[0] if first else ""
 
 
-__all__ = ["check_screen_bit_depth", "read_field", "stored_dtype"]
+def check_field_depth(field: Field, dtype: str, screen_dtype: str) -> None:
+    """A field whose files differ in bit depth from the rest of the screen: one line naming it."""
+    if screen_dtype and dtype != screen_dtype:
+        raise PhenolensError(f"mixed bit depths: field {field.key} ({field.files()[0]}) is {bit_depth_name(dtype)} but "
+                             f"the screen's other files are {bit_depth_name(screen_dtype)}; convert the screen to one "
+                             "bit depth first")
+
+
+__all__ = ["check_field_depth", "check_screen_bit_depth", "read_field", "stored_dtype"]
