@@ -25,7 +25,7 @@ import json
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np
 import tifffile
 
 from phenolens.atomic import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from phenolens.data.io import read_image
 from phenolens.errors import PhenolensError
 from phenolens.folders import MARKER, OutputFolder, check_apart
 from phenolens.run.notices import Notices, warn
@@ -76,8 +77,7 @@ def crop_screen(screen: Screen, out: Path, run: CropRun, *, nuclei_channel: str 
                 overwrite: bool = False, progress: bool = True) -> dict:
     """Crop every field of SCREEN into OUT (see the module docstring); returns a summary."""
     run.check()
-    settings = CropSettings(**{**asdict(run.crop), "nuclei_channel": screen.nuclei_channel(nuclei_channel)})
-    run = CropRun(settings, run.illumination, run.normalize, run.labels, run.workers)
+    run = replace(run, crop=replace(run.crop, nuclei_channel=screen.nuclei_channel(nuclei_channel)))
     out = Path(out)
     check_apart(out, inputs=screen.inputs + ([Path(run.labels)] if run.labels else []))
     depth = check_screen_bit_depth(screen.fields)
@@ -93,16 +93,14 @@ def crop_screen(screen: Screen, out: Path, run: CropRun, *, nuclei_channel: str 
     (out / RECORDS).mkdir(exist_ok=True)
 
     corrections = _plate_corrections(screen, out, run, progress)
-    for c in corrections.values():
-        c["dtype"] = depth  # each field is checked against it as it is read
     done = {p.stem for p in (out / RECORDS).glob("*.json")}
     todo = [f for f in screen.fields if f.key not in done]
     notices = Notices()
-    for key, record in _map(todo, run, str(out), screen.channels, corrections, progress):
+    for key, record in _map(todo, run, str(out), screen.channels, corrections, depth, progress):
         write_json_atomic(out / RECORDS / f"{key}.json", record)
         if record["summary"]["nuclei"] == 0:
             notices.add("no-nuclei", f"field {key} ({record['summary']['files'].split(';')[0]}): no nuclei found in "
-                        f"the {screen.channels[settings.nuclei_channel]} channel; no crops from it",
+                        f"the {screen.channels[run.crop.nuclei_channel]} channel; no crops from it",
                         "{n} fields had no nuclei (listed in fields.csv with nuclei 0)")
     notices.close()
     return _write_tables(screen, out, depth)
@@ -191,15 +189,20 @@ def _summarise(fields: Sequence[Field], illumination: np.ndarray | None, what: s
     from tqdm.auto import tqdm
 
     summary = PlateSummary()
-    shape = (0, 0)
+    shape: tuple[int, ...] | None = None
     for f in tqdm(fields, desc=what, unit="field", disable=None if progress else True):
         image, _ = read_field(f)
-        shape = image.shape[1:]
-        if illumination is not None and illumination.shape != image.shape:
-            raise PhenolensError(f"field {f.key}: is {image.shape[2]}x{image.shape[1]} px, other fields of its plate "
-                                 f"are {illumination.shape[2]}x{illumination.shape[1]}; crop plates of one field size")
+        shape = shape or image.shape
+        _check_plate_size(f, image, shape)
         summary.add(*field_contribution(image, illumination, len(fields)))
-    return summary, shape
+    return summary, shape[1:]
+
+
+def _check_plate_size(field: Field, image: np.ndarray, shape: tuple[int, ...]) -> None:
+    """A plate's corrections need its fields to share one size: one line naming the field that does not."""
+    if image.shape[1:] != tuple(shape[-2:]):
+        raise PhenolensError(f"field {field.key}: is {image.shape[2]}x{image.shape[1]} px, other fields of its plate "
+                             f"are {shape[-1]}x{shape[-2]}; crop plates of one field size")
 
 
 @lru_cache(maxsize=4)
@@ -209,15 +212,15 @@ def _load_illumination(path: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- fields
-def crop_field(field: Field, run: CropRun, out: str, channels: Sequence[str], correction: dict) -> tuple[str, dict]:
-    """Crop one field: read, correct, find nuclei, cut and write the kept crops; its record."""
+def crop_field(field: Field, run: CropRun, out: str, channels: Sequence[str], correction: dict,
+               depth: str = "") -> tuple[str, dict]:
+    """Crop one field: read, correct, find nuclei, cut and write the kept crops; its record. DEPTH:
+    the screen's bit depth, which the field's files must share."""
     image, dtype = read_field(field)
-    check_field_depth(field, dtype, correction.get("dtype", ""))
+    check_field_depth(field, dtype, depth)
     if correction["illumination"]:
         illum = _load_illumination(correction["illumination"])
-        if illum.shape != image.shape:
-            raise PhenolensError(f"field {field.key}: is {image.shape[2]}x{image.shape[1]} px but its plate's "
-                                 f"illumination is {illum.shape[2]}x{illum.shape[1]}; crop plates of one field size")
+        _check_plate_size(field, image, illum.shape)
         image = image / illum
     s = run.crop
     labels = _user_labels(field, run.labels, image.shape[1:]) if run.labels else find_nuclei(image[s.nuclei_channel], s)
@@ -225,6 +228,7 @@ def crop_field(field: Field, run: CropRun, out: str, channels: Sequence[str], co
     fill = np.median(image.reshape(image.shape[0], -1), axis=1).astype(np.float32)
     levels = np.asarray(correction["levels"]) if correction["levels"] is not None else None
     rows = []
+    (Path(out) / field.condition).mkdir(exist_ok=True)
     for nuc in nuclei:
         if nuc.status != "kept":
             continue
@@ -232,7 +236,6 @@ def crop_field(field: Field, run: CropRun, out: str, channels: Sequence[str], co
         if levels is not None:
             crop = normalise(crop, levels)
         rel = f"{field.condition}/{field.key}_n{nuc.label}.tif"
-        (Path(out) / field.condition).mkdir(exist_ok=True)
         _write_tiff(Path(out) / rel, np.clip(np.rint(crop), 0, 65535), channels, "uint16")
         rows.append(dict(path=rel, condition=field.condition, field=field.key, nucleus=nuc.label, **field.meta,
                          **{f"source_{c}": str(src.path) + ("" if src.index is None else f"#{src.index}")
@@ -253,8 +256,6 @@ def _user_labels(field: Field, folder: str, shape: tuple[int, ...]) -> np.ndarra
     for name in names:
         path = Path(folder) / name
         if path.is_file():
-            from phenolens.data.io import read_image
-
             lab = read_image(path)[0][0].astype(np.int32)
             if lab.shape != tuple(shape):
                 raise PhenolensError(f"{path}: labels are {lab.shape[1]}x{lab.shape[0]} but field {field.key} is "
@@ -270,13 +271,13 @@ def _write_tiff(path: Path, data: np.ndarray, channels: Sequence[str], dtype: st
     write_bytes_atomic(path, buf.getvalue())
 
 
-def _map(fields: list[Field], run: CropRun, out: str, channels: Sequence[str], corrections: dict,
+def _map(fields: list[Field], run: CropRun, out: str, channels: Sequence[str], corrections: dict, depth: str,
          progress: bool) -> Iterator[tuple[str, dict]]:
     """crop_field over FIELDS in order, in WORKERS processes when more than one; a progress bar."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(fields), desc="crop", unit="field", disable=None if progress else True)
-    jobs: Iterable = ((f, run, out, channels, corrections[f.plate]) for f in fields)
+    jobs: Iterable = ((f, run, out, channels, corrections[f.plate], depth) for f in fields)
     try:
         if run.workers <= 1 or len(fields) < 2:
             results: Iterable = (crop_field(*j) for j in jobs)

@@ -93,8 +93,6 @@ def find_nuclei(dna: np.ndarray, settings: CropSettings) -> np.ndarray:
 def outline_contact(labels: np.ndarray) -> np.ndarray:
     """Per label, the share of its outline pixels that touch another (nonzero) label; index 0 unused."""
     n = int(labels.max())
-    outline = np.zeros(n + 1)
-    touching = np.zeros(n + 1)
     edge = np.zeros(labels.shape, bool)
     touch = np.zeros(labels.shape, bool)
     for axis in (0, 1):
@@ -107,8 +105,8 @@ def outline_contact(labels: np.ndarray) -> np.ndarray:
             differs = (labels > 0) & (other != labels)
             edge |= differs
             touch |= differs & (other > 0)
-    outline += np.bincount(labels[edge], minlength=n + 1)[: n + 1]
-    touching += np.bincount(labels[touch], minlength=n + 1)[: n + 1]
+    outline = np.bincount(labels[edge], minlength=n + 1)[: n + 1]
+    touching = np.bincount(labels[touch], minlength=n + 1)[: n + 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(outline > 0, touching / np.maximum(outline, 1), 0.0)
 

@@ -60,6 +60,7 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
     if not folder.is_dir():
         raise PhenolensError(f"{folder}: not a folder (--pattern reads the files of a folder)")
     regex, names = compile_pattern(pattern)
+    id_fields = [n for n in names if n != "channel"]  # the fields that identify a field of view
     files = sorted((p for p in (folder.rglob("*") if "/" in pattern else folder.iterdir())
                     if p.is_file() and not p.name.startswith(".")), key=lambda p: natural_key(str(p)))
     groups: dict[tuple[str, ...], dict[str, Path]] = {}
@@ -67,7 +68,7 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
         m = regex.fullmatch(path.relative_to(folder).as_posix())
         if m is None:
             continue
-        ident = tuple(m.group(n) for n in names if n != "channel")
+        ident = tuple(m.group(n) for n in id_fields)
         token = m.group("channel")
         seen = groups.setdefault(ident, {})
         if token in seen:
@@ -79,8 +80,8 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
         raise PhenolensError(f"--pattern {pattern!r}: matches none of the {len(files)} files in {folder} "
                              f"(e.g. {example}); fields are written {{name}}, e.g. {{well}}_s{{site}}_w{{channel}}.tif")
     tokens = _channel_tokens(groups, channel_names, pattern)
-    meta_names = [metadata_name(n) for n in names if n != "channel"]
-    rule = rule.resolve(meta_names + [n for n in names if n != "channel"] + (platemap.columns if platemap else []),
+    meta_names = [metadata_name(n) for n in id_fields]
+    rule = rule.resolve(meta_names + id_fields + (platemap.columns if platemap else []),
                         f"--pattern {pattern!r}")
     fields = []
     for ident, found in groups.items():
@@ -92,7 +93,7 @@ def read_pattern(folder: Path, pattern: str, rule: ConditionRule,
         meta = dict(zip(meta_names, ident))
         if platemap is not None:
             meta = {**platemap.lookup(meta, str(example)), **meta}
-        lookup = {**meta, **{n: v for n, v in zip([n for n in names if n != 'channel'], ident)}}
+        lookup = {**meta, **dict(zip(id_fields, ident))}
         fields.append(Field(key=safe_key(*ident), condition=rule.condition(lookup, str(example)),
                             channels={name: ChannelSource(found[t]) for t, name in tokens}, meta=meta,
                             plate=meta.get("Metadata_Plate", "")))

@@ -16,7 +16,7 @@ percentiles of the plate's (corrected) pixels, from an even sample of each field
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from skimage.transform import downscale_local_mean, resize
@@ -35,12 +35,12 @@ class PlateSummary:
 
     total: np.ndarray | None = None  # (C, y, x) float64
     count: int = 0
-    samples: list[np.ndarray] | None = None
+    samples: list[np.ndarray] = field(default_factory=list)
 
     def add(self, binned: np.ndarray, sample: np.ndarray) -> None:
         self.total = binned.astype(np.float64) if self.total is None else self.total + binned
         self.count += 1
-        self.samples = (self.samples or []) + [sample]
+        self.samples.append(sample)
 
 
 def field_contribution(image: np.ndarray, illumination: np.ndarray | None,
