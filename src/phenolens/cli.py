@@ -467,6 +467,10 @@ def _add_translate(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the outputs phenolens wrote into OUT in an earlier run (listed in "
                         "OUT/.phenolens.json); files phenolens did not write are never touched")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: print the number of images, UNet forwards and the estimated time on this "
+                        "device (from a short timing of the model here; under `accelerate launch`, for that many "
+                        "processes), then stop")
     _add_config_options(p)
     p.set_defaults(func=cmd_translate)
 
@@ -1082,9 +1086,18 @@ def cmd_translate(args: argparse.Namespace) -> None:
         judge_data=str(Path(args.judge_data).resolve()) if args.judge_data else None, judge_steps=args.judge_steps,
         max_reference=args.max_reference, omega_sweep=args.omega_sweep,
     )
+    if args.dry_run:
+        from phenolens.run.plan import format_plan, plan_translate
+        from phenolens.run.shards import launched_world
+
+        if int(os.environ.get("RANK", "0")) == 0:  # a launch's other processes have nothing to add
+            print(format_plan(plan_translate(settings, device=args.device, world_size=launched_world(),
+                                             skip_bad=args.skip_bad)))
+        return
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
                           workers=args.workers)
-    print(f"wrote {index}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {index}")
 
 
 def cmd_measure(args: argparse.Namespace) -> None:

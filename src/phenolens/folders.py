@@ -108,6 +108,15 @@ class OutputFolder:
         return folder
 
     @classmethod
+    def read(cls, path: str | Path, kind: str, option: str = "OUT") -> "OutputFolder":
+        """The folder as another process marked it, read only: the processes of a launch that did not
+        open it (:mod:`phenolens.run.shards`) never write the marker."""
+        folder = cls._read(Path(path), option)
+        if folder.kind != kind:
+            raise PhenolensError(f"{option} {path}: holds a phenolens {folder.kind} output, not a {kind}")
+        return folder
+
+    @classmethod
     def _read(cls, path: Path, option: str) -> "OutputFolder":
         marker = path / MARKER
         try:

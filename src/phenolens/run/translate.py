@@ -47,6 +47,7 @@ stderr warnings in :mod:`phenolens.run.notices`.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -79,6 +80,8 @@ from phenolens.run.naming import (meta_column_names, output_paths, plan_outputs,
 from phenolens.run.minimal_edit import MINIMAL_COLUMNS, SWEEP_COLUMNS, SWEEP_FILE, minimal_edit_batch, sweep_skips
 from phenolens.run.notices import Notices, warn
 from phenolens.run.provenance import Previous, inside, model_fingerprint, read_cache, read_previous_rows, source_stamp
+from phenolens.run.shards import (Journal, Shard, current_shard, existing_journals, journal_names, merge_journals,
+                                  read_journal, remove_journals)
 from phenolens.run.workers import check_workers, map_in_order
 from phenolens.train.recipe import RECIPE_LR_SCHEDULE, RECIPE_PREDICTION_TYPE
 
@@ -272,9 +275,16 @@ def legacy_run_files(out: Path) -> list[str] | None:
 def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bool = False,
                   skip_bad: bool = False, device: str | None = None, progress: bool = True, workers: int = 1) -> Path:
     """Translate every image of INPUT to every target; returns the path of index.csv. WORKERS > 1
-    translates batches on that many CPU processes (`phenolens.run.workers`); the outputs are the same."""
+    translates batches on that many CPU processes (`phenolens.run.workers`); the outputs are the same.
+
+    Under `accelerate launch` (or torchrun) each process translates its share of the batches on its
+    own device and one index.csv comes out (`phenolens.run.shards`)."""
     out = Path(out)
     check_settings(settings)
+    shard = current_shard(device)
+    if shard.world > 1:
+        check_launch(settings, workers, shard)
+        device = device or shard.device
     model = load_model_for(settings.model_dir, device=device)
     check_workers(workers, model.device)
     records = discover(settings.input, condition=settings.source)
@@ -311,45 +321,30 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
         settings = replace(settings, omega=check_omega_sweep(settings, embedded))
     check_apart(out, inputs=[Path(settings.input), *(r.path for r in records)], models=[Path(settings.model_dir)])
 
-    folder = open_run_folder(out, settings, overwrite)
+    # the first process alone opens the folder, plans the run and records every file it will write;
+    # the others wait for that, then only read (`plan_todo`)
+    if not shard.main:
+        shard.barrier()
+        folder = OutputFolder.read(out, KIND)
+    else:
+        folder = open_run_folder(out, settings, overwrite)
     if embedded:
-        from phenolens.run.class_means import prepare_class_means
+        from phenolens.run.class_means import check_means_cover, prepare_class_means
 
         prepare_class_means(model, settings.mean_data, settings.mean_images, settings.omega, out, folder,
-                            reuse=not overwrite)
+                            reuse=not overwrite or not shard.main)
     edits = {t: model.as_edit(t) for t in targets}  # values: a worker process needs nothing else
     if embedded:
-        from phenolens.run.class_means import check_means_cover
-
         check_means_cover(model.class_means, {r.condition for r in records}, list(edits.values()), settings.mean_data)
     notices = Notices()
     provenance_path, run_json, index_path = out / "provenance.json", out / "run.json", out / "index.csv"
-    cache = read_cache(provenance_path)
-    model_hash, model_files, model_mtime = model_fingerprint(Path(settings.model_dir), cache)
-    folder.record(provenance_path.name, run_json.name, index_path.name)
-    write_json_atomic(provenance_path, dict(model_dir=settings.model_dir, model_hash=model_hash, model_files=model_files))
-    write_json_atomic(run_json, dict(asdict(settings), model_hash=model_hash))
+    model_hash, model_files, model_mtime = model_fingerprint(Path(settings.model_dir), read_cache(provenance_path))
+    if shard.main:
+        folder.record(provenance_path.name, run_json.name, index_path.name)
+        write_json_atomic(provenance_path, dict(model_dir=settings.model_dir, model_hash=model_hash,
+                                                model_files=model_files))
+        write_json_atomic(run_json, dict(asdict(settings), model_hash=model_hash))
 
-    rows, note = read_previous_rows(index_path)
-    if note:
-        logger.warning(note)
-    previous = Previous(folder, rows, model_hash, model_mtime)
-    folders = plan_outputs(records)
-    done: dict[tuple[str, str], list[dict]] = {}
-    todo: list[ImageRecord] = []
-    for rec in records:
-        kept = previous.done(rec, targets, notices)
-        if kept is None:
-            todo.append(rec)
-        else:
-            done[record_key(rec)] = kept
-    gone = len({k for k in previous.by_key} - {record_key(r) for r in records})
-    if gone:
-        logger.warning(f"{index_path}: {gone} image(s) listed there are no longer in {settings.input}; "
-                       "left out of index.csv (their files stay)")
-
-    # the judges of --minimal-edit are trained only when there is something to judge
-    minimal = prepare_minimal_edit(model, settings, todo, skips, progress) if settings.minimal_edit and todo else None
     latent_columns = LATENT_COLUMNS if model.latent else []
     minimal_columns = MINIMAL_COLUMNS if settings.minimal_edit else []
     ours = INDEX_COLUMNS + LATENT_COLUMNS + STAT_COLUMNS + PROVENANCE_COLUMNS + EDIT_COLUMNS + MINIMAL_COLUMNS
@@ -360,85 +355,168 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     def meta(rec: ImageRecord) -> dict:
         return {meta_names[k]: v for k, v in rec.meta.items()}
 
-    for rec in records:  # rows kept as done still get the manifest's current columns
-        for r in done.get(record_key(rec), []):
-            r.update({k: "" for k in meta_names.values()}, **meta(rec))
-            if not r.get("edit"):  # a row of a phenolens before edits: its edit was its target
-                r["edit"] = ToCondition(r["target_condition"]).label
+    folders = plan_outputs(records)
+    todo = plan_todo(folder, records, targets, columns, meta, model_hash, model_mtime, notices, shard, settings.input,
+                     folders)
+    if shard.main:
+        shard.barrier()
+    mine = shard.share(todo, settings.batch_size)
+    if shard.world > 1:
+        logger.info(f"process {shard.rank} of {shard.world}: {len(mine)} of the {len(todo)} images to translate")
 
-    def write_index() -> None:
-        write_csv_atomic(index_path, [r for rec in records for r in done.get(record_key(rec), [])], columns,
-                         only_if_changed=True)
-
+    # the judges of --minimal-edit are trained only when there is something to judge
+    minimal = prepare_minimal_edit(model, settings, todo, skips, progress) if settings.minimal_edit and todo else None
+    journal = Journal(out / shard.journal_name(), columns)
+    skipped_journal = Journal(out / shard.journal_name("skipped"), ["path", "reason"])
     skipped: list[tuple[Path, str]] = []
     check = InputCheck(model, settings.max_clipped, notices)
     inversion = settings.inversion_settings()
     forwards: list[int] = []
-    bar = tqdm(total=len(todo), desc="translate", unit="img", disable=None if progress else True)  # no bar when not a terminal
-    batches = batches_by_shape(todo, settings.batch_size, model.info.channels, model.info.n_channels,
+    bar = tqdm(total=len(mine), desc="translate", unit="img",  # no bar when not a terminal, one bar per launch
+               disable=None if progress and shard.main else True)
+    batches = batches_by_shape(mine, settings.batch_size, model.info.channels, model.info.n_channels,
                                skip_bad, skipped, check=check)
     jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], list(edits.values()), inversion,
                      settings.guidance_scale, settings.seed, *((minimal,) if minimal else ()))) for batch in batches)
-    sweep = minimal.previous_sweep(out, {record_key(r) for r in records if record_key(r) in done}) if minimal else []
-    for batch, result in map_in_order(minimal_translate_batch if minimal else translate_batch, jobs, model,
-                                      settings.model_dir, workers):
-        extra = None
-        if minimal:
-            extra, result = result, result.translation
-        forwards.extend(int(f) for f in result.inversion_forwards)
-        planned = [output_paths(folders[record_key(item.rec)], item.rec, targets) for item in batch]
-        folder.record(*(p for recon_rel, paths in planned for p in (recon_rel, *paths.values())))  # before writing:
-        for i, item in enumerate(batch):  # a crash never leaves a file of ours unlisted
-            rec, layout = item.rec, item.layout
-            recon_rel, paths = planned[i]
-            write_image(out / recon_rel, result.reconstructions[i], layout)
-            mae_raw, mse_raw = raw_errors(item.raw, as_stored(result.reconstructions[i], layout.dtype))
-            recon_mse = float(result.recon_mse[i])
-            common = dict(source_path=str(rec.path), source_condition=rec.condition,
-                          recon_mse=f"{recon_mse:.6g}", recon_psnr=f"{float(psnr_from_mse(recon_mse)):.3f}",
-                          reconstruction_path=recon_rel.as_posix(), clipped_fraction=f"{item.clipped:.6g}",
-                          recon_mae_raw=f"{mae_raw:.6g}", recon_mse_raw=f"{mse_raw:.6g}", source_dtype=layout.dtype,
-                          model_hash=model_hash, source_size=item.stamp[0], source_mtime_ns=item.stamp[1],
-                          inversion_forwards=int(result.inversion_forwards[i]), **meta(rec))
-            if model.latent and result.latent_recon_mse is not None:  # a --minimal-edit sweep measures none
-                common.update(latent_recon_mse=f"{float(result.latent_recon_mse[i]):.6g}",
-                              autoencoder_mse=f"{float(result.autoencoder_mse[i]):.6g}")
+    sweep = minimal.previous_sweep(out, {record_key(r) for r in records} - {record_key(r) for r in todo}) \
+        if minimal else []
+    finished = False
+    try:
+        for batch, result in map_in_order(minimal_translate_batch if minimal else translate_batch, jobs, model,
+                                          settings.model_dir, workers):
+            if skipped:
+                skipped_journal.append([dict(path=str(p), reason=r) for p, r in skipped])
+                skipped.clear()
+            extra = None
+            if minimal:
+                extra, result = result, result.translation
+            forwards.extend(int(f) for f in result.inversion_forwards)
             new_rows = []
-            for target in targets:
-                rel = paths[target]
-                kind = "reconstruction" if target == rec.condition else "translation"
-                label = edits[target].label
-                if kind == "translation":
-                    write_image(out / rel, result.translations[label][i], layout)
-                row = dict(common, target_condition=target, output_path=rel.as_posix(), kind=kind,
-                           edit=label, change_mse=f"{float(result.change_mse[label][i]):.6g}")
-                if model.latent and label in result.latent_change_mse:
-                    row["latent_change_mse"] = f"{float(result.latent_change_mse[label][i]):.6g}"
-                if extra is not None and kind == "translation":
-                    row.update(extra.columns[label][i])
-                new_rows.append(row)
-            done[record_key(rec)] = new_rows
-        if extra is not None:
-            sweep += extra.sweep
-            folder.record(SWEEP_FILE)
-            write_csv_atomic(out / SWEEP_FILE, sweep, SWEEP_COLUMNS)
-        write_index()
-        bar.update(len(batch))
-    bar.close()
-    write_index()
+            for i, item in enumerate(batch):  # every file written was recorded in the marker when planned
+                rec, layout = item.rec, item.layout
+                recon_rel, paths = output_paths(folders[record_key(rec)], rec, targets)
+                write_image(out / recon_rel, result.reconstructions[i], layout)
+                mae_raw, mse_raw = raw_errors(item.raw, as_stored(result.reconstructions[i], layout.dtype))
+                recon_mse = float(result.recon_mse[i])
+                common = dict(source_path=str(rec.path), source_condition=rec.condition,
+                              recon_mse=f"{recon_mse:.6g}", recon_psnr=f"{float(psnr_from_mse(recon_mse)):.3f}",
+                              reconstruction_path=recon_rel.as_posix(), clipped_fraction=f"{item.clipped:.6g}",
+                              recon_mae_raw=f"{mae_raw:.6g}", recon_mse_raw=f"{mse_raw:.6g}", source_dtype=layout.dtype,
+                              model_hash=model_hash, source_size=item.stamp[0], source_mtime_ns=item.stamp[1],
+                              inversion_forwards=int(result.inversion_forwards[i]), **meta(rec))
+                if model.latent and result.latent_recon_mse is not None:  # a --minimal-edit sweep measures none
+                    common.update(latent_recon_mse=f"{float(result.latent_recon_mse[i]):.6g}",
+                                  autoencoder_mse=f"{float(result.autoencoder_mse[i]):.6g}")
+                for target in targets:
+                    rel = paths[target]
+                    kind = "reconstruction" if target == rec.condition else "translation"
+                    label = edits[target].label
+                    if kind == "translation":
+                        write_image(out / rel, result.translations[label][i], layout)
+                    row = dict(common, target_condition=target, output_path=rel.as_posix(), kind=kind,
+                               edit=label, change_mse=f"{float(result.change_mse[label][i]):.6g}")
+                    if model.latent and label in result.latent_change_mse:
+                        row["latent_change_mse"] = f"{float(result.latent_change_mse[label][i]):.6g}"
+                    if extra is not None and kind == "translation":
+                        row.update(extra.columns[label][i])
+                    new_rows.append(row)
+            journal.append(new_rows)  # after the batch's files: a row never points at a file not yet written
+            if extra is not None:
+                sweep += extra.sweep
+                folder.record(SWEEP_FILE)
+                write_csv_atomic(out / SWEEP_FILE, sweep, SWEEP_COLUMNS)
+            bar.update(len(batch))
+        if skipped:
+            skipped_journal.append([dict(path=str(p), reason=r) for p, r in skipped])
+        finished = True
+    finally:
+        bar.close()
+        if finished:
+            shard.barrier()  # the first process merges once every process has finished
+        if shard.main and (finished or shard.world == 1):  # alone, an interrupted run keeps what it did
+            merge_run(folder, columns, finished)
     notices.close()
-    if forwards:
+    if forwards and shard.main:
         rendered = settings.steps - settings.skip
         logger.info(f"inversion ({inversion.method}): {np.mean(forwards):.1f} network calls per image "
                     f"({np.mean(forwards) / rendered:.2f} per step)")
-    skipped_path = out / "skipped.csv"
+    return index_path
+
+
+def plan_todo(folder: OutputFolder, records: list[ImageRecord], targets: list[str], columns: list[str], meta,
+              model_hash: str, model_mtime: int, notices: Notices, shard: Shard, input_name: str,
+              folders: dict) -> list[ImageRecord]:
+    """The images still to translate, the same in every process of a launch.
+
+    The first process takes in what an earlier run left (index.csv and the journals of a killed run),
+    keeps the rows whose image is complete and current, writes them as index.csv (with the manifest's
+    current columns) and records every file the run will write and every process's journal in the
+    marker, before any is written. The others then read that index.csv, which holds only kept rows.
+    """
+    out = folder.path
+    index_path = out / "index.csv"
+    journals = existing_journals(out) if shard.main else []
+    rows, note = read_previous_rows(index_path)
+    if note and shard.main:
+        logger.warning(note)
+    rows += [r for p in journals for r in read_journal(p)]
+    previous = Previous(folder, rows, model_hash, model_mtime)
+    del rows
+    done: dict[tuple[str, str], list[dict]] = {}
+    todo: list[ImageRecord] = []
+    for rec in records:
+        kept = previous.done(rec, targets, notices if shard.main else Notices())
+        if kept is None:
+            todo.append(rec)
+        else:
+            done[record_key(rec)] = kept
+    if not shard.main:
+        return todo
+    gone = len({k for k in previous.by_key} - {record_key(r) for r in records})
+    if gone:
+        logger.warning(f"{index_path}: {gone} image(s) listed there are no longer in {input_name}; "
+                       "left out of index.csv (their files stay)")
+    del previous
+
+    def kept_rows() -> Iterator[dict]:
+        for rec in records:  # rows kept as done get the manifest's current columns
+            for r in done.get(record_key(rec), []):
+                r.update({k: "" for k in columns if k not in r}, **meta(rec))
+                if not r.get("edit"):  # a row of a phenolens before edits: its edit was its target
+                    r["edit"] = ToCondition(r["target_condition"]).label
+                yield r
+
+    merge_journals(index_path, columns, kept_rows(), [], create_empty=False)
+    remove_journals(journals, folder.owns)
+    planned = [p for rec in todo for recon, paths in [output_paths(folders[record_key(rec)], rec, targets)]
+               for p in (recon, *paths.values())]
+    folder.record(*planned, *journal_names(shard.world), *journal_names(shard.world, "skipped"))
+    return todo
+
+
+def stream_rows(path: Path) -> Iterator[dict]:
+    """The rows of a CSV one at a time (none when it does not exist): memory stays flat on a screen."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        yield from csv.DictReader(fh)
+
+
+def merge_run(folder: OutputFolder, columns: list[str], finished: bool = True) -> None:
+    """index.csv = its kept rows + every process's journal; skipped.csv = every process's skipped files.
+    A run stopped before its first row makes no index.csv (`measure` would find nothing in it)."""
+    out = folder.path
+    index_path, skipped_path = out / "index.csv", out / "skipped.csv"
+    journals, skipped_journals = existing_journals(out), existing_journals(out, "skipped")
+    merge_journals(index_path, columns, stream_rows(index_path), journals, create_empty=finished)
+    skipped = [(Path(r["path"]), r["reason"]) for p in skipped_journals for r in read_journal(p)]
     if skipped:
         folder.record(skipped_path.name)
         write_skipped(skipped_path, skipped)
         logger.warning(f"skipped {len(skipped)} unusable file(s); list in {skipped_path}")
     elif skipped_path.is_file() and folder.owns(skipped_path.name):
         skipped_path.unlink()  # from an earlier run whose bad files are now done or gone
-    return index_path
+    remove_journals([*journals, *skipped_journals], folder.owns)
 
 
 def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
@@ -478,6 +556,16 @@ class MinimalEdit:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
         return [r for r in rows if (r.get("source_path"), r.get("source_condition")) in done_keys]
+
+
+def check_launch(settings: TranslateSettings, workers: int, shard: Shard) -> None:
+    """What a launch of several processes cannot do (said by each process, before anything is written)."""
+    if workers != 1:
+        raise PhenolensError(f"--workers {workers} under a launch of {shard.world} processes: the launcher already "
+                             "starts one process per device; leave --workers out")
+    if settings.minimal_edit:
+        raise PhenolensError(f"--minimal-edit under a launch of {shard.world} processes: its judges and sweep.csv "
+                             "belong to one process; run it without `accelerate launch`")
 
 
 def check_minimal_edit(settings: TranslateSettings, workers: int) -> list[int]:
