@@ -4,7 +4,13 @@ Why it looks the way it does:
 - **Exact resume.** There is no DataLoader (its sampler and worker RNG are hidden state). At global
   optimiser step k every random draw — batch indices, augmentation, condition dropout, timesteps,
   noise — comes from a CPU `torch.Generator` seeded by a hash of (seed, k, process, micro-step), so a
-  run killed at any point and resumed from its last checkpoint replays the identical sequence.
+  run killed at any point and resumed from its last checkpoint replays the identical sequence. On a
+  GPU the timesteps and noise are drawn there, from a GPU generator seeded by one draw of the CPU one
+  (`device_generator`): still a function of (seed, k, process, micro-step), and no noise crosses the bus.
+- **No host sync per step.** The loss stays on the device; it is read back (one transfer for all the
+  steps since the last read) only where it is logged, sampled or checkpointed, or at least every
+  `log_every` steps (`SYNC_EVERY` when logging is off). The non-finite check still names the first
+  bad step, and nothing is logged, sampled or saved after it. Batches travel pinned and non-blocking.
 - **Data parallel.** Under `accelerate launch --num_processes N` the global batch of `batch_size`
   indices is drawn once per micro-step (same on every process) and each process takes its own slice of
   `batch_size // N`; augmentation and noise use a per-process generator.
@@ -45,6 +51,7 @@ from phenolens.models.store import INFO_FILE, apply_umask
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ["step", "loss", "lr", "seconds"]
+SYNC_EVERY = 10  # with logging off, the loss is still read back (and checked) this often
 STATE_NAME = "state.json"
 EMA_NAME = "ema.safetensors"
 TENSORBOARD = "tensorboard"
@@ -106,14 +113,16 @@ def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor
     The network is called with the condition as keyword tensors: `condition(unet, labels)` builds them
     (default `{"class_labels": labels}`, a class-conditional UNet's own argument).
 
-    t ~ U{0..T-1} and eps ~ N(0, I) come from `generator` (CPU) so the draw is replayable. The target
-    follows `noise_scheduler.config.prediction_type`: eps (eq. 4), v = sqrt(abar) eps - sqrt(1-abar) x0
-    (`get_velocity`), or x0 ("sample").
+    t ~ U{0..T-1} and eps ~ N(0, I) come from `generator` (CPU) so the draw is replayable; when x0
+    lives elsewhere (a GPU) they are drawn there, from `device_generator(generator, x0.device)`. The
+    target follows `noise_scheduler.config.prediction_type`: eps (eq. 4), v = sqrt(abar) eps -
+    sqrt(1-abar) x0 (`get_velocity`), or x0 ("sample").
     """
     b = x0.shape[0]
     num_t = int(noise_scheduler.config.num_train_timesteps)
-    t = torch.randint(0, num_t, (b,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    gen = device_generator(generator, x0.device)
+    t = torch.randint(0, num_t, (b,), generator=gen, device=gen.device).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device, dtype=torch.float32).to(x0.device, x0.dtype)
     # forward process q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     x_t = noise_scheduler.add_noise(x0, noise, t)
     kind = noise_scheduler.config.prediction_type
@@ -139,6 +148,29 @@ def step_seed(*parts: Any) -> int:
 
 def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(step_seed(*parts))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator that draws on DEVICE and replays with GENERATOR.
+
+    GENERATOR itself when it already lives there (on CPU: the very draws of earlier versions, bit for
+    bit). Otherwise a new generator on DEVICE seeded by one 63-bit draw from GENERATOR, so its stream
+    is a function of GENERATOR's state (exact resume holds) and each call gets a fresh seed. Where
+    DEVICE cannot hold a generator, GENERATOR is returned and the caller draws on the CPU and copies.
+    """
+    device = torch.device(device)
+    if _same_device(generator.device, device):
+        return generator
+    try:
+        on_device = torch.Generator(device=device)
+    except RuntimeError:  # a device without its own generator: GENERATOR untouched, as before
+        return generator
+    seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device, dtype=torch.int64)
+    return on_device.manual_seed(int(seed[0]))
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -500,7 +532,10 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
     base = accelerator.unwrap_model(unet)
     ema = None
     if config.ema:
-        ema = EMAModel(trainable_parameters(base), decay=config.ema_decay)
+        # foreach: a few fused kernels per step instead of three per tensor; on CPU the per-tensor
+        # update of earlier versions (its rounding differs from the fused one) keeps CPU runs bit-identical
+        ema = EMAModel(trainable_parameters(base), decay=config.ema_decay,
+                       foreach=accelerator.device.type == "cuda")
         ema.to(device=accelerator.device)
 
     start, seconds0 = 0, 0.0
@@ -525,6 +560,23 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
         _save_checkpoint(accelerator, ema, ckpt_root, step, fp, config,
                          seconds0 + time.perf_counter() - t0)
 
+    # losses of the steps since the loss was last read back: read (one host sync) only where it is used
+    pending: list[tuple[int, torch.Tensor]] = []
+    sync_every = config.log_every if config.log_every > 0 else SYNC_EVERY
+
+    def check_losses() -> None:
+        """Raise at the first non-finite loss of the pending steps; show the last one in the bar."""
+        if not pending:
+            return
+        values = torch.stack([v for _, v in pending]).tolist()  # the one host sync
+        steps_read = [s for s, _ in pending]
+        pending.clear()
+        for s, v in zip(steps_read, values):
+            if not math.isfinite(v):
+                raise PhenolensError(f"the loss became {v} at step {s}; lower --lr or use "
+                                     "--mixed-precision no")
+        bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+
     for k in range(start, config.steps):
         unet.train()
         losses = []
@@ -534,11 +586,11 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
             idx = idx[rank * per_proc:(rank + 1) * per_proc].tolist()
             g = _generator(config.seed, k, rank, m)  # augmentation, dropout, t, noise
             x0, labels = dataset.batch(idx, g)
-            x0 = x0.to(accelerator.device, torch.float32)
+            x0 = _to_device(x0.to(torch.float32), accelerator.device)
             labels = labels.to(torch.long)
             # classifier-free condition dropout: a label becomes the null label with p = cond_dropout
             drop = torch.rand(labels.shape[0], generator=g) < config.cond_dropout
-            labels = torch.where(drop, torch.full_like(labels, null_label), labels).to(accelerator.device)
+            labels = _to_device(torch.where(drop, torch.full_like(labels, null_label), labels), accelerator.device)
             with accelerator.accumulate(unet):
                 loss = loss_fn(unet, noise_scheduler, x0, labels, g)
                 accelerator.backward(loss)
@@ -551,13 +603,15 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
         if ema is not None:
             ema.step(trainable_parameters(base))
         step = k + 1
-        local = torch.stack(losses).mean()
+        local = torch.stack(losses).mean()  # stays on the device
+        pending.append((step, local))
         bar.update(1)
-        if not math.isfinite(local.item()):
-            raise PhenolensError(f"the loss became {local.item()} at step {step}; lower --lr or use "
-                                 "--mixed-precision no")
-        bar.set_postfix(loss=f"{local.item():.4f}", refresh=False)
-        if config.log_every > 0 and (step % config.log_every == 0 or step == config.steps):
+        log_now = config.log_every > 0 and (step % config.log_every == 0 or step == config.steps)
+        sampling = sample_fn is not None and config.sample_every > 0 and step % config.sample_every == 0
+        saving = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+        if log_now or sampling or saving or step == config.steps or step % sync_every == 0:
+            check_losses()  # before anything is written from this step on
+        if log_now:
             mean = accelerator.gather(local.reshape(1)).mean().item()  # every process joins
             if main:
                 lr = float(lr_scheduler.get_last_lr()[0])
@@ -566,11 +620,11 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
                 if tb is not None:
                     tb.add_scalar("train/loss", mean, step)
                     tb.add_scalar("train/lr", lr, step)
-        if sample_fn is not None and config.sample_every > 0 and step % config.sample_every == 0:
+        if sampling:
             if main:
                 sample_fn(_ema_copy(base, ema), step)
             accelerator.wait_for_everyone()
-        if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
+        if saving:
             save(step)
             last_saved = step
     bar.close()
@@ -585,6 +639,14 @@ def train(unet, noise_scheduler, dataset: TrainDataset, out_dir: Path, config: T
             on_save(_ema_copy(base, ema), final)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """X (on the CPU) on DEVICE; to a GPU through pinned memory and without waiting for the GPU
+    (a pageable copy would block until every queued kernel has run: a host sync per step)."""
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _new_accelerator(config: TrainConfig):
