@@ -18,17 +18,29 @@ alike, so a feature means the same thing on both.
 RUN_DIR/measure/ is a phenolens output folder (`phenolens.folders.OutputFolder`, kind "measure"):
 phenolens writes only the files above into it and lists them in its marker; a measure/ folder
 that phenolens did not write is refused, and nothing else in RUN_DIR is ever removed.
+
+Measuring can be split over processes: `accelerate launch --num_processes N -m phenolens measure RUN`
+(or torchrun; on a machine without GPU `accelerate launch --multi_gpu --num_processes N` starts CPU
+processes) gives each process chunks of the images still to measure (`run.shards`). Every process
+appends each finished group of images to its own journal, measure/_journal/features-<rank>.csv (one
+row per image: the job's key, its feature row, nucleus centroids and segmentation scores as JSON), and
+the first process alone assembles the journals, in the jobs' order, into the files above, so the result
+is that of a one-process run. A one-process run journals the same way: a run killed at any point
+resumes from the journals (a cut last line is dropped and its image measured again), and they are
+removed once measure.json is written. _journal/features-settings.json holds the settings that change a
+row (`MeasureSettings.cache_key`); journals written with other settings are removed, not reused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,6 +50,8 @@ from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, reference_of, resolve_source
 from phenolens.run.judges import judge_metrics
+from phenolens.run.shards import (JOURNALS, Journal, Shard, current_shard, existing_journals, journal_names,
+                                  read_journal, remove_journals)
 from phenolens.run.workers import check_workers
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches, touches_border,
@@ -47,6 +61,13 @@ ID_COLUMNS = ["image", "condition", "kind", "role", "source_image", "target_cond
 MEASURE_FILES = ("features.csv", "centroids.npz", "segmentation_scores.json", "stats.csv", "ranked.csv",
                  "dose_correlation.csv", "metrics.json", "measure.json")
 IDENTITY_DISTANCE = 3.0  # px: a source nucleus is "found again" if a translated one lies this close
+JOURNAL_STEM = "features"  # measure/_journal/features-<rank>.csv
+JOURNAL_SETTINGS = f"{JOURNALS}/{JOURNAL_STEM}-settings.json"  # the cache_key the journals were written with
+JOURNAL_COLUMNS = ["key", "row", "centroids", "scores"]  # key: image|kind|role|target_condition; the rest JSON
+JOURNAL_GROUP = 8  # finished images per journal append (a kill loses at most this many per process)
+SHARE_CHUNK = 16  # consecutive images per chunk when the images are shared out among processes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -285,7 +306,10 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     check_channels(settings, n_ch)
     out = run_dir / "measure"
     check_apart(out, inputs=[p for p in (reference, settings.masks) if p and Path(p).is_dir()], option="RUN_DIR/measure")
-    open_measure_folder(run_dir, overwrite)
+    # under `accelerate launch` / torchrun, one of WORLD processes; only the first writes the folder's marker
+    # and the files below, the others only their journal (the diameter is estimated alike by every process)
+    shard = current_shard("cpu")  # measuring runs on the CPU: the processes meet over gloo, on any machine
+    folder = open_measure_folder(run_dir, overwrite) if shard.main else None
     diameter = settings.nucleus_diameter or estimate_nucleus_diameter(
         [r.path for recs in by_condition.values() for r in recs[:4]], channels, settings.nuclei_channel)
     seg = SegmentationSettings(nuclei_channel=settings.nuclei_channel, cell_channel=settings.cell_channel,
@@ -304,8 +328,11 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     jobs += [job(rec.path, c, "real", "reference") for c in conditions
              for rec in pick_evenly(by_condition[c], settings.max_reference)]
 
-    rows, centroids, scores = _measure_all(jobs, out, dict(settings.cache_key(), nucleus_diameter=diameter, channel_names=names),
-                                           settings.workers, progress)
+    measured = _measure_all(jobs, out, dict(settings.cache_key(), nucleus_diameter=diameter, channel_names=names),
+                            settings.workers, progress, shard=shard, folder=folder)
+    if measured is None:  # not the first process of a launch: its images are in its journal
+        return out
+    rows, centroids, scores = measured
     columns = _feature_columns(rows)
     write_csv_atomic(out / "features.csv", rows, ID_COLUMNS + columns)
 
@@ -362,6 +389,7 @@ def run_measure(run_dir: str | Path, settings: MeasureSettings = MeasureSettings
     write_json_atomic(out / "measure.json", dict(asdict(settings), nucleus_diameter=diameter, channel_names=names,
                                                  features_version=FEATURES_VERSION,
                                                  conditions=conditions, reference=str(reference)))
+    _remove_journals(out, folder)  # only now: until measure.json says which rows features.csv holds, they count
     return out
 
 
@@ -397,9 +425,13 @@ def _row_key(r: dict) -> tuple:
     return (r["image"], r["kind"], r["role"], r["target_condition"])
 
 
-def _measure_all(jobs: list[_Job], out: Path, cache_key: dict, workers: int | None,
-                 progress: bool) -> tuple[list[dict], dict[tuple, np.ndarray], dict[tuple, dict]]:
-    """Measure every job, reusing rows of an earlier run with the same settings (runs can resume)."""
+def _job_key(j: _Job) -> tuple:
+    return (j.image, j.kind, j.role, j.target_condition)
+
+
+def _cached_rows(out: Path, cache_key: dict, jobs: list[_Job]) -> dict[str, tuple[dict, np.ndarray, dict]]:
+    """The rows of an earlier completed run with the same settings (features.csv, centroids.npz,
+    segmentation_scores.json), by job name, for the jobs that have all they need there."""
     import csv
 
     cache_file, cache_rows = out / "features.csv", {}
@@ -409,47 +441,206 @@ def _measure_all(jobs: list[_Job], out: Path, cache_key: dict, workers: int | No
         if all(old.get(k) == v for k, v in cache_key.items()) and (out / "centroids.npz").is_file():
             with open(cache_file, newline="") as fh:
                 cache_rows = {_row_key(r): r for r in csv.DictReader(fh)}
-    saved = dict(np.load(out / "centroids.npz", allow_pickle=False)) if cache_rows else {}
+    if not cache_rows:
+        return {}
+    saved = dict(np.load(out / "centroids.npz", allow_pickle=False))
     saved_scores = json.loads((out / "segmentation_scores.json").read_text()) \
-        if cache_rows and (out / "segmentation_scores.json").is_file() else {}
+        if (out / "segmentation_scores.json").is_file() else {}
+    cached = {}
+    for j in jobs:
+        key = _job_key(j)
+        name = "|".join(key)
+        if key in cache_rows and name in saved and saved[name].shape[1:] == (3,):  # older runs: (y, x) only
+            if j.truth is None:
+                cached[name] = (cache_rows[key], saved[name], {})
+            elif name in saved_scores:
+                cached[name] = (cache_rows[key], saved[name], saved_scores[name])
+    return cached
+
+
+def _journal_row(name: str, res: tuple[dict, np.ndarray, dict]) -> dict:
+    """One finished image as a journal row. Values JSON does not know (numpy integers ...) are kept as
+    their text, which is what the CSV writer would have written, so features.csv is the same either way."""
+    row, centers, scores = res
+    return dict(key=name, row=json.dumps(row, default=str),
+                centroids=json.dumps(np.asarray(centers, dtype=np.float64).tolist()),
+                scores=json.dumps(scores, default=str))
+
+
+def _journal_entries(out: Path) -> Iterator[tuple[str, dict, np.ndarray, dict]]:
+    """(name, row, centroids, scores) of every complete, readable row of the journals of OUT, rank by rank."""
+    for path in existing_journals(out, JOURNAL_STEM):
+        for r in read_journal(path):
+            try:
+                name, row, scores = r["key"], json.loads(r["row"]), json.loads(r["scores"])
+                centers = np.asarray(json.loads(r["centroids"]), dtype=np.float64).reshape(-1, 3)
+            except (KeyError, TypeError, ValueError):
+                continue  # not a row this phenolens writes: its image is measured again
+            if name and isinstance(row, dict) and isinstance(scores, dict):
+                yield name, row, centers, scores
+
+
+def _journal_settings(cache_key: dict) -> dict:
+    return json.loads(json.dumps(cache_key, default=str))
+
+
+def _journals_current(out: Path, cache_key: dict) -> bool:
+    try:
+        return json.loads((out / JOURNAL_SETTINGS).read_text()) == _journal_settings(cache_key)
+    except (OSError, ValueError):
+        return False
+
+
+def _owned(folder: OutputFolder):
+    return lambda p: folder.owns(Path(p).absolute())
+
+
+def _cut_tail(path: Path, block: int = 1 << 16) -> None:
+    """Truncate PATH after its last newline: the cut row a killed append left (which readers drop anyway)
+    goes, so that the next append starts on a line of its own instead of being glued to it."""
+    with open(path, "rb+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            data = fh.read(pos - start)
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                pos = start + nl + 1
+                break
+            pos = start
+        if pos < end:
+            fh.truncate(pos)
+
+
+def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
+    """Before any process reads or appends: journals written with other settings (or with none recorded)
+    do not count and are removed; the others lose a cut last row."""
+    journals = existing_journals(out, JOURNAL_STEM)
+    if not journals:
+        return
+    if _journals_current(out, cache_key):
+        for path in journals:
+            if folder.owns(path.absolute()):
+                _cut_tail(path)
+        return
+    remove_journals(journals, _owned(folder))
+    left = existing_journals(out, JOURNAL_STEM)
+    if left:
+        raise PhenolensError(f"{left[0]}: a file that phenolens did not write, in the folder of its journals; "
+                             f"move it out of {out / JOURNALS}")
+
+
+def _remove_journals(out: Path, folder: OutputFolder | None) -> None:
+    """Remove the journals (merged into features.csv) and their settings file, if phenolens wrote them."""
+    if folder is None:
+        return
+    settings_file = out / JOURNAL_SETTINGS
+    if settings_file.is_file() and folder.owns(settings_file.absolute()):
+        settings_file.unlink()
+    journals = existing_journals(out, JOURNAL_STEM)
+    remove_journals(journals, _owned(folder))
+    if not journals and (out / JOURNALS).is_dir() and not any((out / JOURNALS).iterdir()):
+        (out / JOURNALS).rmdir()
+
+
+def _effective_workers(workers: int | None, world: int) -> int:
+    """--workers, or by default: one per launched process (a launch of N processes already uses N cores),
+    else the CPU count, at most 8."""
+    if workers is not None:
+        return workers
+    return 1 if world > 1 else min(os.cpu_count() or 1, 8)
+
+
+def _measure_all(jobs: list[_Job], out: Path, cache_key: dict, workers: int | None, progress: bool, *,
+                 shard: Shard | None = None, folder: OutputFolder | None = None
+                 ) -> tuple[list[dict], dict[tuple, np.ndarray], dict[tuple, dict]] | None:
+    """Measure every job, reusing rows of an earlier run with the same settings (runs can resume):
+    those of a completed run (features.csv) and those journalled by a killed one.
+
+    Each process of SHARD's launch measures its share of the rest and journals it; the first process
+    (FOLDER: the measure folder it opened) then returns (rows in the jobs' order, centroids, scores),
+    the others None."""
+    shard = shard or Shard()
+    if shard.main:
+        if folder is None:
+            raise ValueError("the first process needs the measure folder")
+        _prepare_journals(out, cache_key, folder)
+    shard.barrier()  # 1: the folder is ready; every process now reads the same files and plans alike
+
+    names = {"|".join(_job_key(j)): _job_key(j) for j in jobs}
+    cached = _cached_rows(out, cache_key, jobs)
+    journalled = {name for name, *_ in _journal_entries(out)} if _journals_current(out, cache_key) else set()
+    todo, planned = [], set()
+    for j in jobs:
+        name = "|".join(_job_key(j))
+        if name not in cached and name not in journalled and name not in planned:
+            todo.append(j)
+            planned.add(name)
+    if shard.main and todo:  # before any process journals: which settings, and which files are phenolens's
+        folder.record(JOURNAL_SETTINGS, *journal_names(shard.world, JOURNAL_STEM))
+        if not _journals_current(out, cache_key):
+            (out / JOURNALS).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / JOURNAL_SETTINGS, _journal_settings(cache_key))
+    shard.barrier()  # 2: every process has planned (nothing is journalled before)
+
+    mine = shard.share(todo, SHARE_CHUNK)
+    if shard.world > 1:
+        logger.info("measure: process %d of %d measures %d of the %d images left (of %d)", shard.rank + 1,
+                    shard.world, len(mine), len(todo), len(jobs))
+    _measure_share(mine, out / shard.journal_name(JOURNAL_STEM), _effective_workers(workers, shard.world),
+                   progress and shard.main)
+    shard.barrier()  # 3: every process has journalled its share
+    if not shard.main:
+        return None
+
+    found: dict[str, tuple[dict, np.ndarray, dict]] = dict(cached)
+    for name, row, centers, scores in _journal_entries(out):
+        if name in names and name not in found:
+            found[name] = (row, centers, scores)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise PhenolensError(f"{len(missing)} image(s) were not measured, e.g. {missing[0].split('|')[0]} "
+                             "(did a process of the launch fail?); run the command again to measure them")
     rows: dict[tuple, dict] = {}
     centroids: dict[tuple, np.ndarray] = {}
     scores: dict[tuple, dict] = {}
-    todo = []
-    for j in jobs:
-        key = (j.image, j.kind, j.role, j.target_condition)
-        name = "|".join(key)
-        cached = key in cache_rows and name in saved and saved[name].shape[1:] == (3,)  # older runs: (y, x) only
-        if cached and (j.truth is None or name in saved_scores):
-            rows[key], centroids[key] = cache_rows[key], saved[name]
-            if j.truth is not None:
-                scores[key] = saved_scores[name]
-        else:
-            todo.append(j)
-    workers = workers or min(os.cpu_count() or 1, 8)
-    bar = tqdm(total=len(todo), desc="measure", unit="img", disable=None if progress else True)
-    if workers > 1 and len(todo) > 8:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_measure_job, todo, chunksize=4)
-            for j, res in zip(todo, results):
-                _store(j, res, rows, centroids, scores)
-                bar.update()
-    else:
-        for j in todo:
-            _store(j, _measure_job(j), rows, centroids, scores)
-            bar.update()
-    bar.close()
-    ordered = [(j.image, j.kind, j.role, j.target_condition) for j in jobs]
-    np.savez(out / "centroids.npz", **{"|".join(k): centroids[k] for k in ordered})
+    for name, key in names.items():
+        rows[key], centroids[key], s = found[name]
+        if s:
+            scores[key] = s
+    np.savez(out / "centroids.npz", **{name: centroids[key] for name, key in names.items()})
     write_json_atomic(out / "segmentation_scores.json", {"|".join(k): v for k, v in scores.items()})
-    return [rows[k] for k in ordered], centroids, scores
+    return [rows[_job_key(j)] for j in jobs], centroids, scores
 
 
-def _store(j: _Job, res, rows, centroids, scores) -> None:
-    key = (j.image, j.kind, j.role, j.target_condition)
-    rows[key], centroids[key] = res[0], res[1]
-    if res[2]:
-        scores[key] = res[2]
+def _measure_share(todo: list[_Job], journal_path: Path, workers: int, progress: bool) -> None:
+    """Measure TODO (WORKERS processes), appending every JOURNAL_GROUP finished images to the journal."""
+    journal = Journal(journal_path, JOURNAL_COLUMNS)
+    pending: list[dict] = []
+    bar = tqdm(total=len(todo), desc="measure", unit="img", disable=None if progress else True)
+    try:
+        if workers > 1 and len(todo) > 8:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_measure_job, todo, chunksize=4)
+                for j, res in zip(todo, results):
+                    pending.append(_journal_row("|".join(_job_key(j)), res))
+                    bar.update()
+                    if len(pending) >= JOURNAL_GROUP:
+                        journal.append(pending)
+                        pending = []
+        else:
+            for j in todo:
+                pending.append(_journal_row("|".join(_job_key(j)), _measure_job(j)))
+                bar.update()
+                if len(pending) >= JOURNAL_GROUP:
+                    journal.append(pending)
+                    pending = []
+    finally:  # an image that failed (or an interrupt) keeps the images finished before it
+        if pending:
+            journal.append(pending)
+        bar.close()
 
 
 def _image_metrics(run: RunData, run_dir: Path, sources: dict[str, Path], rows: list[dict],
