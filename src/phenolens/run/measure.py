@@ -51,7 +51,7 @@ from phenolens.folders import OutputFolder, check_apart
 from phenolens.run.index import open_run, reference_of, resolve_source
 from phenolens.run.judges import judge_metrics
 from phenolens.run.shards import (JOURNALS, Journal, Shard, current_shard, existing_journals, journal_names,
-                                  read_journal, remove_journals)
+                                  read_journal, remove_journals, trim_cut_row)
 from phenolens.run.workers import check_workers
 from phenolens.measure.features import FEATURES_VERSION, PROFILES, FeatureSettings, measure_image
 from phenolens.measure.segment import (SegmentationSettings, centroids as label_centroids, count_matches, touches_border,
@@ -495,25 +495,6 @@ def _owned(folder: OutputFolder):
     return lambda p: folder.owns(Path(p).absolute())
 
 
-def _cut_tail(path: Path, block: int = 1 << 16) -> None:
-    """Truncate PATH after its last newline: the cut row a killed append left (which readers drop anyway)
-    goes, so that the next append starts on a line of its own instead of being glued to it."""
-    with open(path, "rb+") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - block)
-            fh.seek(start)
-            data = fh.read(pos - start)
-            nl = data.rfind(b"\n")
-            if nl >= 0:
-                pos = start + nl + 1
-                break
-            pos = start
-        if pos < end:
-            fh.truncate(pos)
-
-
 def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
     """Before any process reads or appends: journals written with other settings (or with none recorded)
     do not count and are removed; the others lose a cut last row."""
@@ -523,7 +504,7 @@ def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
     if _journals_current(out, cache_key):
         for path in journals:
             if folder.owns(path.absolute()):
-                _cut_tail(path)
+                trim_cut_row(path)
         return
     remove_journals(journals, _owned(folder))
     left = existing_journals(out, JOURNAL_STEM)

@@ -120,6 +120,25 @@ class Journal:
             os.close(fd)
 
 
+def trim_cut_row(path: Path, block: int = 1 << 16) -> None:
+    """Truncate PATH after its last newline: the cut row a killed append left (which readers drop anyway)
+    goes, so that the next append starts on a line of its own instead of being glued to it."""
+    with open(path, "rb+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            data = fh.read(pos - start)
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                pos = start + nl + 1
+                break
+            pos = start
+        if pos < end:
+            fh.truncate(pos)
+
+
 def read_journal(path: Path) -> Iterator[dict]:
     """The complete rows of a journal, one at a time: a last line cut short by a kill is dropped,
     as is a row with fields missing."""
