@@ -123,7 +123,7 @@ ROUND_TRIP = {
                  "--no-augment"],
     "translate": ["model", "input", "out", "--to", "b", "c", "--from", "a", "--steps", "3", "--inversion", "ddim",
                   "--inversion-iters", "0", "--guidance-scale", "2", "--batch-size", "3", "--device", "cpu",
-                  "--skip-bad", "--overwrite", "--dry-run"],
+                  "--skip-bad", "--overwrite", "--dry-run", "--render-precision", "bf16"],
     "measure": ["run", "--reference", "ref", "--channel-names", "a,b", "--nuclei-channel", "1",
                 "--cell-channel", "0", "--nucleus-diameter", "9.5", "--masks", "masks", "--profile", "full",
                 "--max-reference", "7", "--no-judges", "--judge-steps", "4", "--workers", "2"],

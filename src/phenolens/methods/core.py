@@ -35,6 +35,33 @@ from phenolens.methods.edits import Edit, ToCondition
 from phenolens.models.store import ModelInfo
 
 
+# Precisions the target renders may run at (`translate(render_precision=...)`). Inversion and the
+# reconstruction always run in fp32: bf16 breaks the exactness the reconstruction error measures.
+RENDER_PRECISIONS = ("fp32", "bf16")
+
+
+def check_render_precision(precision: str) -> None:
+    if precision not in RENDER_PRECISIONS:
+        raise ValueError(f"render precision {precision!r} must be one of {', '.join(RENDER_PRECISIONS)}")
+
+
+def at_precision(model: ModelFn, precision: str, device: str) -> ModelFn:
+    """MODEL as is for "fp32"; for "bf16" each network call runs under `torch.autocast` (bfloat16) on
+    DEVICE's type and its output comes back as float32, so the sampler's own arithmetic (the DDIM step,
+    the guidance mix) stays in fp32."""
+    check_render_precision(precision)
+    if precision == "fp32":
+        return model
+    device_type = torch.device(device).type
+
+    def fn(x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            out = model(x, t, condition)
+        return out.float()
+
+    return fn
+
+
 def pick_device(device: str | None = None) -> str:
     if device:
         return device
@@ -201,11 +228,13 @@ class CounterfactualModel:
                             settings, generator=generator, progress=progress)
 
     def render(self, code: Code, condition: Condition, guidance_scale: float = 1.0,
-               progress: bool = False, trajectory: dict | None = None) -> torch.Tensor:
+               progress: bool = False, trajectory: dict | None = None, precision: str = "fp32") -> torch.Tensor:
         """The diffusion-space images a code becomes under CONDITION, from the code's own step (TRAJECTORY:
-        see `diffusion.ddim.render`)."""
+        see `diffusion.ddim.render`). PRECISION "bf16" runs the network calls under bfloat16 autocast
+        (`at_precision`); the result is float32 either way."""
         null = self.null_condition(len(code)) if guidance_scale != 1.0 else None
-        return render(guidance_aware(self.network()), code, condition, self.scheduler,
+        network = at_precision(self.network(), precision, self.device)
+        return render(guidance_aware(network), code, condition, self.scheduler,
                       guidance_scale=guidance_scale, null_condition=null, progress=progress, trajectory=trajectory)
 
     def guided(self, condition: Condition, guidance_scale: float) -> tuple[Condition, float]:
@@ -268,7 +297,7 @@ class CounterfactualModel:
     def translate(self, images: Sequence[np.ndarray], source: str | Sequence[str],
                   edits: Sequence[EditLike] | None = None, *, inversion: InversionSettings | None = None,
                   guidance_scale: float = 1.0, generator: Generators = None, progress: bool = False,
-                  **legacy) -> Translation:
+                  render_precision: str = "fp32", **legacy) -> Translation:
         """Translate raw CHW images (one shape) from their source condition(s) under each edit.
 
         `source` is one condition for all images or one per image; `edits` are condition names (as
@@ -278,7 +307,11 @@ class CounterfactualModel:
         != 1 applies classifier-free guidance to the edits only (the reconstruction stays exact), except
         for a `guide_inversion` method, whose inversion, reconstruction and edits are all guided.
         `generator` draws EF-DDPM's noise (one per image makes results independent of batching).
+        `render_precision` "bf16" renders the edits (only: never the inversion nor the reconstruction, which
+        stay fp32 so that `recon_mse` still measures the exactness floor) with the network under bfloat16
+        autocast on the model's device; outputs are float32 either way. "fp32" (default) is exact fp32.
         """
+        check_render_precision(render_precision)
         sources = [source] * len(images) if isinstance(source, str) else list(source)
         if len(sources) != len(images):
             raise ValueError("give one source condition per image")
@@ -292,7 +325,7 @@ class CounterfactualModel:
         resolved = [self.as_edit(e) for e in given]
         with self.inference():
             return self._translate(images, sources, dict(zip(keys, resolved)), inversion, guidance_scale,
-                                   generator, progress)
+                                   generator, progress, render_precision=render_precision)
 
     def _invert_and_reconstruct(self, images, sources: list[str], inversion: InversionSettings,
                                 generator: Generators, progress: bool, trajectory: dict | None = None,
@@ -313,7 +346,8 @@ class CounterfactualModel:
         return x0, frame, src, z0, cond, code, z_recon, recon
 
     def _translate(self, images, sources: list[str], edits: dict[str, Edit], inversion: InversionSettings,
-                   guidance_scale: float, generator: Generators, progress: bool) -> Translation:
+                   guidance_scale: float, generator: Generators, progress: bool,
+                   render_precision: str = "fp32") -> Translation:
         x0, frame, src, z0, cond, code, z_recon, recon = self._invert_and_reconstruct(
             images, sources, inversion, generator, progress, guidance_scale=guidance_scale)
         steps_rendered = inversion.steps - inversion.skip
@@ -333,7 +367,8 @@ class CounterfactualModel:
                 idx = torch.tensor(changed, device=z0.device)
                 cond_e, scale = self.guided(self.edited(take(cond, changed), edit, [sources[i] for i in changed],
                                                         x0[idx]), guidance_scale)
-                z_new = self.render(code.take(changed), cond_e, guidance_scale=scale, progress=progress)
+                z_new = self.render(code.take(changed), cond_e, guidance_scale=scale, progress=progress,
+                                    precision=render_precision)
                 z_out[idx] = z_new
                 out[idx] = self.crop_back(self.decode(z_new).clamp(-1, 1), frame)
                 render_forwards[changed] += steps_rendered * per_call
@@ -347,13 +382,15 @@ class CounterfactualModel:
     @torch.no_grad()
     def sweep_skip(self, images: Sequence[np.ndarray], source: str | Sequence[str], edit: EditLike,
                    skips: Sequence[int], *, inversion: InversionSettings | None = None, guidance_scale: float = 1.0,
-                   generator: Generators = None, progress: bool = False) -> SkipSweep:
+                   generator: Generators = None, progress: bool = False, render_precision: str = "fp32") -> SkipSweep:
         """One edit rendered from several T_skip (DIFFusion §4.2: edits of decreasing strength, from the
         highest T_skip down), all from one inversion: the images are inverted from the smallest T_skip, the
         reconstruction's path under their own condition gives the point each later start restarts from
-        (`Code.restart`), and the edited condition is rendered from each. `inversion.skip` is ignored."""
+        (`Code.restart`), and the edited condition is rendered from each. `inversion.skip` is ignored.
+        `render_precision`: as in `translate` (the edits only; inversion and reconstruction stay fp32)."""
         from dataclasses import replace
 
+        check_render_precision(render_precision)
         sources = [source] * len(images) if isinstance(source, str) else list(source)
         skips = sorted(set(int(k) for k in skips), reverse=True)
         if not skips:
@@ -374,7 +411,7 @@ class CounterfactualModel:
                 out = recon.clone()
                 if changed:
                     z = self.render(code.restart(k, path[k]).take(changed), cond_e, guidance_scale=scale,
-                                    progress=progress)
+                                    progress=progress, precision=render_precision)
                     out[idx] = self.crop_back(self.decode(z).clamp(-1, 1), frame)
                 sweep.outputs[k] = self._to_raw(out)
                 sweep.change_mse[k] = mse_per_image(out, src)

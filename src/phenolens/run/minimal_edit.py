@@ -50,7 +50,7 @@ class MinimalBatch:
 
 def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversion: InversionSettings,
                        guidance_scale: float, generators, judges, skips: list[int],
-                       omegas: list[float] | None = None) -> MinimalBatch:
+                       omegas: list[float] | None = None, render_precision: str = "fp32") -> MinimalBatch:
     """One batch of sources (one shape): for each edit, the sweep over SKIPS and the first flip.
 
     OMEGAS (DIFFusion's edits only): the edit is also tried at each ω, weakest first; the edits are then
@@ -82,7 +82,8 @@ def minimal_edit_batch(model, raws: list[np.ndarray], recs, edits: list, inversi
         judged, outputs, change = {}, {}, {}
         for variant in variants:  # weakest ω first
             sweep = model.sweep_skip(raws, sources, variant, skips, inversion=inversion,
-                                     guidance_scale=guidance_scale, generator=generators)
+                                     guidance_scale=guidance_scale, generator=generators,
+                                     render_precision=render_precision)
             if result is None:
                 result = Translation(reconstructions=sweep.reconstructions, translations={}, recon_mse=sweep.recon_mse)
             omega = getattr(variant, "omega", None)

@@ -429,7 +429,7 @@ def plan_translate(settings, *, device: str | None = None, calibrate: bool = Tru
 
     if isinstance(model, EmbeddingArithmetic):
         not_counted.append("the class means (--mean-images images per condition through the encoder)")
-    if getattr(settings, "render_precision", "fp32") != "fp32":
+    if settings.render_precision != "fp32":
         not_counted.append(f"the gain of {settings.render_precision} target renders (timed in fp32: the estimate "
                            "is high)")
     if calibration:

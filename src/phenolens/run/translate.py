@@ -69,7 +69,7 @@ from phenolens.folders import MARKER, OutputFolder, check_apart
 from phenolens.data.skipped import write_skipped
 from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT_TOL, InversionSettings
 from phenolens.measure.image_metrics import psnr_from_mse
-from phenolens.methods.core import raw_errors
+from phenolens.methods.core import RENDER_PRECISIONS, raw_errors
 from phenolens.methods.edits import ToCondition
 from phenolens.methods.registry import load_model_for
 from phenolens.models.store import ModelInfo
@@ -136,6 +136,8 @@ class TranslateSettings:
     judge_steps: int = 300
     max_reference: int = 200
     omega_sweep: list[float] | None = None  # DIFFusion + --minimal-edit: also try each ω, weakest first
+    # the target renders' precision (inversion and reconstruction stay fp32: bf16 would break exactness)
+    render_precision: str = "fp32"
 
     def inversion_settings(self) -> InversionSettings:
         return InversionSettings(method=self.inversion, steps=self.steps, skip=self.skip, iters=self.inversion_iters,
@@ -191,6 +193,9 @@ def check_guidance(settings: TranslateSettings, info: ModelInfo) -> None:
 def check_settings(settings: TranslateSettings) -> None:
     if settings.steps < 1:
         raise PhenolensError(f"--steps must be at least 1, got {settings.steps}")
+    if settings.render_precision not in RENDER_PRECISIONS:
+        raise PhenolensError(f"--render-precision {settings.render_precision!r}: choose one of "
+                             f"{', '.join(RENDER_PRECISIONS)}")
     if not 0 <= settings.max_clipped <= 1:
         raise PhenolensError(f"--max-clipped must be a fraction in [0, 1], got {settings.max_clipped}")
     try:
@@ -377,7 +382,8 @@ def run_translate(settings: TranslateSettings, out: str | Path, *, overwrite: bo
     batches = batches_by_shape(mine, settings.batch_size, model.info.channels, model.info.n_channels,
                                skip_bad, skipped, check=check)
     jobs = ((batch, ([item.raw for item in batch], [item.rec for item in batch], list(edits.values()), inversion,
-                     settings.guidance_scale, settings.seed, *((minimal,) if minimal else ()))) for batch in batches)
+                     settings.guidance_scale, settings.seed, settings.render_precision, *((minimal,) if minimal else ())))
+            for batch in batches)
     sweep = minimal.previous_sweep(out, {record_key(r) for r in records} - {record_key(r) for r in todo}) \
         if minimal else []
     finished = False
@@ -520,21 +526,22 @@ def merge_run(folder: OutputFolder, columns: list[str], finished: bool = True) -
 
 
 def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
-                    inversion: InversionSettings, guidance_scale: float, seed: int):
+                    inversion: InversionSettings, guidance_scale: float, seed: int, render_precision: str = "fp32"):
     """One batch of sources (one shape) translated under every edit (Edit values, or condition names):
     what a worker process runs."""
     return model.translate(raws, [r.condition for r in recs], edits, inversion=inversion,
-                           guidance_scale=guidance_scale,
+                           guidance_scale=guidance_scale, render_precision=render_precision,
                            generator=[noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)]
                            if inversion.method == "ef-ddpm" else None)
 
 
 def minimal_translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
-                            inversion: InversionSettings, guidance_scale: float, seed: int, minimal):
+                            inversion: InversionSettings, guidance_scale: float, seed: int, render_precision: str,
+                            minimal):
     """One batch of sources at their minimal edits (`phenolens.run.minimal_edit`)."""
     gens = [noise_generator(seed, rec, raw) for rec, raw in zip(recs, raws)] if inversion.method == "ef-ddpm" else None
     return minimal_edit_batch(model, raws, recs, edits, inversion, guidance_scale, gens, minimal.judges, minimal.skips,
-                              minimal.omegas)
+                              minimal.omegas, render_precision)
 
 
 @dataclass
