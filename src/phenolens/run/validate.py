@@ -24,6 +24,7 @@ from phenolens.folders import OutputFolder, check_apart
 from phenolens.measure.validation import Criteria, format_validation, validation_summary
 from phenolens.models.store import load_info
 from phenolens.run.measure import MeasureSettings, run_measure
+from phenolens.run.shards import launched_world
 from phenolens.run.translate import TranslateSettings, default_guidance, run_translate
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def run_validate(model_dir: str | Path, heldout: str | Path, out: str | Path, se
                  *, overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
     """Translate, measure and score; returns the summary (also written into OUT)."""
     model_dir, heldout, out = Path(model_dir), Path(heldout), Path(out)
+    if launched_world() > 1:
+        raise PhenolensError(f"validate under a launch of {launched_world()} processes: its own folder and summary "
+                             "belong to one process; run it without `accelerate launch` (translate and measure "
+                             "can be launched)")
     info = load_info(model_dir)  # the weights are loaded once, by translate
     source = settings.source or info.conditions[0]
     info.condition_index(source, "--source")
