@@ -7,6 +7,7 @@ A run folder holds::
     provenance.json                what the run was made from: the model's files (size, mtime, sha256)
     index.csv                      one row per (source, target); the target equal to the source
                                    is the reconstruction (kind = reconstruction)
+    _journal/rows-<k>.csv          while a run goes: the rows process k finished (merged, then removed)
     <condition>/<image stem>-<hash>/reconstruction.tif      same dtype/layout as the source
     <condition>/<image stem>-<hash>/to-<target>[-<hash>].tif
     skipped.csv                    files that could not be used (--skip-bad)
@@ -35,9 +36,12 @@ Guarantees (issue 9):
   changed, and those whose rows are damaged or missing files, instead of keeping them as done
   (:mod:`phenolens.run.provenance`).
 
-Outputs are written atomically and `index.csv` is rewritten after every batch, so a killed run
-resumes where it stopped; a re-run with the same settings skips what is done. Later stages
-(measure, report) consume `index.csv` whatever method made the images.
+Outputs are written atomically and each batch's rows are appended to a journal (`_journal/rows-<k>.csv`,
+one per process) once its files are written; when the run ends they are merged into `index.csv`, and
+a re-run first takes in the journals a killed run left, so it resumes where it stopped and skips what
+is done. Under `accelerate launch` each process translates its share of the batches
+(:mod:`phenolens.run.shards`). Later stages (measure, report) consume `index.csv` whatever method made
+the images.
 
 This module holds the settings, the run folder and the run itself; output names are in
 :mod:`phenolens.run.naming`, the input check in :mod:`phenolens.run.input_check`, the model and source
