@@ -1,6 +1,7 @@
 """A run on several processes, and memory as a run grows: `translate` and `measure` as whole commands.
 
-    python bench/scale.py WORK [--n 256] [--steps 10] [--memory 1000,10000] [--only scaling|memory]
+    python bench/scale.py WORK [--n 256] [--steps 10] [--reference 512] [--memory 1000,10000]
+                               [--only translate|measure|memory]
 
 Scaling: the same images translated (then measured) three ways, each a whole command timed from
 start to exit, on this machine:
@@ -135,44 +136,50 @@ def feature_gap(a: Path, b: Path) -> str:
     return f"other features: max relative difference {worst:g}; granularity: {granular} of {values} values differ"
 
 
-def scaling(work: Path, n: int, steps: int, size: int) -> None:
+VARIANTS = {"1 process, 1 thread": (ALONE, 1), "1 process, 2 threads": (ALONE, 2),
+            "2 processes, 1 thread each (accelerate launch)": (LAUNCH2, 1)}
+
+
+def translate_scaling(work: Path, n: int, steps: int, size: int) -> Path:
+    """Time translate three ways; returns the 1-process run (what measure is timed on)."""
     data = simulated(work, f"data-{n}", n // 2, size)
     model = make_model(work, data, size)
-    translate = ["translate", model, data, None, "--steps", steps, "--to", "high", "--batch-size", 16]
-    variants = {"1 process, 1 thread": (ALONE, 1), "1 process, 2 threads": (ALONE, 2),
-                "2 processes, 1 thread each (accelerate launch)": (LAUNCH2, 1)}
     runs, times = {}, {}
-    for i, (name, (launch, threads)) in enumerate(variants.items()):
+    for i, (name, (launch, threads)) in enumerate(VARIANTS.items()):
         out = work / f"translate-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = list(translate)
-        argv[3] = out
-        times[name], _ = run([*launch, *argv], threads)
+        times[name], _ = run([*launch, "translate", model, data, out, "--steps", steps, "--to", "high",
+                              "--batch-size", 16], threads)
         runs[name] = out
-    names = list(variants)
+    names = list(VARIANTS)
     same_rows = rows(runs[names[0]] / "index.csv", ("source_path", "target_condition")) == \
         rows(runs[names[2]] / "index.csv", ("source_path", "target_condition"))
     print(f"\n### translate: {n} images of {size} px, 1 target, {steps} steps, default inversion, batch 16\n")
     table(times, n, {names[1]: f"max pixel difference {pixel_gap(runs[names[0]], runs[names[1]]):g}",
                      names[2]: f"index.csv rows {'equal' if same_rows else 'DIFFER'}, max pixel difference "
                                f"{pixel_gap(runs[names[0]], runs[names[2]]):g}"})
+    return runs[names[0]]
 
-    measure = ["measure", None, "--reference", data, "--no-judges", "--workers", 1, "--max-reference", n // 2]
-    m_variants = dict(variants, **{"1 process, --workers 2 (a process pool)": (ALONE, 1)})
-    m_runs, m_times = {}, {}
-    for i, (name, (launch, threads)) in enumerate(m_variants.items()):
+
+def measure_scaling(work: Path, translated: Path, per_condition: int, size: int) -> None:
+    """Time measure three ways (and with its own --workers 2 pool) on a translate run, against
+    PER_CONDITION real images of each condition."""
+    reference = simulated(work, f"reference-{per_condition}", per_condition, size)
+    variants = dict(VARIANTS, **{"1 process, --workers 2 (a process pool)": (ALONE, 1)})
+    runs, times = {}, {}
+    for i, (name, (launch, threads)) in enumerate(variants.items()):
         out = work / f"measure-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(runs[names[0]], out)
-        argv = list(measure)
-        argv[1] = out
-        if "--workers 2" in name:
-            argv[argv.index("--workers") + 1] = 2
-        m_times[name], _ = run([*launch, *argv], threads)
-        m_runs[name] = out
-    images = sum(1 for _ in open(m_runs[names[0]] / "measure" / "features.csv")) - 1
-    print(f"\n### measure: the 1-process translate run above, {images} images (sources, outputs, references)\n")
-    table(m_times, images, {k: feature_gap(m_runs[names[0]], v) for k, v in m_runs.items() if k != names[0]})
+        shutil.copytree(translated, out)
+        workers = 2 if "--workers 2" in name else 1
+        times[name], _ = run([*launch, "measure", out, "--reference", reference, "--no-judges", "--workers", workers,
+                              "--max-reference", per_condition], threads)
+        runs[name] = out
+    first = next(iter(runs.values()))
+    images = sum(1 for _ in open(first / "measure" / "features.csv")) - 1
+    print(f"\n### measure: the 1-process translate run above against {per_condition} real images per condition: "
+          f"{images} images (sources, outputs, references)\n")
+    table(times, images, {k: feature_gap(first, v) for k, v in runs.items() if v != first})
 
 
 def table(times: dict[str, float], n: int, checks: dict[str, str]) -> None:
@@ -214,7 +221,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="image size in px (default 32)")
     ap.add_argument("--memory", default="1000,10000", help="image counts of the memory runs (default 1000,10000)")
     ap.add_argument("--memory-steps", type=int, default=2, help="DDIM steps of the memory runs (default 2)")
-    ap.add_argument("--only", choices=("scaling", "memory"), default=None, help="run one part")
+    ap.add_argument("--reference", type=int, default=512,
+                    help="real images per condition that measure compares with (default 512)")
+    ap.add_argument("--only", choices=("translate", "measure", "memory"), default=None,
+                    help="run one part (measure reuses WORK/translate-0 when it is there)")
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     import torch
@@ -222,8 +232,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, python "
           f"{sys.version.split()[0]}, torch {torch.__version__}")
-    if args.only in (None, "scaling"):
-        scaling(args.work, args.n, args.steps, args.size)
+    if args.only in (None, "translate"):
+        translate_scaling(args.work, args.n, args.steps, args.size)
+    if args.only in (None, "measure"):
+        translated = args.work / "translate-0"
+        if not (translated / "index.csv").is_file():
+            translated = translate_scaling(args.work, args.n, args.steps, args.size)
+        measure_scaling(args.work, translated, args.reference, args.size)
     if args.only in (None, "memory"):
         memory(args.work, [int(x) for x in args.memory.split(",")], args.memory_steps, args.size)
 
