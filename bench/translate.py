@@ -71,6 +71,22 @@ def demo_like_model(tmp: Path) -> Path:
     return tmp / "model"
 
 
+def source_images(data: Path | None, n: int, tmp: Path, source: str, size: int) -> tuple[list[Path], Path]:
+    """N TIFFs of DATA (or N simulated cells of SOURCE at SIZE) and a manifest listing them under SOURCE."""
+    from phenolens.data.simulate import simulate
+
+    if data:
+        paths = sorted(data.glob("*.tif*"))[:n]
+        if len(paths) < n:
+            raise SystemExit(f"--data {data}: {len(paths)} TIFF file(s), --n asks for {n}")
+    else:
+        simulated = simulate(tmp / "data", conditions=[source], per_condition=n, size=size, seed=7, progress=False)
+        paths = sorted((simulated / source).glob("*.tif"))
+    manifest = tmp / "sources.csv"
+    manifest.write_text("path,condition\n" + "".join(f"{p.resolve()},{source}\n" for p in paths))
+    return paths, manifest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="model dir (default: the demo model)")
@@ -87,7 +103,6 @@ def main() -> None:
                     help="time only the default translation in one process and with --workers (no baseline)")
     args = ap.parse_args()
 
-    from phenolens.data.simulate import simulate
     from phenolens.methods.phendiff import PhenDiff
 
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -95,16 +110,7 @@ def main() -> None:
         model_dir = args.model or demo_like_model(tmp)
         info = PhenDiff.from_pretrained(model_dir).info
         source, targets = info.conditions[0], info.conditions[1:1 + args.targets]
-        if args.data:
-            paths = sorted(args.data.glob("*.tif*"))[:args.n]
-            if len(paths) < args.n:
-                raise SystemExit(f"--data {args.data}: {len(paths)} TIFF file(s), --n asks for {args.n}")
-        else:
-            data = simulate(tmp / "data", conditions=[source], per_condition=args.n, size=info.image_size, seed=7,
-                            progress=False)
-            paths = sorted((data / source).glob("*.tif"))
-        manifest = tmp / "sources.csv"
-        manifest.write_text("path,condition\n" + "".join(f"{p.resolve()},{source}\n" for p in paths))
+        paths, manifest = source_images(args.data, args.n, tmp, source, info.image_size)
         results = {}
         if not args.workers_only:
             t0 = time.perf_counter()

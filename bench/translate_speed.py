@@ -57,7 +57,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from translate import demo_like_model  # noqa: E402  bench/translate.py: the demo model, or a tiny random one
+from translate import demo_like_model, source_images  # noqa: E402  bench/translate.py: the demo model, inputs
 
 from phenolens.measure.image_metrics import psnr_from_mse  # noqa: E402
 
@@ -556,7 +556,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from phenolens.data.io import read_image
-    from phenolens.data.simulate import simulate
     from phenolens.methods.phendiff import PhenDiff
     from phenolens.methods.registry import load_model_for
 
@@ -572,16 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{model_dir}: {len(info.conditions)} conditions, --targets {args.targets} needs "
                              f"{1 + args.targets}")
         source, targets = info.conditions[0], info.conditions[1:1 + args.targets]
-        if args.data:
-            paths = sorted(args.data.glob("*.tif*"))[:args.n]
-            if len(paths) < args.n:
-                raise SystemExit(f"--data {args.data}: {len(paths)} TIFF file(s), --n asks for {args.n}")
-        else:
-            data = simulate(tmp / "data", conditions=[source], per_condition=args.n, size=info.image_size, seed=7,
-                            progress=False)
-            paths = sorted((data / source).glob("*.tif"))
-        manifest = tmp / "sources.csv"
-        manifest.write_text("path,condition\n" + "".join(f"{p.resolve()},{source}\n" for p in paths))
+        paths, manifest = source_images(args.data, args.n, tmp, source, info.image_size)
         raws = [read_image(p, channels=info.channels)[0] for p in paths]
         n = len(raws)
         print(f"model: {model_dir} ({info.method}, {info.preset} preset, {info.prediction_type}); {n} images of "

@@ -64,13 +64,14 @@ def settings(model_dir, data, **kw):
     return TranslateSettings(**{**base, **kw})
 
 
-def counted_run(monkeypatch, s, out: Path) -> Counter:
-    """Run translate with every UNet call counted: rows -> calls."""
+def counted_run(monkeypatch, s, out: Path, cls=None) -> Counter:
+    """Run translate with every UNet call of a CLS model (default PhenDiff) counted: rows -> calls."""
     from phenolens.methods.phendiff import PhenDiff
     from phenolens.run.translate import run_translate
 
+    cls = cls or PhenDiff
     calls: Counter = Counter()
-    original = PhenDiff.network
+    original = cls.network
 
     def network(self):
         fn = original(self)
@@ -82,7 +83,7 @@ def counted_run(monkeypatch, s, out: Path) -> Counter:
         return counted
 
     with monkeypatch.context() as m:
-        m.setattr(PhenDiff, "network", network)
+        m.setattr(cls, "network", network)
         run_translate(s, out, device="cpu", progress=False)
     return calls
 
@@ -231,28 +232,13 @@ def test_other_methods_count_exactly(monkeypatch, other_models, tmp_path, method
     from phenolens.methods.diffusion_embedding import DIFFusion
     from phenolens.methods.phenldiff import PhenLDiff
     from phenolens.run.plan import plan_translate
-    from phenolens.run.translate import TranslateSettings, run_translate
+    from phenolens.run.translate import TranslateSettings
 
     small, dirs = other_models
     s = TranslateSettings(model_dir=str(dirs[method]), input=str(small), steps=STEPS, batch_size=4, inversion="ddim",
                           guidance_scale=guidance)
     plan = plan_translate(s, device="cpu")
-    cls = {"phenldiff": PhenLDiff, "diffusion": DIFFusion}[method]
-    calls: Counter = Counter()
-    original = cls.network
-
-    def network(self):
-        fn = original(self)
-
-        def counted(x, t, condition):
-            calls[int(x.shape[0])] += 1
-            return fn(x, t, condition)
-
-        return counted
-
-    with monkeypatch.context() as m:
-        m.setattr(cls, "network", network)
-        run_translate(s, tmp_path / "run", device="cpu", progress=False)
+    calls = counted_run(monkeypatch, s, tmp_path / "run", {"phenldiff": PhenLDiff, "diffusion": DIFFusion}[method])
     assert plan.forwards_total == forwards(calls) and plan.unet_calls == sum(calls.values())
     if method == "diffusion":  # guided: inversion and reconstruction 2 per step, like every target
         assert plan.guided_inversion and plan.inversion_forwards_per_image == 2 * STEPS
