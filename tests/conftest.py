@@ -67,6 +67,21 @@ def tiny_model(tmp_path_factory, blob_data) -> Path:
     return model_dir
 
 
+def accelerate_launch(n: int) -> list[str]:
+    """The start of an `accelerate launch` command line of N CPU processes, on a free port (the default
+    29500 may be taken by another launch on the machine). On a machine without GPUs `--multi_gpu` starts
+    N processes over torchrun, joined over gloo; `--cpu --num_processes N` would start one."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]
+
+
 def small_class_unet(attention: bool = True):
     """A class-conditional UNet2DModel (as `build_unet` makes), 2 channels, 16 px, narrowed to the fewest
     layers: diffusion tests run hundreds of forward passes, and a call of this one costs a quarter of

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conftest import run_cli, write_blob_images
+from conftest import accelerate_launch, run_cli, write_blob_images
 
 TRAIN = ["--steps", "3", "--size", "16", "--batch-size", "2", "--checkpoint-every", "2"]
 
@@ -81,9 +80,7 @@ def test_accelerate_launch_two_processes_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate 1.x starts ONE process for `--cpu --num_processes 2` (several CPU processes need an MPI
     # hostfile); `--multi_gpu` uses torchrun, and the trainer falls back to CPU (gloo) with no GPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "phenolens", "train", str(data), str(model), *TRAIN]
+    cmd = [*accelerate_launch(2), "-m", "phenolens", "train", str(data), str(model), *TRAIN]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from phenolens.methods.phendiff import PhenDiff

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Sequence
 import pytest
 import torch
 
+from conftest import accelerate_launch
 from phenolens.errors import PhenolensError
 
 TESTS = Path(__file__).resolve().parent
@@ -190,17 +190,11 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
 
     from phenolens.train.trainer import _generator
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = _write_script(tmp_path)
     out, model_dir, record = tmp_path / "out", tmp_path / "model", tmp_path / "idx"
     # `--cpu --num_processes 2` starts a single process without MPI; torchrun (--multi_gpu) starts two and
     # the trainer switches accelerate to multi-CPU (gloo) because this machine has no accelerator
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port),
-           str(script), str(out), "3", "0", "-", str(model_dir), str(record)]
+    cmd = [*accelerate_launch(2), str(script), str(out), "3", "0", "-", str(model_dir), str(record)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 

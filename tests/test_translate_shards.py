@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import write_blob_images
+from conftest import accelerate_launch, write_blob_images
 from phenolens.data.io import read_image
 
 FAST = ["--steps", "3", "--inversion-iters", "1", "--batch-size", "2", "--to", "ctrl", "dose2"]
@@ -26,10 +26,7 @@ FAST = ["--steps", "3", "--inversion-iters", "1", "--batch-size", "2", "--to", "
 
 def launch(n: int) -> list[str]:
     """The command line of a launch of N processes (1: phenolens alone)."""
-    if n == 1:
-        return [sys.executable, "-m", "phenolens"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenolens"]
+    return [sys.executable, "-m", "phenolens"] if n == 1 else [*accelerate_launch(n), "-m", "phenolens"]
 
 
 def env() -> dict:
