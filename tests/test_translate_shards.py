@@ -126,3 +126,19 @@ def test_kill_9_of_one_process_then_rerun_translates_each_image_once(tiny_model,
     untouched = [p for p in finished_files if p.stat().st_mtime_ns == stamps[p]]
     assert untouched == finished_files  # the images finished before the kill were not translated again
     assert not (out / "_journal").exists()
+
+
+def test_a_relative_out_leaves_no_journal_and_a_rerun_redoes_nothing(tiny_model, sources, tmp_path, monkeypatch):
+    """OUT given relative to the working folder: the journals are still recognised as phenolens's, merged and
+    removed, so a second run keeps every image and index.csv lists each once."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["translate", tiny_model, sources / "ctrl", "rel", *FAST]
+    assert run_cli(*args)[0] == 0
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "rel").glob("ctrl/*/*.tif")}
+    assert not (tmp_path / "rel" / "_journal").exists()
+    assert run_cli(*args)[0] == 0
+    rows = rows_of(tmp_path / "rel")
+    assert len(rows) == len({key(r) for r in rows}) == 7 * 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -491,10 +491,6 @@ def _journals_current(out: Path, cache_key: dict) -> bool:
         return False
 
 
-def _owned(folder: OutputFolder):
-    return lambda p: folder.owns(Path(p).absolute())
-
-
 def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
     """Before any process reads or appends: journals written with other settings (or with none recorded)
     do not count and are removed; the others lose a cut last row."""
@@ -506,7 +502,7 @@ def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
             if folder.owns(path.absolute()):
                 trim_cut_row(path)
         return
-    remove_journals(journals, _owned(folder))
+    remove_journals(journals, folder)
     left = existing_journals(out, JOURNAL_STEM)
     if left:
         raise PhenolensError(f"{left[0]}: a file that phenolens did not write, in the folder of its journals; "
@@ -515,15 +511,8 @@ def _prepare_journals(out: Path, cache_key: dict, folder: OutputFolder) -> None:
 
 def _remove_journals(out: Path, folder: OutputFolder | None) -> None:
     """Remove the journals (merged into features.csv) and their settings file, if phenolens wrote them."""
-    if folder is None:
-        return
-    settings_file = out / JOURNAL_SETTINGS
-    if settings_file.is_file() and folder.owns(settings_file.absolute()):
-        settings_file.unlink()
-    journals = existing_journals(out, JOURNAL_STEM)
-    remove_journals(journals, _owned(folder))
-    if not journals and (out / JOURNALS).is_dir() and not any((out / JOURNALS).iterdir()):
-        (out / JOURNALS).rmdir()
+    if folder is not None:
+        remove_journals([*existing_journals(out, JOURNAL_STEM), out / JOURNAL_SETTINGS], folder)
 
 
 def _effective_workers(workers: int | None, world: int) -> int:

@@ -28,9 +28,10 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 from phenolens.errors import PhenolensError
+from phenolens.folders import OutputFolder
 
 Item = TypeVar("Item")
 
@@ -179,10 +180,11 @@ def merge_journals(table: Path, columns: Sequence[str], kept: Iterable[dict], jo
     return n
 
 
-def remove_journals(journals: Iterable[Path], owns: Callable[[Path], bool]) -> None:
-    """Remove merged JOURNALS that phenolens wrote (OWNS says), then their folder when it is empty."""
+def remove_journals(journals: Iterable[Path], folder: OutputFolder) -> None:
+    """Remove merged JOURNALS that phenolens wrote into FOLDER (its marker lists them), then their
+    folder when it is empty. Paths are taken as they are on disk, whether OUT was given relative or not."""
     for p in journals:
-        if p.is_file() and owns(p):
+        if p.is_file() and folder.owns(Path(p).absolute()):
             p.unlink()
             if not any(p.parent.iterdir()):
                 p.parent.rmdir()

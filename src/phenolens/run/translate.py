@@ -497,7 +497,7 @@ def plan_todo(folder: OutputFolder, records: list[ImageRecord], targets: list[st
                 yield r
 
     merge_journals(index_path, columns, kept_rows(), [], create_empty=False)
-    remove_journals(journals, folder.owns)
+    remove_journals(journals, folder)
     planned = [p for rec in todo for recon, paths in [output_paths(folders[record_key(rec)], rec, targets)]
                for p in (recon, *paths.values())]
     folder.record(*planned, *journal_names(shard.world), *journal_names(shard.world, "skipped"))
@@ -526,7 +526,7 @@ def merge_run(folder: OutputFolder, columns: list[str], finished: bool = True) -
         logger.warning(f"skipped {len(skipped)} unusable file(s); list in {skipped_path}")
     elif skipped_path.is_file() and folder.owns(skipped_path.name):
         skipped_path.unlink()  # from an earlier run whose bad files are now done or gone
-    remove_journals([*journals, *skipped_journals], folder.owns)
+    remove_journals([*journals, *skipped_journals], folder)
 
 
 def translate_batch(model, raws: list[np.ndarray], recs: list[ImageRecord], edits: list,
