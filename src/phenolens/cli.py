@@ -19,6 +19,7 @@ from typing import Callable
 from phenolens import __version__
 from phenolens.cli_config import csv_list, parse_command, save_config, subcommands
 from phenolens.errors import PhenolensError
+from phenolens.launch import is_main_process
 from phenolens.diffusion.inversion import DEFAULT_ITERS, DEFAULT_SOLVER, DEFAULT_TOL
 from phenolens.logs import setup_cli_logging
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE
@@ -965,7 +966,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _train_config(args, lr=RECIPE_LR[args.preset])  # --preset's choices are RECIPE_LR's
     train_phendiff(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
                    command=command)
-    if _first_process():
+    if is_main_process():
         print(f"model saved in {args.model_dir}")
 
 
@@ -987,7 +988,7 @@ def _train_semantic(args: argparse.Namespace, prediction_type: str, command: str
     config = _train_config(args, lr=RECIPE_LR[args.preset], default_dropout=0.1 if args.method == "diffusion" else 0.0)
     train_diffex(args.data, args.model_dir, settings, config, channels=parse_channels(args.channels),
                  resume=args.resume, overwrite=args.overwrite, command=command, method=args.method)
-    if _first_process():
+    if is_main_process():
         print(f"model saved in {args.model_dir}")
 
 
@@ -1017,7 +1018,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     finetune(args.data, args.model_dir, settings, config, resume=args.resume, overwrite=args.overwrite,
              command=command)
-    if _first_process():
+    if is_main_process():
         print(f"model saved in {args.model_dir}")
 
 
@@ -1041,7 +1042,7 @@ def _finetune_kandinsky(args: argparse.Namespace) -> None:
     command = "phenolens " + " ".join(shlex.quote(a) for a in args.invocation)
     finetune_kandinsky(args.data, args.model_dir, settings, _train_config(args), resume=args.resume,
                        overwrite=args.overwrite, command=command)
-    if _first_process():
+    if is_main_process():
         print(f"model saved in {args.model_dir}")
 
 
@@ -1066,11 +1067,6 @@ def _targets_with_edits(targets: list[str] | None, edits: list[str] | None,
         except ValueError as err:
             raise PhenolensError(f"--edit: {err}") from None
     return out or None, omega
-
-
-def _first_process() -> bool:
-    """Whether this process prints: under `accelerate launch` only the first of the launch does."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -1098,15 +1094,15 @@ def cmd_translate(args: argparse.Namespace) -> None:
     )
     if args.dry_run:
         from phenolens.run.plan import format_plan, plan_translate
-        from phenolens.run.shards import launched_world
+        from phenolens.launch import launched_world
 
-        if _first_process():  # a launch's other processes have nothing to add
+        if is_main_process():  # a launch's other processes have nothing to add
             print(format_plan(plan_translate(settings, device=args.device, world_size=launched_world(),
                                              skip_bad=args.skip_bad)))
         return
     index = run_translate(settings, args.out, overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device,
                           workers=args.workers)
-    if _first_process():
+    if is_main_process():
         print(f"wrote {index}")
 
 
@@ -1115,7 +1111,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
 
     out = run_measure(args.run_dir, _measure_settings(args, args.reference, args.max_reference),
                       overwrite=args.overwrite)
-    if _first_process():  # under `accelerate launch` the first process wrote the results
+    if is_main_process():  # under `accelerate launch` the first process wrote the results
         print(f"wrote {out}")
 
 

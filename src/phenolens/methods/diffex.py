@@ -24,7 +24,6 @@ affine maps, so the classifier's scores are differentiable in the diffusion mode
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +35,7 @@ from torch import nn
 from phenolens.data.normalize import Normalizer
 from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
+from phenolens.launch import launched_world
 from phenolens.methods.core import CounterfactualModel
 from phenolens.methods.edits import Edit
 from phenolens.models.condition_classifier import ConditionClassifier
@@ -423,7 +423,7 @@ def train_diffex(data: str | Path, model_dir: str | Path, settings: DiffExTrainS
         normalization=images.normalizer.to_dict(), method=method, channels=list(channels) if channels else None,
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
-                      config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+                      config=asdict(config), num_processes=launched_world()),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
         size_rule="resize-up" if images.resized_up else "own",
         semantic=dict(code_dim=settings.code_dim, classes=classifier.classes if classifier else list(conditions),

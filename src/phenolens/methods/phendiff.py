@@ -16,7 +16,6 @@ Method, as in the paper's §2:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from phenolens.data.skipped import SKIPPED_FILE, write_skipped
 from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
+from phenolens.launch import launched_world
 from phenolens.methods.core import NamedConditionModel
 from phenolens.models.store import MODEL_FILES, ModelInfo, apply_umask, load_model, save_model
 from phenolens.models.unet import preset_downsample_factor, unet_downsample_factor
@@ -134,7 +134,7 @@ def train_phendiff(data: str | Path, model_dir: str | Path, settings: PhenDiffTr
         normalization=images.normalizer.to_dict(), method="phendiff", channels=settings.channels,
         preset=settings.preset, prediction_type=settings.prediction_type,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
-                      config=asdict(config), num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+                      config=asdict(config), num_processes=launched_world()),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
         size_rule="resize-up" if images.resized_up else "own",
     )

@@ -34,6 +34,7 @@ from torch import nn
 from phenolens.data.skipped import SKIPPED_FILE, write_skipped
 from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
+from phenolens.launch import launched_world
 from phenolens.methods.core import NamedConditionModel
 from phenolens.methods.prompts import CONDITIONINGS, PROMPT_TEMPLATE, prompt_for
 from phenolens.models.store import INFO_FILE, ModelInfo, apply_umask, check_info, load_info, save_info
@@ -311,7 +312,7 @@ def adapted_model_info(images, conditions, size: int, settings, config, *, data,
         prediction_type=prediction_type, base=str(settings.base), adaptation=adaptation,
         training=dict(command=command, data=str(Path(data).resolve()), settings=asdict(settings),
                       config=asdict(config), trainable_parameters=trainable, total_parameters=total,
-                      num_processes=int(os.environ.get("WORLD_SIZE", "1"))),
+                      num_processes=launched_world()),
         version=__version__, input_stats=dict(images.input_stats), cond_dropout=float(config.cond_dropout),
         size_rule="resize-up" if images.resized_up else "own",
     )

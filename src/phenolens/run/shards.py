@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder
+from phenolens.launch import accelerate_on_cpu, launched_world
 
 Item = TypeVar("Item")
 
@@ -68,25 +69,14 @@ class Shard:
         return f"{JOURNALS}/{stem}-{self.rank}.csv"
 
 
-def launched_world() -> int:
-    """How many processes the launcher started (WORLD_SIZE, set by accelerate launch / torchrun)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def current_shard(device: str | None = None) -> Shard:
     """This process's shard. Under a launcher, Accelerate's PartialState joins the process group
     (NCCL on GPUs, gloo on CPUs) and names this process's device; alone, nothing is initialised."""
     if launched_world() == 1:
         return Shard()
-    import torch
     from accelerate import PartialState
 
-    # accelerate treats the processes as one launch on CPUs only when told so (else each is alone)
-    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+    state = PartialState(cpu=accelerate_on_cpu(device), timeout=BARRIER_TIMEOUT)
     if state.num_processes != launched_world():
         raise PhenolensError(f"launched as {launched_world()} processes but accelerate joined {state.num_processes} "
                              f"(device {device or 'default'}); pass --device cpu or the launch's accelerator")

@@ -21,10 +21,10 @@ from phenolens.atomic import write_csv_atomic, write_json_atomic, write_text_ato
 from phenolens.data.records import discover
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
+from phenolens.launch import launched_world
 from phenolens.measure.validation import Criteria, format_validation, validation_summary
 from phenolens.models.store import load_info
 from phenolens.run.measure import MeasureSettings, run_measure
-from phenolens.run.shards import launched_world
 from phenolens.run.translate import TranslateSettings, default_guidance, run_translate
 
 logger = logging.getLogger(__name__)

@@ -46,6 +46,7 @@ from phenolens.atomic import write_csv_atomic
 from phenolens.diffusion.conditions import network_fn
 from phenolens.errors import PhenolensError
 from phenolens.folders import OutputFolder, check_apart
+from phenolens.launch import accelerate_on_cpu, is_main_process, launched_world
 from phenolens.models.store import INFO_FILE, apply_umask
 
 CHECKPOINTS = "checkpoints"
@@ -321,11 +322,6 @@ class _Unwritten(OutputFolder):
 
     def clear(self) -> None:
         self.files = []
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or a single process): the one that writes the model folder's files."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def holds_model(model_dir: Path) -> bool:
@@ -654,28 +650,13 @@ def _new_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world() <= 1:
         # accelerate keeps process-wide singletons and refuses a second Accelerator with another
         # mixed_precision; in a single process (CLI, notebook, tests) nothing else depends on them
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-                       cpu=_launched_without_device())
-
-
-def _launched_without_device() -> bool:
-    """Several processes on a machine with no accelerator: force accelerate's multi-CPU (gloo) mode.
-
-    `accelerate launch --cpu --num_processes N` starts one process unless it is given an MPI hostfile;
-    `accelerate launch --multi_gpu --num_processes N` (torchrun) starts N, but accelerate only treats
-    them as data parallel on CPU when told `cpu=True`.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    has = getattr(torch, "accelerator", None)
-    if has is not None and hasattr(has, "is_available"):
-        return not has.is_available()
-    return not torch.cuda.is_available()
+                       cpu=accelerate_on_cpu())
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
