@@ -502,7 +502,8 @@ def _add_demo(sub) -> None:
 
 
 def _add_feature_options(p: argparse.ArgumentParser,
-                         workers_help: str = "processes for measuring (default: CPU count, at most 8)") -> None:
+                         workers_help: str = "processes for measuring (default: CPU count, at most 8; 1 per process under "
+                                              "`accelerate launch`)") -> None:
     """How images are segmented and measured: the options `measure` and `validate` share."""
     p.add_argument("--channel-names", type=csv_list, default=None,
                    help="comma-separated channel names for feature columns, e.g. DNA,tubulin,actin (default ch0,ch1,...)")
